@@ -1,0 +1,72 @@
+"""Decide when a minute bar is final and emit exactly one final record for it.
+
+Alpaca sends a bar just after each minute mark and, if late trades arrive, an updated bar
+(same `t`) after the following half-minute mark. The forwarder cannot know that no further
+revision will come, so it waits `delay` seconds from the first time it saw the bar (default
+35 s, past the half-minute mark) and then emits the latest revision once more with
+`is_final: true`. Revisions that arrive after that are forwarded as non-final and counted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class PendingBar:
+    symbol: str
+    bar_ts: str
+    payload: dict[str, Any]
+    due: float
+
+
+class BarFinalizer:
+    def __init__(self, delay: float, remember: int = 100_000) -> None:
+        self._delay = delay
+        self._pending: OrderedDict[tuple[str, str], PendingBar] = OrderedDict()
+        self._finalized: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._remember = remember
+        self.late_revisions = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def observe(self, symbol: str, bar_ts: str, payload: dict[str, Any], now: float) -> None:
+        """Record a bar or an updated bar; the latest revision wins."""
+        key = (symbol, bar_ts)
+        entry = self._pending.get(key)
+        if entry is not None:
+            entry.payload = payload
+        elif key in self._finalized:
+            self.late_revisions += 1
+        else:
+            self._pending[key] = PendingBar(symbol, bar_ts, payload, now + self._delay)
+
+    def due(self, now: float) -> list[PendingBar]:
+        """Bars whose window has passed, oldest first (insertion order = due order)."""
+        ready: list[PendingBar] = []
+        pending = self._pending
+        while pending:
+            key, entry = next(iter(pending.items()))
+            if entry.due > now:
+                break
+            del pending[key]
+            self._mark_finalized(key)
+            ready.append(entry)
+        return ready
+
+    def drain(self) -> list[PendingBar]:
+        """Everything still pending, for a graceful stop: finalise with what is known."""
+        ready = list(self._pending.values())
+        for key in self._pending:
+            self._mark_finalized(key)
+        self._pending.clear()
+        return ready
+
+    def _mark_finalized(self, key: tuple[str, str]) -> None:
+        self._finalized[key] = None
+        if len(self._finalized) > self._remember:
+            self._finalized.popitem(last=False)

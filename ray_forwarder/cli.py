@@ -1,0 +1,91 @@
+"""Command line: `ray-forwarder [run]`, `ray-forwarder demo`, `ray-forwarder schema`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import orjson
+
+from ray_forwarder import logs
+from ray_forwarder.config import ConfigError, load_settings
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    command = args.command or "run"
+    try:
+        if command == "run":
+            return _run(args)
+        if command == "demo":
+            from ray_forwarder.demo import DemoOptions, run_demo
+
+            return run_demo(
+                DemoOptions(
+                    duration=args.duration,
+                    symbols=args.symbols,
+                    rate=args.rate,
+                    wire_format=args.wire_format,
+                    duplicate_ratio=args.duplicate_ratio,
+                )
+            )
+        if command == "schema":
+            return _schema(args.output)
+    except ConfigError as exc:
+        print(f"ray-forwarder: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    parser.error(f"unknown command {command}")
+    return EXIT_CONFIG
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ray-forwarder",
+        description="Forward Alpaca market data to Kafka on Ray. Configured by environment "
+        "variables (see README).",
+    )
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run the forwarder (the default)")
+    run.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    demo = sub.add_parser(
+        "demo",
+        help="run on embedded defaults: local Ray, a local Kafka broker and the feed simulator",
+    )
+    demo.add_argument("--duration", type=float, default=20.0, help="seconds to run (20)")
+    demo.add_argument("--symbols", default="SPY,QQQ,AAPL,MSFT,NVDA,AMZN,TSLA,META")
+    demo.add_argument("--rate", type=float, default=2000.0, help="simulated items/s (2000)")
+    demo.add_argument("--wire-format", choices=["json", "msgpack"], default="msgpack")
+    demo.add_argument("--duplicate-ratio", type=float, default=0.01)
+    schema = sub.add_parser("schema", help="print (or write) the envelope JSON Schema")
+    schema.add_argument("--output", type=Path, default=None)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    logs.configure(settings.log_level, component="driver")
+    settings.require_credentials()
+    from ray_forwarder.driver import ensure_ray, run_forwarder
+
+    ensure_ray()
+    result = asyncio.run(run_forwarder(settings, duration=args.duration))
+    if result.error:
+        print(f"ray-forwarder: {result.error}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK if result.drained else EXIT_ERROR
+
+
+def _schema(output: Path | None) -> int:
+    from ray_forwarder.envelope import json_schema
+
+    text = orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    if output is None:
+        sys.stdout.write(text.decode() + "\n")
+    else:
+        output.write_bytes(text + b"\n")
+    return EXIT_OK

@@ -1,0 +1,211 @@
+"""The Ray driver: plan shards, create actors, supervise them, serve health and metrics,
+and drain cleanly on SIGTERM (what `ray job stop` sends) or when a duration runs out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from ray_forwarder.actors import ProducerActor, ShardActor
+from ray_forwarder.config import Settings
+from ray_forwarder.http import HealthServer
+from ray_forwarder.shard import ShardSpec
+from ray_forwarder.stats import ForwarderSnapshot
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 1.0
+STATS_TIMEOUT_S = 5.0
+
+
+class ForwarderError(RuntimeError):
+    """The forwarder cannot run (fatal feed error, Kafka unreachable, bad plan)."""
+
+
+def plan_shards(settings: Settings) -> list[ShardSpec]:
+    """One shard per (endpoint, credential, connection slot); the foundation has one."""
+    key, secret = settings.require_credentials()
+    return [
+        ShardSpec(
+            shard_id="stocks-0",
+            url=settings.stream_url,
+            key_id=key,
+            secret=secret,
+            symbols=tuple(settings.alpaca_symbols),
+            channels=tuple(settings.alpaca_channels),
+        )
+    ]
+
+
+def ensure_ray(**init_kwargs: Any) -> None:
+    """Join the cluster named by RAY_ADDRESS (set under `ray job submit`) or start a
+    local single-node Ray."""
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"namespace": "ray-forwarder", "log_to_driver": True}
+    kwargs.update(init_kwargs)
+    if os.environ.get("RAY_ADDRESS"):
+        kwargs.pop("num_cpus", None)
+        kwargs.pop("include_dashboard", None)
+    ray.init(**kwargs)
+
+
+@dataclass
+class RunResult:
+    snapshot: ForwarderSnapshot
+    elapsed_s: float
+    drained: bool
+    error: str | None = None
+    stop_reason: str = ""
+
+
+@dataclass
+class Forwarder:
+    """Owns the actors of one forwarder run."""
+
+    settings: Settings
+    shards: list[ShardSpec]
+    producer_names: list[str] = field(default_factory=lambda: ["producer-0"])
+
+    def __post_init__(self) -> None:
+        self._producers: dict[str, Any] = {}
+        self._shards: dict[str, Any] = {}
+        self._runs: dict[str, Any] = {}
+        self.snapshot = ForwarderSnapshot()
+
+    async def start(self) -> None:
+        for name in self.producer_names:
+            self._producers[name] = ProducerActor.options(name=None).remote(self.settings, name)
+        try:
+            await asyncio.gather(*(p.start.remote() for p in self._producers.values()))
+        except ray.exceptions.RayTaskError as exc:
+            raise ForwarderError(_cause(exc)) from None
+        producer = self._producers[self.producer_names[0]]
+        for spec in self.shards:
+            actor = ShardActor.remote(self.settings, spec, producer)
+            self._shards[spec.shard_id] = actor
+            self._runs[spec.shard_id] = actor.run.remote()
+
+    async def poll(self) -> ForwarderSnapshot:
+        """Refresh the snapshot; a shard whose run ended with an error is fatal."""
+        for shard_id, ref in self._runs.items():
+            ready, _ = ray.wait([ref], timeout=0)
+            if ready:
+                try:
+                    await ref
+                except ray.exceptions.RayError as exc:
+                    raise ForwarderError(f"shard {shard_id}: {_cause(exc)}") from None
+        snap = ForwarderSnapshot()
+        for shard_id, actor in self._shards.items():
+            try:
+                snap.shards.append(await asyncio.wait_for(actor.stats.remote(), STATS_TIMEOUT_S))
+            except (ray.exceptions.RayError, TimeoutError):
+                snap.unreachable.append(f"shard {shard_id}")
+        for name, actor in self._producers.items():
+            try:
+                snap.producers.append(await asyncio.wait_for(actor.stats.remote(), STATS_TIMEOUT_S))
+            except (ray.exceptions.RayError, TimeoutError):
+                snap.unreachable.append(f"producer {name}")
+        self.snapshot = snap
+        return snap
+
+    async def stop(self, timeout: float = 30.0) -> bool:
+        """Stop reading, flush every buffer to Kafka, close producers. True if drained."""
+        drained = True
+        if self._shards:
+            results = await asyncio.gather(
+                *(a.stop.remote(timeout) for a in self._shards.values()), return_exceptions=True
+            )
+            drained = all(r is True for r in results)
+            for ref in self._runs.values():
+                try:
+                    await asyncio.wait_for(ref, timeout)
+                except Exception:  # a failed run was already reported by poll()
+                    drained = False
+        await self.poll_quietly()
+        await asyncio.gather(
+            *(p.close.remote() for p in self._producers.values()), return_exceptions=True
+        )
+        for actor in [*self._shards.values(), *self._producers.values()]:
+            ray.kill(actor, no_restart=True)
+        return drained
+
+    async def poll_quietly(self) -> None:
+        with contextlib.suppress(ForwarderError):
+            await self.poll()
+
+
+ProgressFn = Callable[[ForwarderSnapshot, float], None]
+
+
+async def run_forwarder(
+    settings: Settings,
+    *,
+    shards: list[ShardSpec] | None = None,
+    duration: float | None = None,
+    stop: asyncio.Event | None = None,
+    progress: ProgressFn | None = None,
+    serve_http: bool = True,
+    drain_timeout: float = 30.0,
+) -> RunResult:
+    """Run until `duration` passes, `stop` is set, SIGTERM/SIGINT arrives, or a fatal error."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    _install_signal_handlers(loop, stop)
+    forwarder = Forwarder(settings, shards if shards is not None else plan_shards(settings))
+    server = HealthServer(lambda: forwarder.snapshot, settings.metrics_port) if serve_http else None
+    started = time.monotonic()
+    error: str | None = None
+    reason = ""
+    try:
+        if server is not None:
+            await server.start()
+        await forwarder.start()
+        while True:
+            try:
+                await asyncio.wait_for(stop.wait(), POLL_INTERVAL_S)
+                reason = "stop requested"
+                break
+            except TimeoutError:
+                pass
+            snap = await forwarder.poll()
+            elapsed = time.monotonic() - started
+            if progress is not None:
+                progress(snap, elapsed)
+            if duration is not None and elapsed >= duration:
+                reason = f"duration of {duration:g}s reached"
+                break
+    except ForwarderError as exc:
+        error = str(exc)
+        reason = "error"
+        log.error("forwarder stopping: %s", error)
+    log.info("draining (%s)", reason)
+    drained = await forwarder.stop(drain_timeout)
+    if server is not None:
+        await server.stop()
+    return RunResult(forwarder.snapshot, time.monotonic() - started, drained, error, reason)
+
+
+def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Outside the main thread (tests) this fails; the caller then sets `stop` itself.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost error's message from a Ray exception, without Ray's traceback noise."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return str(cause) or type(cause).__name__
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__

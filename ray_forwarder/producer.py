@@ -1,0 +1,131 @@
+"""The Kafka side: one idempotent aiokafka producer that takes whole batches.
+
+`KafkaSink.send_batch` enqueues a batch's records under a lock (so batches from one shard
+land in the order they were submitted) and then waits for every acknowledgement; it
+returns only when Kafka has all of them (acks=all), so the caller may forget the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from ray_forwarder.config import Settings
+
+log = logging.getLogger(__name__)
+
+WireRecord = tuple[str, bytes, bytes]
+
+
+class KafkaStartError(RuntimeError):
+    """The producer could not connect; the message is safe to show (no secrets)."""
+
+
+@dataclass
+class SinkStats:
+    ready: bool = False
+    batches: int = 0
+    records: int = 0
+    errors: int = 0
+    last_error: str | None = None
+
+
+def producer_options(settings: Settings) -> dict[str, Any]:
+    """aiokafka keyword arguments for the settings (idempotent, acks=all, compression)."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "client_id": "ray-forwarder",
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": settings.producer_linger_ms,
+        "compression_type": None
+        if settings.kafka_compression == "none"
+        else settings.kafka_compression,
+        "max_batch_size": 256 * 1024,
+        "request_timeout_ms": settings.kafka_request_timeout_ms,
+    }
+    protocol = settings.kafka_auth_protocol
+    options["security_protocol"] = protocol
+    if settings.kafka_username:
+        assert settings.kafka_password is not None
+        options["sasl_mechanism"] = settings.kafka_mechanism
+        options["sasl_plain_username"] = settings.kafka_username
+        options["sasl_plain_password"] = settings.kafka_password.get_secret_value()
+    if protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = ssl.create_default_context()
+    return options
+
+
+class KafkaSink:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._producer: AIOKafkaProducer | None = None
+        self._order = asyncio.Lock()
+        self.stats = SinkStats()
+
+    async def start(self) -> None:
+        """Connect; raise KafkaStartError with a clear, secret-free message on failure."""
+        producer = AIOKafkaProducer(**producer_options(self._settings))
+        try:
+            await producer.start()
+        except Exception as exc:
+            await _quietly_stop(producer)
+            self.stats.last_error = describe_kafka_error(exc)
+            raise KafkaStartError(
+                f"cannot connect to Kafka at {self._settings.kafka_bootstrap_servers} "
+                f"({self._settings.kafka_auth_protocol}"
+                + (
+                    f", user {self._settings.kafka_username}"
+                    if self._settings.kafka_username
+                    else ""
+                )
+                + f"): {self.stats.last_error}"
+            ) from None
+        self._producer = producer
+        self.stats.ready = True
+        log.info("kafka producer connected to %s", self._settings.kafka_bootstrap_servers)
+
+    async def send_batch(self, records: Sequence[WireRecord]) -> int:
+        """Send a batch in order and wait until Kafka acknowledged all of it."""
+        producer = self._producer
+        if producer is None:
+            raise KafkaStartError("producer is not started")
+        try:
+            async with self._order:
+                futures = [
+                    await producer.send(topic, value=value, key=key)
+                    for topic, key, value in records
+                ]
+            await asyncio.gather(*futures)
+        except KafkaError as exc:
+            self.stats.errors += 1
+            self.stats.last_error = describe_kafka_error(exc)
+            raise
+        self.stats.batches += 1
+        self.stats.records += len(records)
+        return len(records)
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+        self.stats.ready = False
+
+
+def describe_kafka_error(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}"
+
+
+async def _quietly_stop(producer: AIOKafkaProducer) -> None:
+    try:
+        await producer.stop()
+    except Exception:  # already broken; the start error is what matters
+        log.debug("producer stop after failed start raised", exc_info=True)

@@ -1,0 +1,42 @@
+"""Alpaca's channels and the item types (`T`) that arrive on them."""
+
+from __future__ import annotations
+
+#: Channels a client can name in a subscribe action (stock market-data stream).
+MARKET_DATA_CHANNELS: tuple[str, ...] = (
+    "trades",
+    "quotes",
+    "bars",
+    "updatedBars",
+    "dailyBars",
+    "statuses",
+    "lulds",
+    "imbalances",
+)
+
+#: Channels that come along with a subscription to trades.
+TRADE_COMPANION_CHANNELS: tuple[str, ...] = ("corrections", "cancelErrors")
+
+#: Item type code -> envelope channel name.
+CHANNEL_BY_TYPE: dict[str, str] = {
+    "t": "trades",
+    "q": "quotes",
+    "b": "bars",
+    "u": "updatedBars",
+    "d": "dailyBars",
+    "s": "statuses",
+    "l": "lulds",
+    "c": "corrections",
+    "x": "cancelErrors",
+    "i": "imbalances",
+}
+
+#: Every channel that can appear in an envelope, including the forwarder's own.
+ALL_CHANNELS: tuple[str, ...] = (
+    *CHANNEL_BY_TYPE.values(),
+    "trade_updates",
+    "status",
+)
+
+#: Fields an item must carry to be forwarded (besides `T`); others are kept as they come.
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {code: ("S", "t") for code in CHANNEL_BY_TYPE}

@@ -1,0 +1,223 @@
+"""One WebSocket session to Alpaca's market-data stream, kept alive across failures.
+
+`AlpacaSession.run()` connects, waits for the greeting, authenticates, subscribes, checks
+the subscription reply against what it asked for, and then reads frames until told to stop.
+Transient failures reconnect with jittered exponential backoff and resubscribe; errors that
+retrying cannot fix (402, 405, 409, 410, 400) raise `FatalSessionError` instead of looping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from ray_forwarder.backoff import Backoff
+from ray_forwarder.envelope import utc_now_iso
+from ray_forwarder.protocol import codec
+from ray_forwarder.protocol.errors import ErrorAction, classify_error, describe_error
+from ray_forwarder.protocol.events import (
+    Authenticated,
+    Connected,
+    DataItem,
+    ServerError,
+    Skipped,
+    Subscription,
+    Success,
+)
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+class FatalSessionError(RuntimeError):
+    """The feed refused us in a way that retrying cannot fix."""
+
+    def __init__(self, code: int | None, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SessionHandler(Protocol):
+    """What the session reports to its owner (the shard)."""
+
+    def on_items(self, items: list[DataItem], ingest_ts: str, received: float) -> None: ...
+
+    def on_skipped(self, skipped: Skipped) -> None: ...
+
+    def on_state(self, state: str, info: dict[str, object]) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    url: str
+    key: str
+    secret: str
+    subscriptions: Mapping[str, list[str]]
+    wire_format: str = "msgpack"
+    reconnect_initial: float = 1.0
+    reconnect_max: float = 60.0
+    connection_limit_backoff: float = 90.0
+    handshake_timeout: float = 15.0
+
+    def __repr__(self) -> str:  # the secret must never reach a log line
+        return f"SessionConfig(url={self.url!r}, key=<masked>, subscriptions=...)"
+
+
+class _Retry(Exception):
+    """Internal: end this connection and reconnect after `delay` (None = backoff)."""
+
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+
+
+class AlpacaSession:
+    def __init__(
+        self, config: SessionConfig, handler: SessionHandler, backoff: Backoff | None = None
+    ) -> None:
+        self._config = config
+        self._handler = handler
+        self._backoff = backoff or Backoff(config.reconnect_initial, config.reconnect_max)
+        self._stopping = asyncio.Event()
+        self._ws: ClientConnection | None = None
+        self.connects = 0
+        self.reconnects = 0
+        self.subscribed = False
+
+    async def stop(self) -> None:
+        """Stop reading: close the socket and make `run()` return."""
+        self._stopping.set()
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def run(self) -> None:
+        """Keep a subscribed session until `stop()`; raise FatalSessionError on fatal errors."""
+        while not self._stopping.is_set():
+            try:
+                await self._one_connection()
+                if self._stopping.is_set():
+                    return
+                reason, delay = "server closed the connection", None
+            except _Retry as retry:
+                reason, delay = retry.reason, retry.delay
+            except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
+                reason, delay = f"{type(exc).__name__}: {exc}", None
+            finally:
+                self._ws = None
+                if self.subscribed:
+                    self.subscribed = False
+            if self._stopping.is_set():
+                return
+            self._handler.on_state("disconnected", {"reason": reason})
+            wait = self._backoff.next_delay() if delay is None else delay
+            self.reconnects += 1
+            self._handler.on_state("reconnecting", {"delay_s": round(wait, 3), "reason": reason})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=wait)
+
+    async def _one_connection(self) -> None:
+        cfg = self._config
+        headers = codec.connection_headers(cfg.wire_format)
+        async with connect(
+            cfg.url,
+            additional_headers=headers,
+            open_timeout=cfg.handshake_timeout,
+            max_size=None,
+            max_queue=64,
+            ping_interval=20,
+            ping_timeout=20,
+        ) as ws:
+            self._ws = ws
+            if self._stopping.is_set():
+                return
+            self.connects += 1
+            await asyncio.wait_for(self._handshake(ws), timeout=cfg.handshake_timeout)
+            self._backoff.reset()
+            async for frame in ws:
+                self._dispatch(frame)
+
+    async def _handshake(self, ws: ClientConnection) -> None:
+        cfg = self._config
+        await self._expect(ws, Connected)
+        self._handler.on_state("connected", {"url": cfg.url})
+        await ws.send(codec.encode_auth(cfg.key, cfg.secret))
+        await self._expect(ws, Authenticated)
+        self._handler.on_state("authenticated", {})
+        await ws.send(codec.encode_subscribe(cfg.subscriptions))
+        reply = await self._expect(ws, Subscription)
+        missing = codec.missing_from_subscription(cfg.subscriptions, reply)
+        self.subscribed = True
+        self._handler.on_state(
+            "subscribed",
+            {
+                "channels": {name: len(symbols) for name, symbols in reply.channels.items()},
+                "missing": missing,
+            },
+        )
+
+    async def _expect(self, ws: ClientConnection, wanted: type[_T]) -> _T:
+        """Read until a `wanted` control message; data that comes first is still handled."""
+        while True:
+            frame = await ws.recv()
+            received = time.monotonic()
+            items: list[DataItem] = []
+            found: _T | None = None
+            for event in codec.decode_frame(frame):
+                if found is None and isinstance(event, wanted):
+                    found = event
+                elif isinstance(event, DataItem):
+                    items.append(event)
+                else:
+                    self._control(event)
+            if items:
+                self._handler.on_items(items, utc_now_iso(), received)
+            if found is not None:
+                return found
+
+    def _dispatch(self, frame: bytes | str) -> None:
+        """Hot path: one frame -> the handler, with one ingest timestamp per frame."""
+        received = time.monotonic()
+        items: list[DataItem] = []
+        for event in codec.decode_frame(frame):
+            if type(event) is DataItem:
+                items.append(event)
+            else:
+                self._control(event)
+        if items:
+            self._handler.on_items(items, utc_now_iso(), received)
+
+    def _control(self, event: object) -> None:
+        if isinstance(event, Skipped):
+            self._handler.on_skipped(event)
+        elif isinstance(event, ServerError):
+            self._server_error(event)
+        elif isinstance(event, Subscription):
+            self._handler.on_state(
+                "subscription_changed",
+                {"channels": {name: len(s) for name, s in event.channels.items()}},
+            )
+        elif isinstance(event, Connected | Authenticated | Success):
+            log.debug("control message %s", event)
+
+    def _server_error(self, error: ServerError) -> None:
+        action = classify_error(error.code)
+        text = describe_error(error.code, error.msg)
+        self._handler.on_state("error", {"code": error.code, "msg": error.msg})
+        if action is ErrorAction.IGNORE:
+            log.info("ignoring %s", text)
+            return
+        if action is ErrorAction.FATAL:
+            self._stopping.set()
+            raise FatalSessionError(error.code, text)
+        if action is ErrorAction.RECONNECT_SLOW:
+            raise _Retry(text, delay=max(self._config.connection_limit_backoff, 0.0))
+        raise _Retry(text)

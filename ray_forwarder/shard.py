@@ -1,0 +1,193 @@
+"""A shard: one Alpaca session feeding one pipeline and one outbox. No Ray in here.
+
+`ShardActor` is a thin Ray shell around `ShardCore`; tests can drive `ShardCore` directly
+with any `send` coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_forwarder.bars import BarFinalizer
+from ray_forwarder.config import Settings
+from ray_forwarder.dedup import DedupCache
+from ray_forwarder.outbox import Outbox, SendBatch
+from ray_forwarder.pipeline import EventPipeline
+from ray_forwarder.protocol.events import DataItem, Skipped
+from ray_forwarder.session import AlpacaSession, FatalSessionError, SessionConfig
+from ray_forwarder.topics import topic_map
+
+log = logging.getLogger(__name__)
+
+_FINALIZE_INTERVAL_S = 0.1
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What one shard serves: an endpoint, a credential, and its share of the symbols."""
+
+    shard_id: str
+    url: str
+    key_id: str
+    secret: str = field(repr=False)
+    symbols: tuple[str, ...]
+    channels: tuple[str, ...]
+
+    def subscriptions(self) -> dict[str, list[str]]:
+        return {channel: list(self.symbols) for channel in self.channels}
+
+
+@dataclass
+class ShardState:
+    state: str = "starting"
+    subscribed: bool = False
+    fatal: str | None = None
+    errors_by_code: Counter[int] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
+    state_changes: int = 0
+
+
+class ShardCore:
+    def __init__(self, settings: Settings, spec: ShardSpec, send: SendBatch) -> None:
+        self.spec = spec
+        self.pipeline = EventPipeline(
+            topic_map(settings),
+            DedupCache(settings.dedup_ttl_seconds, settings.dedup_max_keys),
+            BarFinalizer(settings.bar_final_delay_seconds),
+        )
+        self.outbox = Outbox(
+            send,
+            max_events=settings.buffer_max_events,
+            batch_max_events=settings.batch_max_events,
+            batch_max_ms=settings.batch_max_ms,
+            max_in_flight=settings.batch_max_in_flight,
+        )
+        self.session = AlpacaSession(
+            SessionConfig(
+                url=spec.url,
+                key=spec.key_id,
+                secret=spec.secret,
+                subscriptions=spec.subscriptions(),
+                wire_format=settings.alpaca_wire_format,
+                reconnect_initial=settings.reconnect_initial,
+                reconnect_max=settings.reconnect_max,
+                connection_limit_backoff=settings.connection_limit_backoff,
+            ),
+            self,
+        )
+        self.state = ShardState()
+        self._stopped = asyncio.Event()
+
+    # --- SessionHandler -----------------------------------------------------------------
+
+    def on_items(self, items: list[DataItem], ingest_ts: str, received: float) -> None:
+        records = self.pipeline.process(items, ingest_ts, received)
+        if records:
+            self.outbox.put(records, received)
+
+    def on_skipped(self, skipped: Skipped) -> None:
+        self.state.skipped[skipped.reason] += 1
+        count = self.state.skipped[skipped.reason]
+        if count <= 10 or count % 1000 == 0:  # logged, but never one line per bad item
+            log.warning(
+                "shard %s skipped %s (#%d): %s",
+                self.spec.shard_id,
+                skipped.reason,
+                count,
+                skipped.detail,
+            )
+
+    def on_state(self, state: str, info: dict[str, object]) -> None:
+        st = self.state
+        st.state_changes += 1
+        if state == "error":
+            code = info.get("code")
+            if isinstance(code, int):
+                st.errors_by_code[code] += 1
+        else:
+            st.state = state
+        st.subscribed = self.session.subscribed or state == "subscribed"
+        if state in ("disconnected", "reconnecting"):
+            st.subscribed = False
+        log.info("shard %s %s %s", self.spec.shard_id, state, _safe(info))
+        self.outbox.put(
+            [self.pipeline.status_record(self.spec.shard_id, state, info)], time.monotonic()
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read and forward until `stop()`; raises FatalSessionError when the feed refuses us."""
+        sender = asyncio.create_task(self.outbox.run(), name="outbox")
+        finalizer = asyncio.create_task(self._finalize_loop(), name="bar-finalizer")
+        try:
+            await self.session.run()
+        except FatalSessionError as exc:
+            self.state.fatal = str(exc)
+            self.state.state = "failed"
+            log.error("shard %s stopped: %s", self.spec.shard_id, exc)
+            raise
+        finally:
+            finalizer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await finalizer
+            self._emit(self.pipeline.finalize_all())
+            self.outbox.close()
+            await sender
+            self._stopped.set()
+
+    async def stop(self, timeout: float = 30.0) -> bool:
+        """Stop reading, flush everything to the producer; True if it drained in time."""
+        await self.session.stop()
+        try:
+            await asyncio.wait_for(self._stopped.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _finalize_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_FINALIZE_INTERVAL_S)
+            self._emit(self.pipeline.finalize_due(time.monotonic()))
+
+    def _emit(self, records: list[Any]) -> None:
+        if records:
+            self.outbox.put(records, time.monotonic())
+
+    def stats(self) -> dict[str, Any]:
+        """A plain-data snapshot for the driver (health, metrics, summaries)."""
+        counters = self.pipeline.counters
+        outbox = self.outbox.snapshot()
+        return {
+            "shard_id": self.spec.shard_id,
+            "symbols": len(self.spec.symbols),
+            "state": self.state.state,
+            "subscribed": self.state.subscribed,
+            "fatal": self.state.fatal,
+            "connects": self.session.connects,
+            "reconnects": self.session.reconnects,
+            "errors_by_code": dict(self.state.errors_by_code),
+            "skipped": dict(self.state.skipped),
+            "received": dict(counters.received),
+            "emitted": dict(counters.emitted),
+            "deduplicated": dict(counters.deduplicated),
+            "finals": counters.finals,
+            "late_bar_revisions": self.pipeline.late_revisions,
+            "buffered": outbox.buffered,
+            "in_flight": outbox.in_flight,
+            "acked": dict(outbox.acked_by_channel),
+            "dropped": dict(outbox.dropped_by_channel),
+            "batches_failed": outbox.batches_failed,
+            "last_ack_latency_s": outbox.last_ack_latency_s,
+        }
+
+
+def _safe(info: dict[str, object]) -> str:
+    """Log form of state info; it never carries secrets (the session never puts them in)."""
+    return " ".join(f"{k}={v}" for k, v in info.items())

@@ -1,0 +1,47 @@
+"""Aggregating actor stats into one picture for health, metrics and summaries."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ForwarderSnapshot:
+    """What the driver knows about all actors at one moment."""
+
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    producers: list[dict[str, Any]] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)
+
+    def total(self, name: str) -> Counter[str]:
+        """Sum a per-channel counter over all shards."""
+        total: Counter[str] = Counter()
+        for shard in self.shards:
+            total.update(shard.get(name, {}))
+        return total
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when every producer has Kafka and every shard is subscribed."""
+        problems: list[str] = list(f"actor unreachable: {name}" for name in self.unreachable)
+        for producer in self.producers:
+            if not producer.get("ready"):
+                problems.append(
+                    f"producer {producer.get('name')} has no Kafka connection"
+                    + (f" ({producer['last_error']})" if producer.get("last_error") else "")
+                )
+        for shard in self.shards:
+            if shard.get("fatal"):
+                problems.append(f"shard {shard['shard_id']} failed: {shard['fatal']}")
+            elif not shard.get("subscribed"):
+                problems.append(f"shard {shard['shard_id']} is {shard.get('state')}")
+        if not self.shards:
+            problems.append("no shards running")
+        body = {
+            "status": "ok" if not problems else "unavailable",
+            "problems": problems,
+            "shards": {s["shard_id"]: s.get("state") for s in self.shards},
+            "producers": {p["name"]: p.get("ready") for p in self.producers},
+        }
+        return not problems, body
