@@ -155,12 +155,14 @@ async def run_forwarder(
     stop: asyncio.Event | None = None,
     progress: ProgressFn | None = None,
     serve_http: bool = True,
+    handle_signals: bool = True,
     drain_timeout: float = 30.0,
 ) -> RunResult:
     """Run until `duration` passes, `stop` is set, SIGTERM/SIGINT arrives, or a fatal error."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    _install_signal_handlers(loop, stop)
+    if handle_signals:
+        _install_signal_handlers(loop, stop)
     forwarder = Forwarder(settings, shards if shards is not None else plan_shards(settings))
     server = HealthServer(lambda: forwarder.snapshot, settings.metrics_port) if serve_http else None
     started = time.monotonic()
@@ -192,6 +194,8 @@ async def run_forwarder(
     drained = await forwarder.stop(drain_timeout)
     if server is not None:
         await server.stop()
+    if handle_signals:
+        _remove_signal_handlers(loop)
     return RunResult(forwarder.snapshot, time.monotonic() - started, drained, error, reason)
 
 
@@ -200,6 +204,12 @@ def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Even
         # Outside the main thread (tests) this fails; the caller then sets `stop` itself.
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
+
+
+def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(sig)
 
 
 def _cause(exc: BaseException) -> str:

@@ -74,10 +74,13 @@ class KafkaSink:
         """Connect; raise KafkaStartError with a clear, secret-free message on failure."""
         producer = AIOKafkaProducer(**producer_options(self._settings))
         try:
-            await producer.start()
+            with _ClientErrors() as client_errors:
+                await producer.start()
         except Exception as exc:
             await _quietly_stop(producer)
-            self.stats.last_error = describe_kafka_error(exc)
+            # aiokafka reports SASL failures only in its log and then raises a generic
+            # "unable to bootstrap"; surface the real cause.
+            self.stats.last_error = client_errors.most_telling() or describe_kafka_error(exc)
             raise KafkaStartError(
                 f"cannot connect to Kafka at {self._settings.kafka_bootstrap_servers} "
                 f"({self._settings.kafka_auth_protocol}"
@@ -120,8 +123,33 @@ class KafkaSink:
 
 
 def describe_kafka_error(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}"
+    name = type(exc).__name__
+    text = (str(exc) or name).splitlines()[0][:300]
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+class _ClientErrors(logging.Handler):
+    """Collects aiokafka's own error log lines while the producer starts."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> _ClientErrors:
+        logging.getLogger("aiokafka").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("aiokafka").removeHandler(self)
+
+    def most_telling(self) -> str | None:
+        for message in self.messages:
+            if "Authentication" in message or "SaslAuthenticationFailed" in message:
+                return "SASL authentication failed: " + message.split(": ", 1)[-1][:300]
+        return None
 
 
 async def _quietly_stop(producer: AIOKafkaProducer) -> None:

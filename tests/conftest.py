@@ -1,0 +1,34 @@
+"""Session-wide fixtures: one real Kafka broker and one local Ray for the whole run.
+
+Ray >= 2.59 enables token auth on new local clusters unless RAY_AUTH_MODE is set; every
+process a test starts inherits this module's choice, so they all agree.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest  # noqa: E402
+
+pytest_plugins = ["tests.kafka_fixture"]
+
+RAY_TEST_CPUS = 4
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local single-node Ray shared by every test that needs one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=RAY_TEST_CPUS,
+            include_dashboard=False,
+            namespace="ray-forwarder-tests",
+            log_to_driver=True,
+        )
+    yield ray
+    ray.shutdown()
