@@ -7,6 +7,7 @@ one event loop. They ask for a fraction of a CPU: they wait on sockets, not comp
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
@@ -57,19 +58,22 @@ class ProducerActor:
         await self._sink.stop()
 
 
+def _sender(producer: Any) -> Callable[[list[WireRecord]], Awaitable[int]]:
+    async def send(records: list[WireRecord]) -> int:
+        return await producer.send_batch.remote(records)
+
+    return send
+
+
 @ray.remote(num_cpus=IO_ACTOR_CPUS, max_restarts=0)
 class ShardActor:
     """Owns one Alpaca session, its dedup cache and seq counters, and its outbox."""
 
-    def __init__(self, settings: Settings, spec: ShardSpec, producer: Any) -> None:
+    def __init__(self, settings: Settings, spec: ShardSpec, producers: list[Any]) -> None:
         logs.configure(
             settings.log_level, actor="shard", shard=spec.shard_id, symbols=len(spec.symbols)
         )
-        self._producer = producer
-        self._core = ShardCore(settings, spec, self._send)
-
-    async def _send(self, records: list[WireRecord]) -> int:
-        return await self._producer.send_batch.remote(records)
+        self._core = ShardCore(settings, spec, [_sender(p) for p in producers])
 
     async def run(self) -> dict[str, Any]:
         """Runs until `stop()`; a fatal feed error fails this call with the reason."""

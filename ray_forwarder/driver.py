@@ -89,9 +89,9 @@ class Forwarder:
             await asyncio.gather(*(p.start.remote() for p in self._producers.values()))
         except ray.exceptions.RayTaskError as exc:
             raise ForwarderError(_cause(exc)) from None
-        producer = self._producers[self.producer_names[0]]
+        producers = [self._producers[name] for name in self.producer_names]
         for spec in self.shards:
-            actor = ShardActor.remote(self.settings, spec, producer)
+            actor = ShardActor.remote(self.settings, spec, producers)
             self._shards[spec.shard_id] = actor
             self._runs[spec.shard_id] = actor.run.remote()
 

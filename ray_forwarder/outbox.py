@@ -1,9 +1,13 @@
-"""The shard's outbound side: a bounded buffer the read loop appends to, and an ordered,
-windowed sender that ships size- and time-bounded batches to a producer.
+"""The shard's outbound side: bounded buffers the read loop appends to, and ordered,
+windowed senders that ship size- and time-bounded batches to the producer actors.
 
-The read loop never awaits anything here: `put()` is synchronous. Batches leave in the
-order their records arrived, at most `max_in_flight` at a time; a batch whose send failed
-is re-sent (at-least-once) before anything newer is shipped.
+The read loop never awaits anything here: `put()` is synchronous. Each record goes to the
+lane of its producer, chosen by a stable hash of the record key (the symbol), so a symbol
+always goes to the same producer and per-symbol order holds through a pool of producers.
+In a lane, batches leave in arrival order with at most `max_in_flight` unacknowledged. When
+a send fails (producer actor gone, Kafka unavailable), the lane waits for everything in
+flight to settle and re-sends every unacknowledged batch, oldest first, before anything
+newer: at-least-once, in order.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import asyncio
 import contextlib
 import logging
 import time
+import zlib
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from ray_forwarder.pipeline import OutRecord
@@ -22,6 +27,12 @@ log = logging.getLogger(__name__)
 
 WireRecord = tuple[str, bytes, bytes]  # (topic, key, value): cheap to pickle across Ray
 SendBatch = Callable[[list[WireRecord]], Awaitable[int]]
+MAX_RETRY_DELAY_S = 5.0
+
+
+def stable_slot(key: bytes, slots: int) -> int:
+    """A slot for a key that every process agrees on (unlike Python's salted `hash()`)."""
+    return zlib.crc32(key) % slots
 
 
 @dataclass
@@ -30,10 +41,22 @@ class OutboxStats:
     in_flight: int = 0
     batches_sent: int = 0
     batches_failed: int = 0
+    batches_resent: int = 0
     records_acked: int = 0
     acked_by_channel: Counter[str] = field(default_factory=Counter)
     dropped_by_channel: Counter[str] = field(default_factory=Counter)
     last_ack_latency_s: float = 0.0
+
+    def merge(self, other: OutboxStats) -> None:
+        self.buffered += other.buffered
+        self.in_flight += other.in_flight
+        self.batches_sent += other.batches_sent
+        self.batches_failed += other.batches_failed
+        self.batches_resent += other.batches_resent
+        self.records_acked += other.records_acked
+        self.acked_by_channel.update(other.acked_by_channel)
+        self.dropped_by_channel.update(other.dropped_by_channel)
+        self.last_ack_latency_s = max(self.last_ack_latency_s, other.last_ack_latency_s)
 
 
 @dataclass(slots=True)
@@ -41,82 +64,84 @@ class _Batch:
     records: list[WireRecord]
     channels: Counter[str]
     oldest_received: float
+    acked: bool = False
     attempts: int = 0
 
 
-class Outbox:
-    def __init__(
-        self,
-        send: SendBatch,
-        *,
-        max_events: int,
-        batch_max_events: int,
-        batch_max_ms: float,
-        max_in_flight: int,
-        retry_delay: float = 0.5,
-    ) -> None:
+@dataclass(frozen=True)
+class BatchLimits:
+    max_events: int  # buffer bound per lane
+    batch_max_events: int
+    batch_max_ms: float
+    max_in_flight: int
+    retry_delay: float = 0.2
+
+
+class Lane:
+    """The ordered, windowed path to one producer."""
+
+    def __init__(self, send: SendBatch, limits: BatchLimits, name: str = "lane") -> None:
         self._send = send
-        self._max_events = max_events
-        self._batch_max = batch_max_events
-        self._linger = batch_max_ms / 1000
-        self._window = asyncio.Semaphore(max_in_flight)
-        self._retry_delay = retry_delay
+        self._limits = limits
+        self._linger = limits.batch_max_ms / 1000
+        self._name = name
+        self._window = asyncio.Semaphore(limits.max_in_flight)
         self._buffer: deque[tuple[OutRecord, float]] = deque()
-        self._wake = asyncio.Event()
+        self._unacked: deque[_Batch] = deque()
         self._inflight: set[asyncio.Task[None]] = set()
-        self._retry_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._failed = False
+        self._consecutive_failures = 0
         self._closed = False
         self.stats = OutboxStats()
 
-    def put(self, records: list[OutRecord], received: float) -> None:
-        """Buffer records (never blocks). Beyond the bound, records are dropped and counted."""
-        room = self._max_events - len(self._buffer)
-        if room < len(records):
-            for record in records[max(room, 0) :]:
-                self.stats.dropped_by_channel[record.channel] += 1
-            log.warning("outbox full: dropped %d records", len(records) - max(room, 0))
-            records = records[: max(room, 0)]
-        self._buffer.extend((record, received) for record in records)
-        if len(self._buffer) >= self._batch_max:
+    def put(self, record: OutRecord, received: float) -> None:
+        if len(self._buffer) >= self._limits.max_events:
+            self.stats.dropped_by_channel[record.channel] += 1
+            dropped = sum(self.stats.dropped_by_channel.values())
+            if dropped == 1 or dropped % 10_000 == 0:
+                log.warning("%s buffer full: %d records dropped so far", self._name, dropped)
+            return
+        self._buffer.append((record, received))
+        if len(self._buffer) >= self._limits.batch_max_events:
             self._wake.set()
 
-    @property
-    def pending(self) -> int:
-        return len(self._buffer) + len(self._inflight)
+    def close(self) -> None:
+        """Flush what is buffered without waiting for the linger, then let `run()` end."""
+        self._closed = True
+        self._wake.set()
 
     async def run(self) -> None:
-        """Ship batches until `close()`; then ship what is left and wait for the window."""
         while True:
+            if self._failed:
+                await self._recover()
+                continue
             if not self._buffer:
                 if self._closed:
-                    break
+                    if self._inflight:
+                        await asyncio.gather(*self._inflight, return_exceptions=True)
+                        continue  # a failure may have happened meanwhile
+                    return
                 await self._sleep_unless_woken(self._linger)
                 continue
-            if len(self._buffer) < self._batch_max and not self._closed:
+            if len(self._buffer) < self._limits.batch_max_events and not self._closed:
                 age = time.monotonic() - self._buffer[0][1]
                 if age < self._linger:
                     await self._sleep_unless_woken(self._linger - age)
                     continue
             await self._window.acquire()
-            batch = self._take_batch()
-            task = asyncio.create_task(self._deliver(batch))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
-        if self._inflight:
-            await asyncio.gather(*self._inflight)
+            if self._failed:
+                self._window.release()
+                continue
+            self._submit(self._take_batch())
 
     async def _sleep_unless_woken(self, seconds: float) -> None:
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
-    def close(self) -> None:
-        """Stop accepting the wait for more records: flush everything now."""
-        self._closed = True
-        self._wake.set()
-
     def _take_batch(self) -> _Batch:
-        count = min(self._batch_max, len(self._buffer))
+        count = min(self._limits.batch_max_events, len(self._buffer))
         records: list[WireRecord] = []
         channels: Counter[str] = Counter()
         oldest = self._buffer[0][1]
@@ -127,37 +152,107 @@ class Outbox:
             channels[record.channel] += 1
         return _Batch(records, channels, oldest)
 
+    def _submit(self, batch: _Batch) -> None:
+        """Start sending (the caller holds a window slot); calls start in submit order."""
+        self._unacked.append(batch)
+        batch.attempts += 1
+        task = asyncio.create_task(self._deliver(batch))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
     async def _deliver(self, batch: _Batch) -> None:
         try:
-            while True:
-                batch.attempts += 1
-                try:
-                    acked = await self._send(batch.records)
-                except Exception as exc:  # producer gone or Kafka unavailable: resend
-                    self.stats.batches_failed += 1
-                    log.warning(
-                        "batch of %d records failed (attempt %d): %s",
-                        len(batch.records),
-                        batch.attempts,
-                        _short(exc),
-                    )
-                    await asyncio.sleep(min(self._retry_delay * batch.attempts, 5.0))
-                    continue
-                self.stats.batches_sent += 1
-                self.stats.records_acked += acked
-                self.stats.acked_by_channel.update(batch.channels)
-                self.stats.last_ack_latency_s = time.monotonic() - batch.oldest_received
-                return
+            acked = await self._send(batch.records)
+        except Exception as exc:  # producer gone or Kafka unavailable: the lane re-sends
+            self.stats.batches_failed += 1
+            if not self._failed:
+                log.warning(
+                    "%s: batch of %d records failed (attempt %d), will re-send in order: %s",
+                    self._name, len(batch.records), batch.attempts, _short(exc),
+                )  # fmt: skip
+            self._failed = True
+            return
         finally:
             self._window.release()
+        batch.acked = True
+        self._consecutive_failures = 0
+        stats = self.stats
+        stats.batches_sent += 1
+        stats.records_acked += acked
+        stats.acked_by_channel.update(batch.channels)
+        stats.last_ack_latency_s = time.monotonic() - batch.oldest_received
+        while self._unacked and self._unacked[0].acked:
+            self._unacked.popleft()
+
+    async def _recover(self) -> None:
+        """Wait for in-flight sends to settle, back off, then re-send the unacked in order."""
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        retry = [batch for batch in self._unacked if not batch.acked]
+        self._unacked.clear()
+        self._consecutive_failures += 1
+        delay = min(
+            self._limits.retry_delay * 2 ** (self._consecutive_failures - 1), MAX_RETRY_DELAY_S
+        )
+        await asyncio.sleep(delay)
+        self._failed = False
+        for position, batch in enumerate(retry):
+            await self._window.acquire()
+            if self._failed:  # failed again while re-sending: keep the rest for next time
+                self._window.release()
+                self._unacked.extend(retry[position:])
+                return
+            self.stats.batches_resent += 1
+            self._submit(batch)
 
     def snapshot(self) -> OutboxStats:
         self.stats.buffered = len(self._buffer)
-        self.stats.in_flight = len(self._inflight)
+        self.stats.in_flight = sum(len(b.records) for b in self._unacked if not b.acked)
         return self.stats
+
+
+class Outbox:
+    """Routes records to per-producer lanes by a stable hash of the record key."""
+
+    def __init__(self, senders: Sequence[SendBatch], limits: BatchLimits) -> None:
+        if not senders:
+            raise ValueError("an outbox needs at least one producer")
+        per_lane = BatchLimits(
+            max_events=max(1, limits.max_events // len(senders)),
+            batch_max_events=limits.batch_max_events,
+            batch_max_ms=limits.batch_max_ms,
+            max_in_flight=limits.max_in_flight,
+            retry_delay=limits.retry_delay,
+        )
+        self._lanes = [Lane(send, per_lane, f"lane-{i}") for i, send in enumerate(senders)]
+        self._route: dict[bytes, Lane] = {}
+
+    def lane_for(self, key: bytes) -> Lane:
+        lane = self._route.get(key)
+        if lane is None:
+            lane = self._lanes[stable_slot(key, len(self._lanes))]
+            self._route[key] = lane
+        return lane
+
+    def put(self, records: list[OutRecord], received: float) -> None:
+        """Buffer records (never blocks); beyond a lane's bound they are dropped and counted."""
+        for record in records:
+            self.lane_for(record.key).put(record, received)
+
+    async def run(self) -> None:
+        await asyncio.gather(*(lane.run() for lane in self._lanes))
+
+    def close(self) -> None:
+        for lane in self._lanes:
+            lane.close()
+
+    def snapshot(self) -> OutboxStats:
+        total = OutboxStats()
+        for lane in self._lanes:
+            total.merge(lane.snapshot())
+        return total
 
 
 def _short(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
-    first = text.splitlines()[0] if text else text
-    return first[:300]
+    return text.splitlines()[0][:300]

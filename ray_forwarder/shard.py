@@ -11,13 +11,14 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ray_forwarder.bars import BarFinalizer
 from ray_forwarder.config import Settings
 from ray_forwarder.dedup import DedupCache
-from ray_forwarder.outbox import Outbox, SendBatch
+from ray_forwarder.outbox import BatchLimits, Outbox, SendBatch
 from ray_forwarder.pipeline import EventPipeline
 from ray_forwarder.protocol.events import DataItem, Skipped
 from ray_forwarder.session import AlpacaSession, FatalSessionError, SessionConfig
@@ -54,7 +55,7 @@ class ShardState:
 
 
 class ShardCore:
-    def __init__(self, settings: Settings, spec: ShardSpec, send: SendBatch) -> None:
+    def __init__(self, settings: Settings, spec: ShardSpec, senders: Sequence[SendBatch]) -> None:
         self.spec = spec
         self.pipeline = EventPipeline(
             topic_map(settings),
@@ -62,11 +63,13 @@ class ShardCore:
             BarFinalizer(settings.bar_final_delay_seconds),
         )
         self.outbox = Outbox(
-            send,
-            max_events=settings.buffer_max_events,
-            batch_max_events=settings.batch_max_events,
-            batch_max_ms=settings.batch_max_ms,
-            max_in_flight=settings.batch_max_in_flight,
+            senders,
+            BatchLimits(
+                max_events=settings.buffer_max_events,
+                batch_max_events=settings.batch_max_events,
+                batch_max_ms=settings.batch_max_ms,
+                max_in_flight=settings.batch_max_in_flight,
+            ),
         )
         self.session = AlpacaSession(
             SessionConfig(
@@ -184,6 +187,7 @@ class ShardCore:
             "acked": dict(outbox.acked_by_channel),
             "dropped": dict(outbox.dropped_by_channel),
             "batches_failed": outbox.batches_failed,
+            "batches_resent": outbox.batches_resent,
             "last_ack_latency_s": outbox.last_ack_latency_s,
         }
 

@@ -1,0 +1,96 @@
+"""Checks that what the forwarder wrote to Kafka accounts for what the simulator sent."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import orjson
+
+from tests.kafka_fixture import ConsumedRecord
+
+SCHEMA = json.loads(
+    (Path(__file__).resolve().parents[1] / "schemas" / "envelope.v1.json").read_text()
+)
+_VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+
+
+def canonical(item: dict[str, Any]) -> bytes:
+    return orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
+
+
+@dataclass
+class StreamReport:
+    data: list[dict[str, Any]] = field(default_factory=list)  # non-final market data
+    finals: list[dict[str, Any]] = field(default_factory=list)
+    status: list[dict[str, Any]] = field(default_factory=list)
+
+
+def decode_and_check(records: list[ConsumedRecord], topics: dict[str, str]) -> StreamReport:
+    """Validate every envelope, its topic and key, and seq order per (channel, symbol) in
+    Kafka order (per partition, by offset)."""
+    report = StreamReport()
+    last_seq: dict[tuple[str, str], int] = {}
+    for record in sorted(records, key=lambda r: (r.topic, r.partition, r.offset)):
+        envelope = orjson.loads(record.value)
+        _VALIDATOR.validate(envelope)
+        channel, symbol = envelope["channel"], envelope["symbol"]
+        assert record.topic == topics[channel], (record.topic, channel)
+        if channel == "status":
+            assert envelope["source"] == "forwarder"
+            assert record.key == envelope["payload"]["shard"].encode()
+            seq_key = ("status", envelope["payload"]["shard"])
+            report.status.append(envelope)
+        else:
+            assert envelope["source"] == "alpaca"
+            assert record.key == symbol.encode(), (record.key, symbol)
+            assert envelope["payload"]["S"] == symbol
+            seq_key = (channel, symbol)
+            is_final_bar = channel == "bars" and envelope["is_final"]
+            (report.finals if is_final_bar else report.data).append(envelope)
+        previous = last_seq.get(seq_key, 0)
+        assert envelope["seq"] > previous, (seq_key, previous, envelope["seq"])
+        last_seq[seq_key] = envelope["seq"]
+    return report
+
+
+def assert_exactly_once(report: StreamReport, sent_items: list[dict[str, Any]]) -> None:
+    """Every distinct item sent arrived exactly once; nothing arrived that was not sent."""
+    got = Counter(canonical(e["payload"]) for e in report.data)
+    want = Counter(canonical(item) for item in sent_items)
+    duplicated = {k: n for k, n in got.items() if n > 1}
+    assert not duplicated, f"{len(duplicated)} items arrived more than once"
+    missing = want - got
+    extra = got - want
+    assert not missing, f"{sum(missing.values())} of {len(want)} items missing"
+    assert not extra, f"{sum(extra.values())} items arrived that were not sent"
+
+
+def assert_symbol_order(report: StreamReport, sent_items: list[dict[str, Any]]) -> None:
+    """Per (channel, symbol), Kafka order equals the simulator's send order."""
+    sent_order: dict[tuple[str, str], list[bytes]] = defaultdict(list)
+    for item in sent_items:
+        sent_order[(item["T"], item["S"])].append(canonical(item))
+    got_order: dict[tuple[str, str], list[bytes]] = defaultdict(list)
+    for envelope in report.data:  # already in per-partition offset order
+        payload = envelope["payload"]
+        got_order[(payload["T"], payload["S"])].append(canonical(payload))
+    for key, order in sent_order.items():
+        assert got_order[key] == order, f"order differs for {key}"
+
+
+def assert_one_final_per_bar(report: StreamReport, sent_items: list[dict[str, Any]]) -> None:
+    """Exactly one is_final bar per (symbol, minute), carrying the latest revision sent."""
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for item in sent_items:
+        if item["T"] in ("b", "u"):
+            latest[(item["S"], item["t"])] = item
+    finals = Counter((e["symbol"], e["payload"]["t"]) for e in report.finals)
+    assert all(n == 1 for n in finals.values()), "a bar was finalised twice"
+    assert set(finals) == set(latest), "some bars got no final record"
+    for envelope in report.finals:
+        assert envelope["payload"] == latest[(envelope["symbol"], envelope["payload"]["t"])]
