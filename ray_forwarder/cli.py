@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                     duplicate_ratio=args.duplicate_ratio,
                 )
             )
+        if command == "plan":
+            return _plan()
         if command == "schema":
             return _schema(args.output)
     except ConfigError as exc:
@@ -61,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=2000.0, help="simulated items/s (2000)")
     demo.add_argument("--wire-format", choices=["json", "msgpack"], default="msgpack")
     demo.add_argument("--duplicate-ratio", type=float, default=0.01)
+    sub.add_parser("plan", help="print the shard plan (key ids masked) without connecting")
     schema = sub.add_parser("schema", help="print (or write) the envelope JSON Schema")
     schema.add_argument("--output", type=Path, default=None)
     return parser
@@ -78,6 +81,20 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ray-forwarder: {result.error}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK if result.drained else EXIT_ERROR
+
+
+def _plan() -> int:
+    from ray_forwarder.planning import plan, producer_names
+
+    settings = load_settings()
+    shards = plan(settings)
+    print(
+        f"{len(shards)} shard(s), {settings.producers} producer(s): "
+        f"{', '.join(producer_names(settings))}"
+    )
+    for planned in shards:
+        print("  " + planned.describe())
+    return EXIT_OK
 
 
 def _schema(output: Path | None) -> int:

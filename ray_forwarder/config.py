@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     alpaca_channels: CommaList = Field(default_factory=lambda: list(DEFAULT_CHANNELS))
     alpaca_stream_url: str | None = None
     alpaca_wire_format: Literal["json", "msgpack"] = "msgpack"
+    alpaca_credentials: SecretStr | None = None  # more key pairs: "KEY1:SECRET1,KEY2:SECRET2"
+    alpaca_connections_per_key: int = Field(default=1, gt=0)
+    shards: int = Field(default=0, ge=0)  # 0 = one per connection slot (at most one per symbol)
+    producers: int = Field(default=1, gt=0)
 
     # Kafka
     kafka_bootstrap_servers: str = "kafka-kafka-bootstrap.kafka:9092"
@@ -127,6 +131,32 @@ class Settings(BaseSettings):
     @property
     def kafka_mechanism(self) -> str:
         return self.kafka_sasl_mechanism or "SCRAM-SHA-512"
+
+    def credentials(self) -> list[tuple[str, str]]:
+        """Every Alpaca key pair: ALPACA_API_KEY_ID/SECRET first, then ALPACA_CREDENTIALS."""
+        pairs: list[tuple[str, str]] = []
+        if self.alpaca_api_key_id is not None or self.alpaca_secret_key is not None:
+            pairs.append(self.require_credentials())
+        if self.alpaca_credentials is not None:
+            for position, entry in enumerate(
+                self.alpaca_credentials.get_secret_value().split(","), start=1
+            ):
+                entry = entry.strip()
+                if not entry:
+                    continue
+                key, sep, secret = entry.partition(":")
+                if not sep or not key.strip() or not secret.strip():
+                    raise ConfigError(
+                        f"ALPACA_CREDENTIALS: entry {position} is not KEY_ID:SECRET "
+                        "(entries are comma-separated)"
+                    )
+                pairs.append((key.strip(), secret.strip()))
+        if not pairs:
+            self.require_credentials()  # raises the message naming the variables
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ConfigError("the same Alpaca key id is configured twice")
+        return pairs
 
     def require_credentials(self) -> tuple[str, str]:
         """The Alpaca key pair, or a ConfigError saying which variable is missing."""

@@ -18,6 +18,7 @@ import ray
 from ray_forwarder.actors import ProducerActor, ShardActor
 from ray_forwarder.config import Settings
 from ray_forwarder.http import HealthServer
+from ray_forwarder.planning import plan, producer_names
 from ray_forwarder.shard import ShardSpec
 from ray_forwarder.stats import ForwarderSnapshot
 
@@ -32,18 +33,7 @@ class ForwarderError(RuntimeError):
 
 
 def plan_shards(settings: Settings) -> list[ShardSpec]:
-    """One shard per (endpoint, credential, connection slot); the foundation has one."""
-    key, secret = settings.require_credentials()
-    return [
-        ShardSpec(
-            shard_id="stocks-0",
-            url=settings.stream_url,
-            key_id=key,
-            secret=secret,
-            symbols=tuple(settings.alpaca_symbols),
-            channels=tuple(settings.alpaca_channels),
-        )
-    ]
+    return [planned.spec for planned in plan(settings)]
 
 
 def ensure_ray(**init_kwargs: Any) -> None:
@@ -163,7 +153,11 @@ async def run_forwarder(
     loop = asyncio.get_running_loop()
     if handle_signals:
         _install_signal_handlers(loop, stop)
-    forwarder = Forwarder(settings, shards if shards is not None else plan_shards(settings))
+    forwarder = Forwarder(
+        settings,
+        shards if shards is not None else plan_shards(settings),
+        producer_names(settings),
+    )
     server = HealthServer(lambda: forwarder.snapshot, settings.metrics_port) if serve_http else None
     started = time.monotonic()
     error: str | None = None

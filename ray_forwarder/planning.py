@@ -1,0 +1,77 @@
+"""Shard planning: which connection serves which symbols.
+
+Alpaca allows a fixed number of connections per key pair and endpoint (usually one; a
+second gets `406 connection limit exceeded`). A shard is therefore one (endpoint,
+credential, connection slot); symbols are spread over the shards by a stable hash so the
+same symbol lands on the same shard in every run. A plan asking for more shards than
+there are connection slots is refused at start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ray_forwarder.config import ConfigError, Settings
+from ray_forwarder.outbox import stable_slot
+from ray_forwarder.shard import ShardSpec
+
+
+def mask_key(key_id: str) -> str:
+    """Enough of a key id to tell keys apart in a log, not enough to use it."""
+    return key_id[:4] + "…" if len(key_id) > 4 else "…"
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    spec: ShardSpec
+    slot: int
+
+    def describe(self) -> str:
+        spec = self.spec
+        return (
+            f"{spec.shard_id:<12} {spec.url:<48} key={mask_key(spec.key_id):<8} "
+            f"slot={self.slot} symbols={len(spec.symbols)}"
+        )
+
+
+def plan(settings: Settings) -> list[PlannedShard]:
+    credentials = settings.credentials()
+    per_key = settings.alpaca_connections_per_key
+    slots = [(key, secret, slot) for key, secret in credentials for slot in range(per_key)]
+    symbols = list(dict.fromkeys(settings.alpaca_symbols))
+    wildcard = "*" in symbols
+    wanted = settings.shards or (1 if wildcard else min(len(slots), len(symbols)))
+    if wanted > len(slots):
+        raise ConfigError(
+            f"SHARDS={wanted} asks for more shards than there are connections: "
+            f"{len(credentials)} key pair(s) x ALPACA_CONNECTIONS_PER_KEY={per_key} = "
+            f"{len(slots)} (add key pairs to ALPACA_CREDENTIALS or lower SHARDS)"
+        )
+    if wildcard and wanted > 1:
+        raise ConfigError("ALPACA_SYMBOLS='*' cannot be split over shards; use SHARDS=1")
+    buckets: list[list[str]] = [[] for _ in range(wanted)]
+    for symbol in symbols:
+        buckets[stable_slot(symbol.encode(), wanted)].append(symbol)
+    planned = []
+    for index, bucket in enumerate(buckets):
+        if not bucket:
+            continue  # more shards than the hash filled; an idle connection helps nobody
+        key, secret, slot = slots[index]
+        planned.append(
+            PlannedShard(
+                ShardSpec(
+                    shard_id=f"stocks-{index}",
+                    url=settings.stream_url,
+                    key_id=key,
+                    secret=secret,
+                    symbols=tuple(bucket),
+                    channels=tuple(settings.alpaca_channels),
+                ),
+                slot,
+            )
+        )
+    return planned
+
+
+def producer_names(settings: Settings) -> list[str]:
+    return [f"producer-{i}" for i in range(settings.producers)]
