@@ -1,0 +1,18 @@
+"""A local Alpaca market-data feed: a deterministic synthetic market behind a real WebSocket
+server that speaks Alpaca's v2 stock-stream protocol, with faults on demand and exact
+accounting of what it sent. For tests, the demo and benchmarks."""
+
+from ray_forwarder.sim.generator import Market, MarketConfig, format_ns
+from ray_forwarder.sim.server import SentRecord, SimConfig, Simulator, encode_msgpack_item
+from ray_forwarder.sim.thread import SimulatorThread
+
+__all__ = [
+    "Market",
+    "MarketConfig",
+    "SentRecord",
+    "SimConfig",
+    "Simulator",
+    "SimulatorThread",
+    "encode_msgpack_item",
+    "format_ns",
+]

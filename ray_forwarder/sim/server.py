@@ -1,0 +1,846 @@
+"""A real WebSocket server speaking Alpaca's v2 market-data protocol, over the synthetic market.
+
+It exists so tests, the demo and benchmarks can run the whole forwarder without credentials,
+and so faults (drops, auth failures, 406/407, malformed frames, duplicates) can be triggered on
+demand. It keeps exact accounting of what it wrote to each connection: a data frame counts as
+sent once it is written to the socket, and frames still sitting in the write buffer when a
+connection is cut abruptly are taken back out, so "every item sent arrives exactly once"
+is checkable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+import msgpack
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from ray_forwarder.sim.generator import Item, Market, MarketConfig
+
+log = logging.getLogger(__name__)
+
+#: Subscribable channels, in the order Alpaca lists them in a subscription reply.
+SUBSCRIBE_CHANNELS = (
+    "trades",
+    "quotes",
+    "bars",
+    "updatedBars",
+    "dailyBars",
+    "statuses",
+    "lulds",
+    "imbalances",
+)
+#: Item type -> the subscription channel that receives it (corrections come with trades).
+SUBSCRIPTION_BY_TYPE = {
+    "t": "trades",
+    "q": "quotes",
+    "b": "bars",
+    "u": "updatedBars",
+    "d": "dailyBars",
+    "s": "statuses",
+    "l": "lulds",
+    "c": "trades",
+    "x": "trades",
+    "i": "imbalances",
+}
+ERROR_MESSAGES = {
+    400: "invalid syntax",
+    401: "not authenticated",
+    402: "auth failed",
+    403: "already authenticated",
+    404: "auth timeout",
+    405: "symbol limit exceeded",
+    406: "connection limit exceeded",
+    407: "slow client",
+    409: "insufficient subscription",
+    410: "invalid subscribe action for this feed",
+    500: "internal error",
+}
+MSGPACK_CONTENT_TYPE = "application/msgpack"
+_PATH = re.compile(r"^/v2/[A-Za-z0-9_.\-]+/?$")
+_BACKPRESSURE_HIGH = 16  # frames queued per client before an unpaced pump waits
+_BACKPRESSURE_LOW = 4
+
+
+class SimConfig(BaseModel):
+    """Simulator settings. `rate` is data items per real second (None or 0: as fast as the
+    clients read); the market's density is `rate / time_scale` ticks per simulated second,
+    so the simulated clock runs about `time_scale` times faster than the real one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    feed: str = "sip"
+    symbols: list[str] = Field(default_factory=lambda: ["SPY", "QQQ"])
+    keys: dict[str, str] = Field(default_factory=lambda: {"sim-key": "sim-secret"})
+    connection_limit: int = 1
+    rate: float | None = 200.0
+    time_scale: float = 60.0
+    total_events: int | None = None
+    duplicate_ratio: float = 0.0
+    updated_bar_ratio: float = 0.3
+    max_items_per_frame: int = 50
+    seed: int = 0
+    auth_timeout: float = 10.0
+    symbol_limit: int | None = None
+    base_time: str = "2026-01-05T14:30:00Z"
+    quote_ratio: float = 0.55
+    status_ratio: float = 0.01
+    luld_ratio: float = 0.02
+    correction_ratio: float = 0.01
+    cancel_error_ratio: float = 0.01
+    #: Start the market clock at the first subscription, so a slow-starting client
+    #: (a Ray job) still sees the run from its first event.
+    start_on_subscribe: bool = True
+    #: Pacing granularity: how often a paced pump wakes to send what is due.
+    flush_interval: float = 0.01
+    #: permessage-deflate; off by default (faster, and exact byte accounting on drops).
+    compression: bool = False
+    #: Send 407 and close a client whose queue exceeds this many frames (paced mode only).
+    slow_client_frames: int | None = None
+    #: How long drop_connections lets in-flight writes drain before cutting (seconds).
+    drop_drain_timeout: float = 1.0
+
+    @field_validator("symbols", mode="before")
+    @classmethod
+    def _split_symbols(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [s.strip() for s in value.split(",") if s.strip()]
+        return value
+
+    def market_config(self) -> MarketConfig:
+        density = (self.rate or 200.0) / self.time_scale
+        return MarketConfig(
+            symbols=tuple(self.symbols),
+            seed=self.seed,
+            base_time=self.base_time,
+            ticks_per_second=density,
+            quote_ratio=self.quote_ratio,
+            updated_bar_ratio=self.updated_bar_ratio,
+            status_ratio=self.status_ratio,
+            luld_ratio=self.luld_ratio,
+            correction_ratio=self.correction_ratio,
+            cancel_error_ratio=self.cancel_error_ratio,
+        )
+
+
+@dataclass(slots=True, eq=False)
+class Produced:
+    """One market item with its encodings, cached so duplicates are byte-identical."""
+
+    seq: int  # position in the market's output, from 1
+    item: Item
+    subscription: str
+    symbol: str
+    _json: bytes | None = None
+    _msgpack: bytes | None = None
+
+    def encoded(self, use_msgpack: bool) -> bytes:
+        if use_msgpack:
+            if self._msgpack is None:
+                self._msgpack = encode_msgpack_item(self.item)
+            return self._msgpack
+        if self._json is None:
+            self._json = orjson.dumps(self.item)
+        return self._json
+
+
+@dataclass(slots=True, eq=False)
+class SentRecord:
+    """One data item written to one connection. `lost` marks items taken back because the
+    connection was cut before they left the write buffer; public views leave those out."""
+
+    conn_id: int
+    seq: int
+    item: Item
+    duplicate: bool
+    lost: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Frame:
+    data: bytes
+    text: bool
+    kind: str  # "data" | "control" | "junk" | "close"
+    items: list[tuple[Produced, bool]] | None = None
+    close_code: int = 1000
+
+
+@dataclass(eq=False)
+class _Conn:
+    id: int
+    ws: ServerConnection
+    use_msgpack: bool
+    key: str | None = None
+    authenticated: bool = False
+    subs: dict[str, dict[str, None]] = field(
+        default_factory=lambda: {ch: {} for ch in SUBSCRIBE_CHANNELS}
+    )
+    pending: list[tuple[Produced, bool]] = field(default_factory=list)
+    queue: deque[_Frame] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    space: asyncio.Event = field(default_factory=asyncio.Event)
+    closing: bool = False  # no more frames may be queued
+    stopped: bool = False  # the sender must not write anything more
+    sender: asyncio.Task[None] | None = None
+    auth_timer: asyncio.TimerHandle | None = None
+    # items queued here or written on an earlier connection of the key: duplicate material
+    dup_pool: deque[Produced] = field(default_factory=lambda: deque(maxlen=256))
+    # (wire bytes, records) of recent frames, to take back what a drop left unflushed
+    recent: deque[tuple[int, list[SentRecord]]] = field(
+        default_factory=lambda: deque(maxlen=8192)  # far more frames than a buffer holds
+    )
+
+    def wants(self, subscription: str, symbol: str) -> bool:
+        symbols = self.subs[subscription]
+        return "*" in symbols or symbol in symbols
+
+    @property
+    def subscribed(self) -> bool:
+        return any(self.subs.values())
+
+
+@dataclass
+class SimStats:
+    """Counters; `stats()` returns them as a dict."""
+
+    produced: int = 0
+    unsent: int = 0  # produced while nobody subscribed to them
+    connections: int = 0
+    frames: int = 0  # data frames written
+    items: int = 0  # data items written, duplicates included, lost ones excluded
+    duplicates: int = 0
+    malformed: int = 0  # junk frames written
+    lost: int = 0  # items taken back after an abrupt drop
+    auth_failures: int = 0
+    refused: int = 0  # 406 answers
+    errors_sent: int = 0
+    dropped_connections: int = 0
+
+
+def encode_msgpack_item(item: Item) -> bytes:
+    """One item as msgpack, with `t` as a msgpack Timestamp like Alpaca sends it."""
+    ts = item.get("t")
+    if isinstance(ts, str):
+        item = {**item, "t": _timestamp(ts)}
+    return msgpack.packb(item, datetime=False)
+
+
+def _timestamp(canonical: str) -> msgpack.Timestamp:
+    seconds = _second_of(canonical[:19])
+    return msgpack.Timestamp(seconds, int(canonical[20:29]))
+
+
+_SECONDS: dict[str, int] = {}
+
+
+def _second_of(prefix: str) -> int:
+    seconds = _SECONDS.get(prefix)
+    if seconds is None:
+        from datetime import datetime
+
+        if len(_SECONDS) > 4096:
+            _SECONDS.clear()
+        seconds = int(datetime.fromisoformat(prefix + "+00:00").timestamp())
+        _SECONDS[prefix] = seconds
+    return seconds
+
+
+def _msgpack_array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 65536:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _wire_size(payload_len: int) -> int:
+    """Bytes of an unmasked server frame carrying `payload_len` bytes."""
+    if payload_len < 126:
+        return payload_len + 2
+    if payload_len < 65536:
+        return payload_len + 4
+    return payload_len + 10
+
+
+class Simulator:
+    """The feed server. Runs on one asyncio loop; use `SimulatorThread` from other threads."""
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config = config or SimConfig()
+        self.market = Market(self.config.market_config())
+        self.stats_counters = SimStats()
+        self.duplicate_ratio = self.config.duplicate_ratio
+        self._conns: dict[int, _Conn] = {}
+        self._next_conn_id = 1
+        self._slots: dict[str, set[int]] = {}
+        self._records: list[SentRecord] = []
+        self._distinct: set[int] = set()
+        self._history: dict[str | None, deque[Produced]] = {}
+        self._dup_rng = random.Random(self.config.seed ^ 0x5EED)
+        self._reject_auth = False
+        self._refuse = False
+        self._junk_cursor = 0
+        self._server: Server | None = None
+        self._pump_task: asyncio.Task[None] | None = None
+        self._market_started = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._progress = asyncio.Event()
+        if not self.config.start_on_subscribe:
+            self._market_started.set()
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> Simulator:
+        self._server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            process_request=self._check_path,
+            compression="deflate" if self.config.compression else None,
+            max_size=1 << 20,
+            close_timeout=2.0,
+        )
+        self._pump_task = asyncio.create_task(self._pump(), name="sim-pump")
+        return self
+
+    async def stop(self) -> None:
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump_task
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for conn in list(self._conns.values()):
+            if conn.sender is not None:
+                conn.sender.cancel()
+
+    async def __aenter__(self) -> Simulator:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "simulator not started"
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return self.url_for(self.config.feed)
+
+    def url_for(self, feed: str) -> str:
+        return f"ws://{self.config.host}:{self.port}/v2/{feed}"
+
+    # --- faults -----------------------------------------------------------------------
+
+    async def drop_connections(self) -> int:
+        """Cut every client abruptly: no close frame, the client sees 1006. What was
+        already written arrives; what was still queued is never sent (nor counted)."""
+        conns = list(self._conns.values())
+        for conn in conns:
+            conn.closing = conn.stopped = True
+            conn.pending.clear()
+            conn.queue.clear()
+            conn.wake.set()
+            conn.space.set()
+        senders = [c.sender for c in conns if c.sender is not None]
+        if senders:
+            await asyncio.wait(senders, timeout=self.config.drop_drain_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drop_drain_timeout
+        while loop.time() < deadline and any(_buffered(c) for c in conns):
+            await asyncio.sleep(0.005)
+        for conn in conns:
+            self._take_back_unflushed(conn)
+            conn.ws.transport.abort()
+            if conn.sender is not None and not conn.sender.done():
+                conn.sender.cancel()
+        self.stats_counters.dropped_connections += len(conns)
+        return len(conns)
+
+    def reject_auth(self, flag: bool = True) -> None:
+        """While set, every auth attempt gets 402."""
+        self._reject_auth = flag
+
+    def refuse_connections(self, flag: bool = True) -> None:
+        """While set, every new session gets 406 (a slot held by a half-dead session)."""
+        self._refuse = flag
+
+    def set_duplicate_ratio(self, ratio: float) -> None:
+        self.duplicate_ratio = ratio
+
+    def send_error(self, code: int, msg: str | None = None, close: bool = True) -> int:
+        """Send `[{"T":"error",...}]` to every open client (after what is already queued),
+        then close them if `close`. Returns the number of clients."""
+        conns = [c for c in self._conns.values() if not c.closing]
+        for conn in conns:
+            self._flush(conn)
+            self._send_error(conn, code, msg, close=close)
+        return len(conns)
+
+    def inject_malformed(self, n: int = 1) -> int:
+        """Queue `n` junk frames to every authenticated client: bad JSON, bad msgpack,
+        a non-array top level, an unknown `T`, items missing `S`/`t`. Real items are not
+        touched; the junk is counted as malformed, never as sent items."""
+        conns = [c for c in self._conns.values() if c.authenticated and not c.closing]
+        for conn in conns:
+            self._flush(conn)
+            for _ in range(n):
+                data, text = self._junk(conn.use_msgpack)
+                self._enqueue(conn, _Frame(data, text, "junk"))
+        return len(conns)
+
+    # --- accounting -------------------------------------------------------------------
+
+    @property
+    def sent(self) -> list[SentRecord]:
+        """Data items written to clients, in write order (duplicates marked)."""
+        return [r for r in self._records if not r.lost]
+
+    def sent_by_connection(self) -> dict[int, list[SentRecord]]:
+        out: dict[int, list[SentRecord]] = {}
+        for record in self._records:
+            if not record.lost:
+                out.setdefault(record.conn_id, []).append(record)
+        return out
+
+    def distinct_items(self) -> list[Item]:
+        """Each distinct market item that reached a client, once, in first-send order."""
+        seen: set[int] = set()
+        out: list[Item] = []
+        for record in self._records:
+            if not record.lost and record.seq not in seen:
+                seen.add(record.seq)
+                out.append(record.item)
+        return out
+
+    def stats(self) -> dict[str, int]:
+        counters = vars(self.stats_counters).copy()
+        counters["active"] = len(self._conns)
+        counters["authenticated"] = sum(1 for c in self._conns.values() if c.authenticated)
+        counters["distinct"] = len(self._distinct)
+        return counters
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._conns)
+
+    def active_connections(self, key: str | None = None) -> int:
+        """Open connections, or authenticated ones holding a slot of `key`."""
+        if key is None:
+            return len(self._conns)
+        return len(self._slots.get(key, ()))
+
+    @property
+    def finished(self) -> bool:
+        """`total_events` produced and everything queued written."""
+        return self._finished.is_set()
+
+    async def wait_finished(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._finished.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def wait_sent(self, n: int, timeout: float) -> bool:
+        """Wait until at least `n` distinct items were sent; False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.stats()["distinct"] < n:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), min(remaining, 0.05))
+        return True
+
+    # --- connection handling ----------------------------------------------------------
+
+    def _check_path(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if not _PATH.match(path):
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found: use /v2/{feed}\n")
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        headers = ws.request.headers
+        use_msgpack = headers.get("Content-Type", "").startswith(MSGPACK_CONTENT_TYPE)
+        conn = _Conn(id=self._next_conn_id, ws=ws, use_msgpack=use_msgpack)
+        self._next_conn_id += 1
+        self._conns[conn.id] = conn
+        self.stats_counters.connections += 1
+        conn.sender = asyncio.create_task(self._sender(conn), name=f"sim-send-{conn.id}")
+        try:
+            self._control(conn, [{"T": "success", "msg": "connected"}])
+            header_key = headers.get("APCA-API-KEY-ID")
+            if header_key is not None:
+                self._auth(conn, header_key, headers.get("APCA-API-SECRET-KEY"))
+            if not conn.authenticated and not conn.closing:
+                conn.auth_timer = asyncio.get_running_loop().call_later(
+                    self.config.auth_timeout, self._auth_timed_out, conn
+                )
+            async for message in ws:
+                if not conn.closing:
+                    self._on_message(conn, message)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._forget(conn)
+            if conn.sender is not None:
+                conn.stopped = True
+                conn.wake.set()
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(conn.sender, 1.0)
+
+    def _forget(self, conn: _Conn) -> None:
+        conn.closing = True
+        conn.space.set()
+        if conn.auth_timer is not None:
+            conn.auth_timer.cancel()
+        self._conns.pop(conn.id, None)
+        if conn.key is not None:
+            self._slots.get(conn.key, set()).discard(conn.id)
+        self._check_finished()
+
+    def _auth_timed_out(self, conn: _Conn) -> None:
+        if not conn.authenticated and not conn.closing:
+            self._send_error(conn, 404)
+
+    def _on_message(self, conn: _Conn, message: str | bytes) -> None:
+        parsed = _parse_client_message(message)
+        if parsed is None:
+            self._send_error(conn, 400, close=False)
+            return
+        action = parsed.get("action") if isinstance(parsed, dict) else None
+        if action == "auth":
+            if conn.authenticated:
+                self._send_error(conn, 403, close=False)
+            else:
+                self._auth(conn, parsed.get("key"), parsed.get("secret"))
+        elif action in ("subscribe", "unsubscribe"):
+            if not conn.authenticated:
+                self._send_error(conn, 401, close=False)
+            else:
+                self._subscribe(conn, parsed, add=action == "subscribe")
+        elif not conn.authenticated:
+            self._send_error(conn, 401, close=False)
+        else:
+            self._send_error(conn, 400, close=False)
+
+    def _auth(self, conn: _Conn, key: object, secret: object) -> None:
+        if conn.auth_timer is not None:
+            conn.auth_timer.cancel()
+        ok = isinstance(key, str) and self.config.keys.get(key) == secret
+        if self._reject_auth or not ok:
+            self.stats_counters.auth_failures += 1
+            self._send_error(conn, 402)
+            return
+        assert isinstance(key, str)
+        slots = self._slots.setdefault(key, set())
+        if self._refuse or len(slots) >= self.config.connection_limit:
+            self.stats_counters.refused += 1
+            self._send_error(conn, 406)
+            return
+        slots.add(conn.id)
+        conn.key = key
+        conn.authenticated = True
+        conn.dup_pool.extend(self._history.get(key, ()))
+        self._control(conn, [{"T": "success", "msg": "authenticated"}])
+
+    def _subscribe(self, conn: _Conn, message: dict[str, Any], *, add: bool) -> None:
+        changes: dict[str, list[str]] = {}
+        for channel in SUBSCRIBE_CHANNELS:
+            value = message.get(channel)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+                self._send_error(conn, 400, close=False)
+                return
+            changes[channel] = value
+        if add:
+            limit = self.config.symbol_limit
+            if limit is not None:
+                symbols = {s for subs in conn.subs.values() for s in subs}
+                symbols.update(s for v in changes.values() for s in v)
+                if len(symbols - {"*"}) > limit:
+                    self._send_error(conn, 405, close=False)
+                    return
+            for channel, symbols in changes.items():
+                conn.subs[channel].update(dict.fromkeys(symbols))
+        else:
+            for channel, symbols in changes.items():
+                for symbol in symbols:
+                    conn.subs[channel].pop(symbol, None)
+        self._control(conn, [self._subscription_message(conn)])
+        if conn.subscribed:
+            self._market_started.set()
+
+    @staticmethod
+    def _subscription_message(conn: _Conn) -> dict[str, Any]:
+        reply: dict[str, Any] = {"T": "subscription"}
+        for channel in SUBSCRIBE_CHANNELS:
+            reply[channel] = list(conn.subs[channel])
+            if channel == "lulds":
+                reply["corrections"] = list(conn.subs["trades"])
+                reply["cancelErrors"] = list(conn.subs["trades"])
+        return reply
+
+    # --- writing ----------------------------------------------------------------------
+
+    def _encode(self, conn: _Conn, messages: list[dict[str, Any]]) -> _Frame:
+        if conn.use_msgpack:
+            return _Frame(msgpack.packb(messages), False, "control")
+        return _Frame(orjson.dumps(messages), True, "control")
+
+    def _control(self, conn: _Conn, messages: list[dict[str, Any]]) -> None:
+        self._enqueue(conn, self._encode(conn, messages))
+
+    def _send_error(self, conn: _Conn, code: int, msg: str | None = None, close: bool = True):
+        if conn.closing:
+            return
+        text = msg or ERROR_MESSAGES.get(code, "error")
+        self.stats_counters.errors_sent += 1
+        self._control(conn, [{"T": "error", "code": code, "msg": text}])
+        if close:
+            self._enqueue(conn, _Frame(b"", False, "close"))
+            conn.closing = True
+            conn.pending.clear()
+            conn.space.set()
+
+    def _enqueue(self, conn: _Conn, frame: _Frame) -> None:
+        if conn.closing:
+            return
+        conn.queue.append(frame)
+        conn.wake.set()
+
+    def _flush(self, conn: _Conn) -> None:
+        """Turn the connection's pending items into frames of at most max_items_per_frame."""
+        size = self.config.max_items_per_frame
+        pending, conn.pending = conn.pending, []
+        for start in range(0, len(pending), size):
+            chunk = pending[start : start + size]
+            parts = [p.encoded(conn.use_msgpack) for p, _ in chunk]
+            if conn.use_msgpack:
+                data = _msgpack_array_header(len(parts)) + b"".join(parts)
+            else:
+                data = b"[" + b",".join(parts) + b"]"
+            self._enqueue(conn, _Frame(data, not conn.use_msgpack, "data", chunk))
+        limit = self.config.slow_client_frames
+        if limit is not None and self.config.rate and len(conn.queue) > limit:
+            conn.queue.clear()
+            self._send_error(conn, 407)
+
+    async def _sender(self, conn: _Conn) -> None:
+        """The only writer of a connection: keeps control replies and data in order."""
+        ws = conn.ws
+        try:
+            while True:
+                while not conn.queue:
+                    if conn.stopped:
+                        return
+                    self._check_finished()
+                    conn.wake.clear()
+                    await conn.wake.wait()
+                if conn.stopped:
+                    return
+                frame = conn.queue.popleft()
+                if len(conn.queue) <= _BACKPRESSURE_LOW:
+                    conn.space.set()
+                if frame.kind == "close":
+                    await ws.close()
+                    return
+                if ws.protocol.state is not State.OPEN:
+                    return
+                # websockets writes synchronously inside send() when the state is OPEN, so
+                # recording first is exact; a later drop takes back what stayed buffered.
+                records = self._record(conn, frame)
+                conn.recent.append((_wire_size(len(frame.data)), records))
+                await ws.send(frame.data, text=frame.text)
+        except ConnectionClosed:
+            return
+
+    def _record(self, conn: _Conn, frame: _Frame) -> list[SentRecord]:
+        counters = self.stats_counters
+        if frame.kind == "junk":
+            counters.malformed += 1
+            return []
+        if frame.kind != "data" or not frame.items:
+            return []
+        records = [SentRecord(conn.id, p.seq, p.item, duplicate) for p, duplicate in frame.items]
+        self._records.extend(records)
+        self._distinct.update(r.seq for r in records)
+        history = self._history.setdefault(conn.key, deque(maxlen=256))
+        for p, duplicate in frame.items:
+            if not duplicate:
+                history.append(p)
+        counters.frames += 1
+        counters.items += len(records)
+        counters.duplicates += sum(1 for r in records if r.duplicate)
+        self._progress.set()
+        return records
+
+    def _take_back_unflushed(self, conn: _Conn) -> None:
+        """Mark as lost the trailing frames still (even partly) in the write buffer."""
+        buffered = _buffered(conn)
+        counters = self.stats_counters
+        lost_seqs: set[int] = set()
+        while buffered > 0 and conn.recent:
+            wire, records = conn.recent.pop()
+            buffered -= wire
+            for record in records:
+                record.lost = True
+                lost_seqs.add(record.seq)
+                counters.items -= 1
+                counters.lost += 1
+                counters.duplicates -= int(record.duplicate)
+            if records:
+                counters.frames -= 1
+        if lost_seqs:
+            self._distinct = {r.seq for r in self._records if not r.lost}
+            history = self._history.get(conn.key)
+            if history is not None:
+                kept = [p for p in history if p.seq not in lost_seqs]
+                history.clear()
+                history.extend(kept)
+
+    def _junk(self, use_msgpack: bool) -> tuple[bytes, bool]:
+        kind = self._junk_cursor % 6
+        self._junk_cursor += 1
+        ts = self.market.now
+        if kind == 0:
+            return b'[{"T":"t","S":', True  # truncated JSON
+        if kind == 1:
+            return b"\xc1\xc1\xc1", False  # 0xc1 is never valid msgpack
+        if kind == 2:
+            messages: Any = {"T": "t", "S": "SPY", "t": ts}  # not an array
+        elif kind == 3:
+            messages = [{"T": "zz", "S": "SPY", "t": ts}]  # unknown type
+        elif kind == 4:
+            messages = [{"T": "t", "i": 0, "p": 1.0, "s": 1, "t": ts}]  # no S
+        else:
+            messages = [{"T": "q", "S": "SPY", "bp": 1.0, "ap": 1.01}]  # no t
+        if use_msgpack:
+            return msgpack.packb(messages), False
+        return orjson.dumps(messages), True
+
+    # --- the market pump --------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        """Pull items from the market at `rate` and fan them out to subscribers."""
+        await self._market_started.wait()
+        loop = asyncio.get_running_loop()
+        total = self.config.total_events
+        rate = self.config.rate or 0.0
+        chunk = max(self.config.max_items_per_frame * 4, 200)
+        t0, done_at_t0 = loop.time(), 0
+        while total is None or self.market.emitted < total:
+            remaining = chunk if total is None else total - self.market.emitted
+            if rate > 0:
+                await asyncio.sleep(self.config.flush_interval)
+                due = int((loop.time() - t0) * rate) - (self.market.emitted - done_at_t0)
+                if due > rate:  # stalled for over a second: do not burst the backlog
+                    t0, done_at_t0 = loop.time(), self.market.emitted
+                    due = int(rate * self.config.flush_interval) or 1
+                n = min(due, remaining, max(chunk, int(rate * 0.1)))
+                if n <= 0:
+                    continue
+            else:
+                if not any(c.subscribed for c in self._conns.values()):
+                    await asyncio.sleep(0.01)
+                    continue
+                n = min(chunk, remaining)
+            self._dispatch(self.market.next_events(n))
+            if rate <= 0:
+                await self._backpressure()
+                await asyncio.sleep(0)
+        self._check_finished()
+
+    def _dispatch(self, items: Iterable[Item]) -> None:
+        conns = [c for c in self._conns.values() if c.authenticated and not c.closing]
+        size = self.config.max_items_per_frame
+        counters = self.stats_counters
+        for item in items:
+            counters.produced += 1
+            kind = item["T"]
+            produced = Produced(counters.produced, item, SUBSCRIPTION_BY_TYPE[kind], item["S"])
+            targets = [c for c in conns if c.wants(produced.subscription, produced.symbol)]
+            if not targets:
+                counters.unsent += 1
+                continue
+            for conn in targets:
+                conn.pending.append((produced, False))
+                conn.dup_pool.append(produced)
+                if self.duplicate_ratio > 0 and self._dup_rng.random() < self.duplicate_ratio:
+                    self._add_duplicate(conn)
+                if len(conn.pending) >= size:
+                    self._flush(conn)
+        for conn in conns:
+            if conn.pending:
+                self._flush(conn)
+
+    def _add_duplicate(self, conn: _Conn) -> None:
+        """Re-send an item queued earlier on this connection or written on an earlier one of
+        the same key (as after a reconnect). Order guarantees the original goes out first."""
+        pool = conn.dup_pool
+        candidate = pool[self._dup_rng.randrange(len(pool))]
+        if conn.wants(candidate.subscription, candidate.symbol):
+            conn.pending.append((candidate, True))
+
+    async def _backpressure(self) -> None:
+        """Unpaced mode: wait while any client has a long queue (instead of a 407)."""
+        for conn in list(self._conns.values()):
+            while len(conn.queue) > _BACKPRESSURE_HIGH and not conn.closing:
+                conn.space.clear()
+                await conn.space.wait()
+
+    def _check_finished(self) -> None:
+        total = self.config.total_events
+        if total is None or self._finished.is_set() or self.market.emitted < total:
+            return
+        if any(c.queue or c.pending for c in self._conns.values() if not c.stopped):
+            return
+        self._finished.set()
+
+
+def _parse_client_message(message: str | bytes) -> Any:
+    """JSON text, or a binary frame holding msgpack (or, leniently, JSON); None if neither."""
+    if isinstance(message, bytes):
+        try:
+            return msgpack.unpackb(message, raw=False)
+        except Exception:
+            pass
+    try:
+        return orjson.loads(message)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _buffered(conn: _Conn) -> int:
+    transport = conn.ws.transport
+    if transport is None or transport.is_closing():
+        return 0
+    return transport.get_write_buffer_size()
