@@ -18,6 +18,8 @@ EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if not args.command:
+        args.duration = None
     command = args.command or "run"
     try:
         if command == "run":

@@ -74,6 +74,7 @@ def run_demo(options: DemoOptions) -> int:
             print(f"demo: running the forwarder on a local Ray for {options.duration:g}s ...")
             from ray_forwarder.driver import ensure_ray, run_forwarder
 
+            asyncio.run(_create_topics(settings))
             ensure_ray(include_dashboard=False)
             result = asyncio.run(
                 run_forwarder(settings, duration=options.duration, progress=_progress)
@@ -112,6 +113,23 @@ def _progress(snap: ForwarderSnapshot, elapsed: float) -> None:
     )
 
 
+async def _create_topics(settings: Settings) -> None:
+    """Create the topics up front so the first sends do not wait for auto-creation."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from ray_forwarder.topics import topic_map
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = sorted(set(topic_map(settings).values()) - existing)
+        if wanted:
+            await admin.create_topics([NewTopic(t, 3, 1) for t in wanted])
+    finally:
+        await admin.close()
+
+
 async def _read_one(settings: Settings) -> dict[str, object] | None:
     from aiokafka import AIOKafkaConsumer
 
@@ -136,7 +154,10 @@ def _summary(snap: ForwarderSnapshot, elapsed: float, sim_stats: dict, envelope)
     received, forwarded = snap.total("received"), snap.total("acked")
     dedup, dropped = snap.total("deduplicated"), snap.total("dropped")
     print("\ndemo summary")
-    print(f"  ran {elapsed:.1f}s; simulator sent {sim_stats}")
+    print(
+        f"  ran {elapsed:.1f}s; the simulator sent {sim_stats['items']} items "
+        f"({sim_stats['distinct']} distinct, {sim_stats['duplicates']} duplicates injected)"
+    )
     print(f"  {'channel':<14}{'received':>10}{'forwarded':>11}{'dedup':>8}{'dropped':>9}")
     for channel in sorted(set(received) | set(forwarded)):
         print(

@@ -46,6 +46,13 @@ def ensure_ray(**init_kwargs: Any) -> None:
     if os.environ.get("RAY_ADDRESS"):
         kwargs.pop("num_cpus", None)
         kwargs.pop("include_dashboard", None)
+    else:
+        # Without RAY_ADDRESS, always a fresh local Ray: never a stale cluster that a
+        # `ray start` once left in /tmp/ray.
+        kwargs.setdefault("address", "local")
+    # Under `uv run`, Ray would otherwise build a fresh uv environment for every worker
+    # from the working directory; the driver's own environment is the right one here.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     ray.init(**kwargs)
 
 

@@ -91,9 +91,35 @@ class KafkaSink:
                 )
                 + f"): {self.stats.last_error}"
             ) from None
+        try:
+            await self._warm_up(producer)
+        except Exception:
+            await _quietly_stop(producer)
+            raise
         self._producer = producer
         self.stats.ready = True
         log.info("kafka producer connected to %s", self._settings.kafka_bootstrap_servers)
+
+    async def _warm_up(self, producer: AIOKafkaProducer) -> None:
+        """Learn every topic's partitions before the first record.
+
+        Besides failing early and clearly on a missing topic, this keeps a topic's first
+        batches from racing its (auto-)creation, when partition leaders are still moving.
+        """
+        from ray_forwarder.topics import topic_map
+
+        for topic in sorted(set(topic_map(self._settings).values())):
+            try:
+                partitions = await asyncio.wait_for(
+                    producer.partitions_for(topic), self._settings.kafka_request_timeout_ms / 1000
+                )
+            except Exception as exc:
+                raise KafkaStartError(
+                    f"topic {topic} is not available on {self._settings.kafka_bootstrap_servers}"
+                    f" ({describe_kafka_error(exc)}); create it or allow auto-creation"
+                ) from None
+            if not partitions:
+                raise KafkaStartError(f"topic {topic} has no partitions")
 
     async def send_batch(self, records: Sequence[WireRecord]) -> int:
         """Send a batch in order and wait until Kafka acknowledged all of it."""

@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 import pytest
 
@@ -25,6 +26,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never a stale cluster left in /tmp/ray by `ray start`
             num_cpus=RAY_TEST_CPUS,
             include_dashboard=False,
             namespace="ray-forwarder-tests",
