@@ -81,14 +81,20 @@ class Forwarder:
 
     async def start(self) -> None:
         for name in self.producer_names:
-            self._producers[name] = ProducerActor.options(name=None).remote(self.settings, name)
+            self._producers[name] = ProducerActor.options(scheduling_strategy="SPREAD").remote(
+                self.settings, name
+            )
         try:
             await asyncio.gather(*(p.start.remote() for p in self._producers.values()))
         except ray.exceptions.RayTaskError as exc:
             raise ForwarderError(_cause(exc)) from None
         producers = [self._producers[name] for name in self.producer_names]
         for spec in self.shards:
-            actor = ShardActor.remote(self.settings, spec, producers)
+            # SPREAD: shards go to different nodes where there are several, so a KubeRay
+            # cluster with more workers spreads its connections over more pods.
+            actor = ShardActor.options(scheduling_strategy="SPREAD").remote(
+                self.settings, spec, producers
+            )
             self._shards[spec.shard_id] = actor
             self._runs[spec.shard_id] = actor.run.remote()
 

@@ -120,3 +120,76 @@ async def test_wrong_kafka_password_fails_the_start_clearly(kafka_broker, kafka_
     assert result.error is not None
     assert "SASL authentication failed" in result.error
     assert "wrong-password" not in result.error
+
+
+MANY_SYMBOLS = [*SYMBOLS, "META", "TSLA", "IWM", "DIA", "GOOG", "AMD", "NFLX", "INTC"]
+SHARD_KEYS = {f"sim-key-{i}": f"sim-secret-{i}" for i in range(4)}
+
+
+async def test_four_shards_and_three_producers_keep_every_event_and_order(
+    kafka_broker, kafka_topics
+) -> None:
+    first, *rest = SHARD_KEYS.items()
+    with _sim(symbols=MANY_SYMBOLS, keys=SHARD_KEYS, total_events=4000, rate=3000,
+              duplicate_ratio=0.02) as sim:  # fmt: skip
+        settings = forwarder_settings(
+            kafka_broker, kafka_topics, sim,
+            alpaca_symbols=",".join(MANY_SYMBOLS),
+            alpaca_api_key_id=first[0], alpaca_secret_key=first[1],
+            alpaca_credentials=",".join(f"{k}:{s}" for k, s in rest),
+            shards=4, producers=3,
+        )  # fmt: skip
+        result = await run_until(settings, lambda: sim.finished)
+        sent = sim.distinct_items()
+        sim_stats = sim.stats()
+    assert result.error is None and result.drained
+    assert len(result.snapshot.shards) == 4 and len(result.snapshot.producers) == 3
+    assert sim_stats["connections"] == 4 and sim_stats["refused"] == 0
+    assert all(p["records"] > 0 for p in result.snapshot.producers)
+    shard_symbols = [set() for _ in range(4)]
+    emitted = sum(result.snapshot.total("emitted").values())
+    records = await read_back(kafka_broker, settings, emitted)
+    report = decode_and_check(records, topic_map(settings))
+    assert_exactly_once(report, sent)
+    assert_symbol_order(report, sent)
+    assert_one_final_per_bar(report, sent)
+    for shard in result.snapshot.shards:
+        shard_symbols[int(shard["shard_id"].rsplit("-", 1)[1])] = shard["symbols"]
+    assert sum(shard_symbols) == len(MANY_SYMBOLS)
+    shards_seen = {
+        e["payload"]["shard"] for e in report.status if e["payload"]["event"] == "subscribed"
+    }
+    assert shards_seen == {f"stocks-{i}" for i in range(4)}
+
+
+async def test_connection_limit_backs_off_and_never_holds_two_sockets(
+    kafka_broker, kafka_topics
+) -> None:
+    most_sockets: list[int] = [0]
+    refusing = [True]
+
+    def watch(elapsed: float) -> None:
+        most_sockets[0] = max(most_sockets[0], sim.active_connections(SIM_KEY))
+        if refusing[0] and sim.stats()["refused"] >= 2:
+            sim.refuse_connections(False)
+            refusing[0] = False
+
+    with _sim(total_events=1500, rate=1000) as sim:
+        sim.refuse_connections(True)
+        settings = forwarder_settings(
+            kafka_broker, kafka_topics, sim, alpaca_symbols=",".join(SYMBOLS),
+            connection_limit_backoff=1.0,
+        )  # fmt: skip
+        result = await run_until(settings, lambda: sim.finished, during=watch)
+        sent = sim.distinct_items()
+        sim_stats = sim.stats()
+    assert result.error is None and result.drained
+    assert not refusing[0], "the forwarder never tried to connect"
+    assert sim_stats["refused"] == 2  # it waited CONNECTION_LIMIT_BACKOFF between attempts
+    assert most_sockets[0] == 1
+    [shard] = result.snapshot.shards
+    assert shard["errors_by_code"].get(406, 0) == sim_stats["refused"]
+    emitted = sum(result.snapshot.total("emitted").values())
+    records = await read_back(kafka_broker, settings, emitted)
+    report = decode_and_check(records, topic_map(settings))
+    assert_exactly_once(report, sent)
