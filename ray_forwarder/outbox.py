@@ -26,7 +26,14 @@ from ray_forwarder.pipeline import OutRecord
 log = logging.getLogger(__name__)
 
 WireRecord = tuple[str, bytes, bytes]  # (topic, key, value): cheap to pickle across Ray
-SendBatch = Callable[[list[WireRecord]], Awaitable[int]]
+#: send(records, expected producer incarnation or None) -> (acked count, incarnation id)
+SendBatch = Callable[[list[WireRecord], str | None], Awaitable[tuple[int, str]]]
+
+
+class StaleProducerError(RuntimeError):
+    """The producer restarted since this lane last heard from it; nothing was sent."""
+
+
 MAX_RETRY_DELAY_S = 5.0
 
 
@@ -93,6 +100,7 @@ class Lane:
         self._failed = False
         self._consecutive_failures = 0
         self._closed = False
+        self._instance: str | None = None  # the producer incarnation this lane talks to
         self.stats = OutboxStats()
 
     def put(self, record: OutRecord, received: float) -> None:
@@ -152,17 +160,18 @@ class Lane:
             channels[record.channel] += 1
         return _Batch(records, channels, oldest)
 
-    def _submit(self, batch: _Batch) -> None:
+    def _submit(self, batch: _Batch) -> asyncio.Task[None]:
         """Start sending (the caller holds a window slot); calls start in submit order."""
         self._unacked.append(batch)
         batch.attempts += 1
-        task = asyncio.create_task(self._deliver(batch))
+        task = asyncio.create_task(self._deliver(batch, self._instance))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
+        return task
 
-    async def _deliver(self, batch: _Batch) -> None:
+    async def _deliver(self, batch: _Batch, instance: str | None) -> None:
         try:
-            acked = await self._send(batch.records)
+            acked, instance_now = await self._send(batch.records, instance)
         except Exception as exc:  # producer gone or Kafka unavailable: the lane re-sends
             self.stats.batches_failed += 1
             if not self._failed:
@@ -175,6 +184,8 @@ class Lane:
         finally:
             self._window.release()
         batch.acked = True
+        if self._instance is None:
+            self._instance = instance_now
         self._consecutive_failures = 0
         stats = self.stats
         stats.batches_sent += 1
@@ -196,6 +207,18 @@ class Lane:
         )
         await asyncio.sleep(delay)
         self._failed = False
+        # Talk to whichever producer incarnation answers now: the oldest batch goes alone
+        # and its ack pins the incarnation, so that no newer batch can reach a further
+        # restarted one ahead of an older batch.
+        self._instance = None
+        if retry:
+            await self._window.acquire()
+            self.stats.batches_resent += 1
+            await self._submit(retry[0])
+            if self._failed:
+                self._unacked.extend(retry[1:])
+                return
+            retry = retry[1:]
         for position, batch in enumerate(retry):
             await self._window.acquire()
             if self._failed:  # failed again while re-sending: keep the rest for next time

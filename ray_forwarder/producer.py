@@ -68,6 +68,7 @@ class KafkaSink:
         self._settings = settings
         self._producer: AIOKafkaProducer | None = None
         self._order = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
         self.stats = SinkStats()
 
     async def start(self) -> None:
@@ -136,10 +137,28 @@ class KafkaSink:
         except KafkaError as exc:
             self.stats.errors += 1
             self.stats.last_error = describe_kafka_error(exc)
+            self._discard_producer(producer)
             raise
         self.stats.batches += 1
         self.stats.records += len(records)
         return len(records)
+
+    def _discard_producer(self, producer: AIOKafkaProducer) -> None:
+        """After a failed delivery the idempotent producer's sequence numbers may no longer
+        match the broker's (seen after a broker restart: OutOfOrderSequenceNumber forever).
+        Drop it; the next batch starts a fresh producer with a new producer id, and the
+        shard re-sends what was not acknowledged."""
+        if self._producer is not producer:
+            return  # another batch already discarded it
+        self._producer = None
+        self.stats.ready = False
+        task = asyncio.create_task(_stop_within(producer, 5.0))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @property
+    def started(self) -> bool:
+        return self._producer is not None
 
     async def stop(self) -> None:
         if self._producer is not None:
@@ -176,6 +195,13 @@ class _ClientErrors(logging.Handler):
             if "Authentication" in message or "SaslAuthenticationFailed" in message:
                 return "SASL authentication failed: " + message.split(": ", 1)[-1][:300]
         return None
+
+
+async def _stop_within(producer: AIOKafkaProducer, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(_quietly_stop(producer), seconds)
+    except TimeoutError:
+        log.warning("discarded Kafka producer did not stop within %.0fs", seconds)
 
 
 async def _quietly_stop(producer: AIOKafkaProducer) -> None:

@@ -28,13 +28,17 @@ class StreamReport:
     data: list[dict[str, Any]] = field(default_factory=list)  # non-final market data
     finals: list[dict[str, Any]] = field(default_factory=list)
     status: list[dict[str, Any]] = field(default_factory=list)
+    resent: int = 0  # records whose seq did not advance (re-sent batches)
 
 
-def decode_and_check(records: list[ConsumedRecord], topics: dict[str, str]) -> StreamReport:
+def decode_and_check(
+    records: list[ConsumedRecord], topics: dict[str, str], *, allow_resends: bool = False
+) -> StreamReport:
     """Validate every envelope, its topic and key, and seq order per (channel, symbol) in
     Kafka order (per partition, by offset)."""
     report = StreamReport()
     last_seq: dict[tuple[str, str], int] = {}
+    seen_keys: set[str] = set()
     for record in sorted(records, key=lambda r: (r.topic, r.partition, r.offset)):
         envelope = orjson.loads(record.value)
         _VALIDATOR.validate(envelope)
@@ -53,8 +57,12 @@ def decode_and_check(records: list[ConsumedRecord], topics: dict[str, str]) -> S
             is_final_bar = channel == "bars" and envelope["is_final"]
             (report.finals if is_final_bar else report.data).append(envelope)
         previous = last_seq.get(seq_key, 0)
+        if allow_resends and envelope["seq"] <= previous and envelope["key"] in seen_keys:
+            report.resent += 1  # an at-least-once re-send of an earlier batch
+            continue
         assert envelope["seq"] > previous, (seq_key, previous, envelope["seq"])
         last_seq[seq_key] = envelope["seq"]
+        seen_keys.add(envelope["key"])
     return report
 
 
@@ -94,3 +102,27 @@ def assert_one_final_per_bar(report: StreamReport, sent_items: list[dict[str, An
     assert set(finals) == set(latest), "some bars got no final record"
     for envelope in report.finals:
         assert envelope["payload"] == latest[(envelope["symbol"], envelope["payload"]["t"])]
+
+
+def assert_at_least_once(report: StreamReport, sent_items: list[dict[str, Any]]) -> int:
+    """Nothing lost, nothing foreign; returns how many duplicates arrived (at-least-once)."""
+    got = Counter(canonical(e["payload"]) for e in report.data)
+    want = Counter(canonical(item) for item in sent_items)
+    missing = want - Counter(dict.fromkeys(got, 1))
+    assert not missing, f"{sum(missing.values())} of {len(want)} items missing"
+    extra = set(got) - set(want)
+    assert not extra, f"{len(extra)} items arrived that were not sent"
+    return sum(got.values()) - len(got)
+
+
+def assert_first_occurrence_order(report: StreamReport, sent_items: list[dict[str, Any]]) -> None:
+    """Per (channel, symbol), the first arrival of each item follows the send order."""
+    sent_order: dict[tuple[str, str], list[bytes]] = defaultdict(list)
+    for item in sent_items:
+        sent_order[(item["T"], item["S"])].append(canonical(item))
+    got_order: dict[tuple[str, str], dict[bytes, None]] = defaultdict(dict)
+    for envelope in report.data:
+        payload = envelope["payload"]
+        got_order[(payload["T"], payload["S"])].setdefault(canonical(payload), None)
+    for key, order in sent_order.items():
+        assert list(got_order[key]) == order, f"order differs for {key}"

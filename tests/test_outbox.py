@@ -29,7 +29,7 @@ class Receiver:
         self.max_concurrent = 0
         self._generation = 0
 
-    async def send(self, records) -> int:
+    async def send(self, records, instance) -> tuple[int, str]:
         self.calls += 1
         call, generation = self.calls, self._generation
         self.concurrent += 1
@@ -41,7 +41,7 @@ class Receiver:
             if self._generation != generation or call in self.fail_calls:
                 raise ConnectionError(f"call {call} failed")
             self.delivered.extend(value for _topic, _key, value in records)
-            return len(records)
+            return len(records), "receiver"
         finally:
             self.concurrent -= 1
 
