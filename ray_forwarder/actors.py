@@ -7,14 +7,14 @@ one event loop. They ask for a fraction of a CPU: they wait on sockets, not comp
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import uuid
 from typing import Any
 
 import ray
 
 from ray_forwarder import logs
 from ray_forwarder.config import Settings
-from ray_forwarder.outbox import WireRecord
+from ray_forwarder.outbox import SendBatch, StaleProducerError, WireRecord
 from ray_forwarder.producer import KafkaSink
 from ray_forwarder.shard import ShardCore, ShardSpec
 
@@ -28,6 +28,7 @@ class ProducerActor:
     def __init__(self, settings: Settings, name: str) -> None:
         logs.configure(settings.log_level, actor="producer", producer=name)
         self._name = name
+        self._instance = uuid.uuid4().hex
         self._sink = KafkaSink(settings)
         self._started = asyncio.Lock()
 
@@ -38,10 +39,27 @@ class ProducerActor:
                 await self._sink.start()
         return True
 
-    async def send_batch(self, records: list[WireRecord]) -> int:
+    async def send_batch(
+        self, records: list[WireRecord], expected_instance: str | None = None
+    ) -> tuple[int, str]:
+        """Send and await acks; returns (count, this incarnation's id).
+
+        A batch addressed to an earlier incarnation (the actor restarted since the shard
+        last heard from it) is refused unsent, so the shard re-sends everything that
+        incarnation had not acknowledged, in order, before anything newer gets through.
+        """
+        if expected_instance is not None and expected_instance != self._instance:
+            raise StaleProducerError(f"{self._name} restarted; re-send from the oldest unacked")
         if not self._sink.stats.ready:
             await self.start()  # after an actor restart the producer starts lazily
-        return await self._sink.send_batch(records)
+        try:
+            return await self._sink.send_batch(records), self._instance
+        except Exception:
+            if not self._sink.started:
+                # The sink dropped its producer: batches addressed to this incarnation
+                # must not overtake the ones that failed with it.
+                self._instance = uuid.uuid4().hex
+            raise
 
     async def stats(self) -> dict[str, Any]:
         s = self._sink.stats
@@ -58,9 +76,9 @@ class ProducerActor:
         await self._sink.stop()
 
 
-def _sender(producer: Any) -> Callable[[list[WireRecord]], Awaitable[int]]:
-    async def send(records: list[WireRecord]) -> int:
-        return await producer.send_batch.remote(records)
+def _sender(producer: Any) -> SendBatch:
+    async def send(records: list[WireRecord], instance: str | None) -> tuple[int, str]:
+        return await producer.send_batch.remote(records, instance)
 
     return send
 
