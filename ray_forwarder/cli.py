@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
                     duplicate_ratio=args.duplicate_ratio,
                 )
             )
+        if command == "bench":
+            from ray_forwarder.bench import run_bench
+
+            shard_counts = [int(n) for n in args.shards.split(",")]
+            return run_bench(args.events, args.symbols, shard_counts, args.producers,
+                             args.rate or None)  # fmt: skip
         if command == "plan":
             return _plan()
         if command == "schema":
@@ -65,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=2000.0, help="simulated items/s (2000)")
     demo.add_argument("--wire-format", choices=["json", "msgpack"], default="msgpack")
     demo.add_argument("--duplicate-ratio", type=float, default=0.01)
+    bench = sub.add_parser("bench", help="benchmark against a single-process baseline")
+    bench.add_argument("--events", type=int, default=50_000)
+    bench.add_argument("--symbols", type=int, default=100)
+    bench.add_argument("--shards", default="1,2,4", help="comma-separated shard counts")
+    bench.add_argument("--producers", type=int, default=2)
+    bench.add_argument("--rate", type=float, default=0.0, help="items/s; 0 = flat out")
     sub.add_parser("plan", help="print the shard plan (key ids masked) without connecting")
     schema = sub.add_parser("schema", help="print (or write) the envelope JSON Schema")
     schema.add_argument("--output", type=Path, default=None)
