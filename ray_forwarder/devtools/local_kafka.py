@@ -111,13 +111,17 @@ def _redact(text: str, secret: str) -> str:
     return text.replace(secret, "***") if secret else text
 
 
+#: Ray's default worker ports are 10002-19999: a broker there could take one from a worker.
+RAY_WORKER_PORTS_END = 19999
+
+
 def _ephemeral_floor() -> int:
     """Lowest ephemeral port; ours are picked below it so no client socket takes them meanwhile."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
-    return max(low, 12000)
+    return max(low, RAY_WORKER_PORTS_END + 2000)
 
 
 def _port_is_free(port: int) -> bool:
@@ -135,7 +139,7 @@ def free_ports(count: int) -> list[int]:
     high = _ephemeral_floor() - 1
     chosen: list[int] = []
     for _ in range(2000):
-        port = random.randint(10000, high)
+        port = random.randint(RAY_WORKER_PORTS_END + 1, high)
         if port not in chosen and _port_is_free(port):
             chosen.append(port)
             if len(chosen) == count:
