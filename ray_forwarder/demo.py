@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import orjson
 
 from ray_forwarder.config import Settings, load_settings
+from ray_forwarder.protocol.channels import MARKET_DATA_CHANNELS
 from ray_forwarder.stats import ForwarderSnapshot
 
 SIM_KEY, SIM_SECRET = "sim-key", "sim-secret"
@@ -51,15 +52,8 @@ def run_demo(options: DemoOptions) -> int:
                 alpaca_stream_url=sim.url,
                 alpaca_symbols=symbols,
                 alpaca_wire_format=options.wire_format,
-                alpaca_channels=[
-                    "trades",
-                    "quotes",
-                    "bars",
-                    "updatedBars",
-                    "dailyBars",
-                    "statuses",
-                    "lulds",
-                ],
+                # every channel the simulator produces (it has no imbalances)
+                alpaca_channels=[c for c in MARKET_DATA_CHANNELS if c != "imbalances"],
                 kafka_bootstrap_servers=bootstrap,
                 metrics_port=int(os.environ.get("METRICS_PORT", "0")),
                 bar_final_delay_seconds=2.0,
