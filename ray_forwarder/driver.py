@@ -160,6 +160,7 @@ async def run_forwarder(
     serve_http: bool = True,
     handle_signals: bool = True,
     drain_timeout: float = 30.0,
+    poll_interval: float = POLL_INTERVAL_S,
 ) -> RunResult:
     """Run until `duration` passes, `stop` is set, SIGTERM/SIGINT arrives, or a fatal error."""
     stop = stop or asyncio.Event()
@@ -181,7 +182,7 @@ async def run_forwarder(
         await forwarder.start()
         while True:
             try:
-                await asyncio.wait_for(stop.wait(), POLL_INTERVAL_S)
+                await asyncio.wait_for(stop.wait(), poll_interval)
                 reason = "stop requested"
                 break
             except TimeoutError:
