@@ -188,6 +188,7 @@ def run_bench(events: int, symbols: int, shard_counts: list[int], producers: int
             for label in ("baseline", "ray"):
                 config = SimConfig(symbols=names, keys=_sim_keys(shards), rate=rate,
                                    total_events=events, time_scale=600, duplicate_ratio=0.01,
+                                   start_after_subscribers=shards,
                                    connection_limit=1, seed=shards)  # fmt: skip
                 with SimulatorThread(config) as sim:
                     settings = _settings(sim.url, bootstrap, names, shards, producers)

@@ -107,6 +107,9 @@ class SimConfig(BaseModel):
     #: Start the market clock at the first subscription, so a slow-starting client
     #: (a Ray job) still sees the run from its first event.
     start_on_subscribe: bool = True
+    #: With start_on_subscribe: how many subscribed connections start the clock (a
+    #: benchmark of several shards waits for all of them).
+    start_after_subscribers: int = Field(default=1, ge=1)
     #: Pacing granularity: how often a paced pump wakes to send what is due.
     flush_interval: float = 0.01
     #: permessage-deflate; off by default (faster, and exact byte accounting on drops).
@@ -596,7 +599,8 @@ class Simulator:
                 for symbol in symbols:
                     conn.subs[channel].pop(symbol, None)
         self._control(conn, [self._subscription_message(conn)])
-        if conn.subscribed:
+        subscribed = sum(1 for c in self._conns.values() if c.subscribed)
+        if subscribed >= self.config.start_after_subscribers:
             self._market_started.set()
 
     @staticmethod
