@@ -137,13 +137,13 @@ class KafkaSink:
         except KafkaError as exc:
             self.stats.errors += 1
             self.stats.last_error = describe_kafka_error(exc)
-            self._discard_producer(producer)
+            self._discard_producer(producer, exc)
             raise
         self.stats.batches += 1
         self.stats.records += len(records)
         return len(records)
 
-    def _discard_producer(self, producer: AIOKafkaProducer) -> None:
+    def _discard_producer(self, producer: AIOKafkaProducer, cause: KafkaError) -> None:
         """After a failed delivery the idempotent producer's sequence numbers may no longer
         match the broker's (seen after a broker restart: OutOfOrderSequenceNumber forever).
         Drop it; the next batch starts a fresh producer with a new producer id, and the
@@ -151,6 +151,14 @@ class KafkaSink:
         if self._producer is not producer:
             return  # another batch already discarded it
         self._producer = None
+        # Fail every record still queued in it, instead of letting stop() flush them: a
+        # later batch delivered after an earlier one failed would overtake it in Kafka
+        # (seen when one batch expired during a broker outage and the next one did not).
+        # aiokafka has no public "abort", so this reaches into its accumulator.
+        try:
+            producer._message_accumulator.fail_all(cause)
+        except Exception:  # a different aiokafka version: fall back to a plain stop
+            log.warning("could not abort the discarded producer's queue", exc_info=True)
         self.stats.ready = False
         task = asyncio.create_task(_stop_within(producer, 5.0))
         self._closing.add(task)
