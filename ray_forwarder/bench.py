@@ -85,7 +85,7 @@ def _rss_by_actor() -> dict[str, float]:
     return usage
 
 
-async def _ray_run(settings: Settings, sim, events: int) -> BenchResult:
+async def _ray_run(settings: Settings, sim) -> BenchResult:
     from ray_forwarder.driver import run_forwarder
 
     result = BenchResult(f"ray S={settings.shards} P={settings.producers}")
@@ -193,9 +193,7 @@ def run_bench(events: int, symbols: int, shard_counts: list[int], producers: int
                 with SimulatorThread(config) as sim:
                     settings = _settings(sim.url, bootstrap, names, shards, producers)
                     runner = (
-                        _baseline(settings, sim)
-                        if label == "baseline"
-                        else _ray_run(settings, sim, events)
+                        _baseline(settings, sim) if label == "baseline" else _ray_run(settings, sim)
                     )
                     result = asyncio.run(runner)
                 print("  " + result.line(), flush=True)

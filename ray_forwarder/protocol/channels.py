@@ -37,6 +37,3 @@ ALL_CHANNELS: tuple[str, ...] = (
     "trade_updates",
     "status",
 )
-
-#: Fields an item must carry to be forwarded (besides `T`); others are kept as they come.
-REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {code: ("S", "t") for code in CHANNEL_BY_TYPE}
