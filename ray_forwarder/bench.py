@@ -133,8 +133,8 @@ async def _baseline(settings: Settings, sim) -> BenchResult:
     sink = KafkaSink(settings)
     await sink.start()
 
-    async def send(records, _instance):
-        return await sink.send_batch(records), "baseline"
+    async def send(records, ticket):
+        return await sink.send_batch(records, ticket)
 
     cores = [ShardCore(settings, p.spec, [send]) for p in plan(settings)]
     result = BenchResult(f"baseline S={len(cores)} no Ray")

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 import zlib
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,8 +27,28 @@ from ray_forwarder.pipeline import OutRecord
 log = logging.getLogger(__name__)
 
 WireRecord = tuple[str, bytes, bytes]  # (topic, key, value): cheap to pickle across Ray
-#: send(records, expected producer incarnation or None) -> (acked count, incarnation id)
-SendBatch = Callable[[list[WireRecord], str | None], Awaitable[tuple[int, str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What a lane tells the producer about a batch, so that the producer keeps its order.
+
+    Ray does not promise that an async actor starts one caller's calls in the order they
+    were made (a call whose argument is still in the object store can be overtaken), so
+    each batch names the lane's previous one and the producer admits them in that order.
+    """
+
+    lane: str  # unique per lane
+    number: int  # this submission's number; increases with every submission
+    after: int | None  # the previous submission to the same producer, if any in flight
+    token: str | None  # the producer the lane's unacknowledged batches went to
+
+
+#: send(records, ticket) -> (acked count, token of the producer that acknowledged them)
+SendBatch = Callable[[list[WireRecord], Ticket], Awaitable[tuple[int, str]]]
+#: on_ack(records, oldest received, submitted, acked): monotonic seconds, called once per
+#: acknowledged batch (latency metrics; see ray_forwarder/metrics.py). Must not raise.
+AckObserver = Callable[[list[WireRecord], float, float, float], None]
 
 
 class StaleProducerError(RuntimeError):
@@ -73,6 +94,7 @@ class _Batch:
     oldest_received: float
     acked: bool = False
     attempts: int = 0
+    submitted: float = 0.0  # monotonic time of the latest attempt (publish latency)
 
 
 @dataclass(frozen=True)
@@ -101,7 +123,10 @@ class Lane:
         self._consecutive_failures = 0
         self._closed = False
         self._instance: str | None = None  # the producer incarnation this lane talks to
+        self._uid = f"{name}-{uuid.uuid4().hex[:12]}"
+        self._submissions = 0
         self.stats = OutboxStats()
+        self.observer: AckObserver | None = None
 
     def put(self, record: OutRecord, received: float) -> None:
         if len(self._buffer) >= self._limits.max_events:
@@ -137,6 +162,11 @@ class Lane:
                 if age < self._linger:
                     await self._sleep_unless_woken(self._linger - age)
                     continue
+            if self._instance is None and self._inflight:
+                # Until an ack names the producer, one batch at a time: otherwise a newer
+                # batch could reach a replacement producer ahead of an older failed one.
+                await asyncio.gather(*self._inflight, return_exceptions=True)
+                continue
             await self._window.acquire()
             if self._failed:
                 self._window.release()
@@ -164,14 +194,18 @@ class Lane:
         """Start sending (the caller holds a window slot); calls start in submit order."""
         self._unacked.append(batch)
         batch.attempts += 1
-        task = asyncio.create_task(self._deliver(batch, self._instance))
+        batch.submitted = time.monotonic()
+        self._submissions += 1
+        after = self._submissions - 1 if self._instance is not None else None
+        ticket = Ticket(self._uid, self._submissions, after, self._instance)
+        task = asyncio.create_task(self._deliver(batch, ticket))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         return task
 
-    async def _deliver(self, batch: _Batch, instance: str | None) -> None:
+    async def _deliver(self, batch: _Batch, ticket: Ticket) -> None:
         try:
-            acked, instance_now = await self._send(batch.records, instance)
+            acked, instance_now = await self._send(batch.records, ticket)
         except Exception as exc:  # producer gone or Kafka unavailable: the lane re-sends
             self.stats.batches_failed += 1
             if not self._failed:
@@ -191,7 +225,13 @@ class Lane:
         stats.batches_sent += 1
         stats.records_acked += acked
         stats.acked_by_channel.update(batch.channels)
-        stats.last_ack_latency_s = time.monotonic() - batch.oldest_received
+        now = time.monotonic()
+        stats.last_ack_latency_s = now - batch.oldest_received
+        if self.observer is not None:
+            try:
+                self.observer(batch.records, batch.oldest_received, batch.submitted, now)
+            except Exception:  # metrics must never break delivery
+                log.warning("%s: ack observer failed", self._name, exc_info=True)
         while self._unacked and self._unacked[0].acked:
             self._unacked.popleft()
 
@@ -256,6 +296,11 @@ class Outbox:
             lane = self._lanes[stable_slot(key, len(self._lanes))]
             self._route[key] = lane
         return lane
+
+    def observe_acks(self, observer: AckObserver | None) -> None:
+        """Call `observer` for every acknowledged batch of every lane (latency metrics)."""
+        for lane in self._lanes:
+            lane.observer = observer
 
     def put(self, records: list[OutRecord], received: float) -> None:
         """Buffer records (never blocks); beyond a lane's bound they are dropped and counted."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Sequence
+import uuid
+from asyncio import FIRST_COMPLETED
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from ray_forwarder.config import Settings
+from ray_forwarder.outbox import StaleProducerError, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +66,85 @@ def producer_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+class LaneOrder:
+    """Admits each lane's batches in the order the lane numbered them (see `Ticket`)."""
+
+    def __init__(self) -> None:
+        self._admitted: dict[str, int] = {}
+        self._changed = asyncio.Condition()
+
+    async def wait_turn(self, ticket: Ticket, timeout_s: float) -> None:
+        if ticket.after is None:
+            return  # the lane has nothing else in flight to this producer
+
+        def predecessor_admitted() -> bool:
+            return self._admitted.get(ticket.lane, -1) >= ticket.after  # type: ignore[operator]
+
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(predecessor_admitted), timeout_s)
+            except TimeoutError:
+                raise StaleProducerError(
+                    f"batch {ticket.after} of {ticket.lane} never arrived; re-send in order"
+                ) from None
+
+    async def admitted(self, ticket: Ticket) -> None:
+        async with self._changed:
+            previous = self._admitted.get(ticket.lane, -1)
+            self._admitted[ticket.lane] = max(previous, ticket.number)
+            self._changed.notify_all()
+
+
+@dataclass(eq=False)
+class _Incarnation:
+    """One aiokafka producer and the fate it shares with every record queued in it."""
+
+    producer: AIOKafkaProducer
+    token: str  # what shards address: a batch for another token is refused unsent
+    dead: asyncio.Future[None]
+    cause: BaseException | None = None
+
+
 class KafkaSink:
-    def __init__(self, settings: Settings) -> None:
+    """Sends whole batches through one idempotent producer, and fences failures.
+
+    Per partition, aiokafka sends batches one at a time and in order, so records of one
+    symbol land in order as long as none fails. When one does (a batch expired during a
+    broker outage), every later record in the producer could still land and overtake it
+    once the broker is back. So the first failed record aborts the whole producer at
+    once: its queue is failed, its sender stops, and its token changes, so that batches
+    still addressed to it are refused and the shard re-sends everything unacknowledged,
+    oldest first, through a fresh producer.
+    """
+
+    def __init__(self, settings: Settings, name: str | None = None) -> None:
         self._settings = settings
-        self._producer: AIOKafkaProducer | None = None
+        self._name = name or uuid.uuid4().hex[:12]
+        self._generation = 0
+        self._current: _Incarnation | None = None
+        self._starting = asyncio.Lock()
         self._order = asyncio.Lock()
+        self._lanes = LaneOrder()
         self._closing: set[asyncio.Task[None]] = set()
         self.stats = SinkStats()
 
+    @property
+    def token(self) -> str:
+        """Names the current producer generation; it changes whenever one is discarded."""
+        return f"{self._name}.{self._generation}"
+
+    @property
+    def started(self) -> bool:
+        return self._current is not None
+
     async def start(self) -> None:
-        """Connect; raise KafkaStartError with a clear, secret-free message on failure."""
+        """Connect (once); raise KafkaStartError with a clear, secret-free message."""
+        async with self._starting:
+            if self._current is None:
+                self._current = await self._connect()
+                self.stats.ready = True
+
+    async def _connect(self) -> _Incarnation:
         producer = AIOKafkaProducer(**producer_options(self._settings))
         try:
             with _ClientErrors() as client_errors:
@@ -97,9 +169,9 @@ class KafkaSink:
         except Exception:
             await _quietly_stop(producer)
             raise
-        self._producer = producer
-        self.stats.ready = True
         log.info("kafka producer connected to %s", self._settings.kafka_bootstrap_servers)
+        dead = asyncio.get_running_loop().create_future()
+        return _Incarnation(producer, self.token, dead)
 
     async def _warm_up(self, producer: AIOKafkaProducer) -> None:
         """Learn every topic's partitions before the first record.
@@ -122,57 +194,127 @@ class KafkaSink:
             if not partitions:
                 raise KafkaStartError(f"topic {topic} has no partitions")
 
-    async def send_batch(self, records: Sequence[WireRecord]) -> int:
-        """Send a batch in order and wait until Kafka acknowledged all of it."""
-        producer = self._producer
-        if producer is None:
-            raise KafkaStartError("producer is not started")
-        try:
-            async with self._order:
-                futures = [
-                    await producer.send(topic, value=value, key=key)
-                    for topic, key, value in records
-                ]
-            await asyncio.gather(*futures)
-        except KafkaError as exc:
-            self.stats.errors += 1
-            self.stats.last_error = describe_kafka_error(exc)
-            self._discard_producer(producer, exc)
-            raise
+    async def send_batch(
+        self, records: Sequence[WireRecord], ticket: Ticket | None = None
+    ) -> tuple[int, str]:
+        """Send a batch in order; return (count, token) once Kafka acknowledged all of it.
+
+        With a ticket, the lane's batches are enqueued in the lane's order, and a batch
+        addressed to a producer that was discarded meanwhile (`ticket.token`) is refused
+        unsent (StaleProducerError), so that it cannot overtake the lane's earlier ones.
+        """
+        if ticket is None:
+            incarnation, futures = await self._enqueue(records, None)
+        else:
+            await self._lanes.wait_turn(ticket, self._admission_timeout_s)
+            try:
+                incarnation, futures = await self._enqueue(records, ticket.token)
+            finally:
+                await self._lanes.admitted(ticket)
+        if not incarnation.dead.done():
+            delivered = asyncio.gather(*futures)
+            delivered.add_done_callback(_retrieve)
+            await asyncio.wait((delivered, incarnation.dead), return_when=FIRST_COMPLETED)
+        if incarnation.dead.done():
+            assert incarnation.cause is not None
+            raise incarnation.cause
         self.stats.batches += 1
         self.stats.records += len(records)
-        return len(records)
+        return len(records), incarnation.token
 
-    def _discard_producer(self, producer: AIOKafkaProducer, cause: KafkaError) -> None:
-        """After a failed delivery the idempotent producer's sequence numbers may no longer
-        match the broker's (seen after a broker restart: OutOfOrderSequenceNumber forever).
-        Drop it; the next batch starts a fresh producer with a new producer id, and the
-        shard re-sends what was not acknowledged."""
-        if self._producer is not producer:
-            return  # another batch already discarded it
-        self._producer = None
-        # Fail every record still queued in it, instead of letting stop() flush them: a
-        # later batch delivered after an earlier one failed would overtake it in Kafka
-        # (seen when one batch expired during a broker outage and the next one did not).
-        # aiokafka has no public "abort", so this reaches into its accumulator.
+    @property
+    def _admission_timeout_s(self) -> float:
+        # Enqueueing the predecessor may itself wait up to a request timeout for room.
+        return self._settings.kafka_request_timeout_ms / 1000 + 30.0
+
+    async def _enqueue(
+        self, records: Sequence[WireRecord], expected_token: str | None
+    ) -> tuple[_Incarnation, list[asyncio.Future[Any]]]:
+        if expected_token is not None and expected_token != self.token:
+            raise StaleProducerError("the Kafka producer was replaced; re-send in order")
+        if self._current is None:
+            await self.start()
+        async with self._order:
+            incarnation = self._current
+            if incarnation is None or (
+                expected_token is not None and expected_token != incarnation.token
+            ):
+                raise StaleProducerError("the Kafka producer was replaced; re-send in order")
+            on_done = self._watch(incarnation)
+            futures: list[asyncio.Future[Any]] = []
+            try:
+                for topic, key, value in records:
+                    future = await incarnation.producer.send(topic, value=value, key=key)
+                    future.add_done_callback(on_done)
+                    futures.append(future)
+                    if incarnation.dead.done():
+                        break
+            except KafkaError as exc:
+                self._abort(incarnation, exc)
+        return incarnation, futures
+
+    def _watch(self, incarnation: _Incarnation) -> Callable[[asyncio.Future[Any]], None]:
+        def on_done(future: asyncio.Future[Any]) -> None:
+            if future.cancelled():
+                self._abort(incarnation, KafkaError("record send was cancelled"))
+            elif (exc := future.exception()) is not None:
+                self._abort(incarnation, exc)
+
+        return on_done
+
+    def _abort(self, incarnation: _Incarnation, cause: BaseException) -> None:
+        """Discard a producer at its first failed record, before it can send anything more.
+
+        This runs as a done-callback of the failed record's future, so it comes before
+        aiokafka's sender gets back to draining the queue. After a failed delivery the
+        idempotent producer's sequence numbers may no longer match the broker's either
+        (seen after a broker restart: OutOfOrderSequenceNumber forever); a fresh one
+        starts with a new producer id.
+        """
+        if incarnation.dead.done():
+            return
+        incarnation.cause = cause
+        incarnation.dead.set_result(None)
+        self.stats.errors += 1
+        self.stats.last_error = describe_kafka_error(cause)
+        if self._current is incarnation:
+            self._current = None
+            self._generation += 1
+            self.stats.ready = False
+        log.warning("kafka producer discarded after a failed delivery: %s", self.stats.last_error)
+        producer = incarnation.producer
+        # aiokafka has no public abort; this reaches into it. Failing the accumulator
+        # fails queued and in-flight batches alike; cancelling the sender keeps retried
+        # batches from being drained again.
         try:
             producer._message_accumulator.fail_all(cause)
+            producer._sender.sender_task.cancel()
         except Exception:  # a different aiokafka version: fall back to a plain stop
             log.warning("could not abort the discarded producer's queue", exc_info=True)
-        self.stats.ready = False
-        task = asyncio.create_task(_stop_within(producer, 5.0))
+        task = asyncio.ensure_future(_stop_within(producer, 5.0))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    @property
-    def started(self) -> bool:
-        return self._producer is not None
+    async def probe(self, timeout_s: float) -> None:
+        """Ask Kafka for cluster metadata, off the send path; raises if it does not answer."""
+        incarnation = self._current
+        if incarnation is None:
+            raise KafkaStartError("producer is not started")
+        await asyncio.wait_for(incarnation.producer.client.fetch_all_metadata(), timeout_s)
 
     async def stop(self) -> None:
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+        incarnation, self._current = self._current, None
+        if incarnation is not None:
+            await incarnation.producer.stop()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         self.stats.ready = False
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark an abandoned gather's exception as seen (the abort already reported it)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def describe_kafka_error(exc: BaseException) -> str:

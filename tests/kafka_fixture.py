@@ -163,7 +163,13 @@ def kafka_topics(request: pytest.FixtureRequest) -> TopicNames:
     return TopicNames(request.node.name)
 
 
-async def create_topics(names: Iterable[str], *, partitions: int = 3, **client_kwargs: Any) -> None:
+async def create_topics(
+    names: Iterable[str],
+    *,
+    partitions: int = 3,
+    configs: dict[str, str] | None = None,
+    **client_kwargs: Any,
+) -> None:
     """Create topics up front (instead of relying on auto-creation); existing ones are fine."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
@@ -171,7 +177,10 @@ async def create_topics(names: Iterable[str], *, partitions: int = 3, **client_k
     admin = AIOKafkaAdminClient(**client_kwargs)
     await admin.start()
     try:
-        new = [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names]
+        new = [
+            NewTopic(n, num_partitions=partitions, replication_factor=1, topic_configs=configs)
+            for n in names
+        ]
         with contextlib.suppress(TopicAlreadyExistsError):
             await admin.create_topics(new)
     finally:

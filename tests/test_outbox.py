@@ -29,7 +29,7 @@ class Receiver:
         self.max_concurrent = 0
         self._generation = 0
 
-    async def send(self, records, instance) -> tuple[int, str]:
+    async def send(self, records, ticket) -> tuple[int, str]:
         self.calls += 1
         call, generation = self.calls, self._generation
         self.concurrent += 1

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 
 import orjson
 import pytest
+from aiokafka.errors import KafkaError
 
 from ray_forwarder.config import load_settings
-from ray_forwarder.producer import KafkaSink, KafkaStartError, producer_options
-from tests.kafka_fixture import consume_all
+from ray_forwarder.outbox import StaleProducerError, Ticket
+from ray_forwarder.producer import KafkaSink, KafkaStartError, LaneOrder, producer_options
+from tests.kafka_fixture import consume_all, create_topics
 
 
 def test_producer_options_are_idempotent_acks_all_and_compressed() -> None:
@@ -31,7 +35,8 @@ async def test_batches_arrive_in_order_with_symbol_keys(kafka_broker, kafka_topi
                 for i in range(100)
                 for symbol in ("SPY", "QQQ")
             ]
-            assert await sink.send_batch(batch) == 200
+            count, _token = await sink.send_batch(batch)
+            assert count == 200
     finally:
         await sink.stop()
     records = await consume_all(kafka_broker.bootstrap_servers, topic, expected_count=1000)
@@ -88,3 +93,62 @@ async def test_scram_with_a_wrong_password_fails_clearly(kafka_broker) -> None:
     assert kafka_broker.username in message
     assert wrong not in message
     assert "auth" in message.lower()
+
+
+async def test_a_failed_delivery_replaces_the_producer_and_fences_later_batches(
+    kafka_broker, kafka_topics
+) -> None:
+    """After a record fails, nothing addressed to the old producer may still get through:
+    a newer batch landing ahead of the re-sent older one would break per-symbol order.
+
+    The broker itself refuses the record here (the topic's max.message.bytes is tiny), so
+    the failure arrives through a delivery future, as an expired batch would."""
+    roomy, tiny = kafka_topics("roomy"), kafka_topics("tiny")
+    await create_topics([roomy], bootstrap_servers=kafka_broker.bootstrap_servers)
+    await create_topics(
+        [tiny],
+        configs={"max.message.bytes": "200"},
+        bootstrap_servers=kafka_broker.bootstrap_servers,
+    )
+    sink = KafkaSink(load_settings(kafka_bootstrap_servers=kafka_broker.bootstrap_servers))
+    await sink.start()
+    try:
+        count, first_token = await sink.send_batch([(roomy, b"SPY", b'{"n":1}')])
+        assert count == 1 and first_token == sink.token
+        with pytest.raises(KafkaError):
+            await sink.send_batch([(roomy, b"SPY", b'{"n":2}'), (tiny, b"SPY", os.urandom(2000))])
+        assert sink.token != first_token and not sink.started
+        with pytest.raises(StaleProducerError):
+            await sink.send_batch([(roomy, b"SPY", b'{"n":3}')], Ticket("t", 3, None, first_token))
+        count, second_token = await sink.send_batch([(roomy, b"SPY", b'{"n":4}')])
+        assert count == 1 and second_token == sink.token != first_token
+    finally:
+        await sink.stop()
+    records = await consume_all(kafka_broker.bootstrap_servers, roomy, expected_count=2)
+    numbers = [orjson.loads(r.value)["n"] for r in records]
+    # n=2 shared the failed batch (it may or may not have landed); n=3 was refused unsent.
+    assert 3 not in numbers and numbers[0] == 1 and numbers[-1] == 4
+
+
+async def test_lane_order_admits_batches_in_the_lanes_order_whatever_order_they_arrive() -> None:
+    order = LaneOrder()
+    admitted: list[int] = []
+
+    async def arrive(number: int, after: int | None, delay: float) -> None:
+        await asyncio.sleep(delay)
+        ticket = Ticket("lane", number, after, "token")
+        await order.wait_turn(ticket, timeout_s=2)
+        admitted.append(number)
+        await order.admitted(ticket)
+
+    # 3 arrives first, then 2, then 1 (the first after a pin, so it names no predecessor).
+    await asyncio.gather(arrive(1, None, 0.03), arrive(2, 1, 0.02), arrive(3, 2, 0.0))
+    assert admitted == [1, 2, 3]
+
+
+async def test_lane_order_refuses_a_batch_whose_predecessor_never_arrives() -> None:
+    order = LaneOrder()
+    await order.admitted(Ticket("lane", 1, None, "token"))
+    with pytest.raises(StaleProducerError, match="never arrived"):
+        await order.wait_turn(Ticket("lane", 3, 2, "token"), timeout_s=0.05)
+    await order.wait_turn(Ticket("other-lane", 7, None, "token"), timeout_s=0.05)
