@@ -7,6 +7,9 @@ one event loop. They ask for a fraction of a CPU: they wait on sockets, not comp
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
 import uuid
 from typing import Any
 
@@ -14,11 +17,17 @@ import ray
 
 from ray_forwarder import logs
 from ray_forwarder.config import Settings
-from ray_forwarder.outbox import SendBatch, StaleProducerError, WireRecord
+from ray_forwarder.metrics import LatencyRecorder, ProducerMetrics, ShardMetrics, StatsExporter
+from ray_forwarder.outbox import SendBatch, StaleProducerError, Ticket, WireRecord
 from ray_forwarder.producer import KafkaSink
 from ray_forwarder.shard import ShardCore, ShardSpec
 
+log = logging.getLogger(__name__)
+
 IO_ACTOR_CPUS = 0.25
+#: An idle producer asks Kafka for metadata this often, so `ready` notices a dead broker.
+KAFKA_PROBE_INTERVAL_S = 2.0
+KAFKA_PROBE_TIMEOUT_S = 5.0
 
 
 @ray.remote(num_cpus=IO_ACTOR_CPUS, max_restarts=-1, max_task_retries=0)
@@ -29,56 +38,98 @@ class ProducerActor:
         logs.configure(settings.log_level, actor="producer", producer=name)
         self._name = name
         self._instance = uuid.uuid4().hex
-        self._sink = KafkaSink(settings)
+        self._sink = KafkaSink(settings, name=self._instance)
         self._started = asyncio.Lock()
+        self._kafka_ok = True  # the latest probe's verdict; a failed send also clears it
+        self._last_ok = time.monotonic()
+        self._probe_failures = 0
+        self._probe_error: str | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._metrics = StatsExporter(self.stats, ProducerMetrics(name).update)
+
+    def _ensure_background(self) -> None:
+        """Start the metrics exporter and the Kafka probe in the actor's event loop."""
+        self._metrics.start()
+        if self._probe is None:
+            self._probe = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    async def _probe_loop(self) -> None:
+        """Ask Kafka for metadata when nothing was acknowledged lately. Only the sink's
+        `probe()` (a metadata request): it never touches the send path or its ordering."""
+        while True:
+            await asyncio.sleep(KAFKA_PROBE_INTERVAL_S)
+            if not self._sink.started or time.monotonic() - self._last_ok < KAFKA_PROBE_INTERVAL_S:
+                continue  # not started, or a batch was acknowledged just now
+            try:
+                await self._sink.probe(KAFKA_PROBE_TIMEOUT_S)
+            except Exception as exc:
+                self._probe_failures += 1
+                self._probe_error = f"metadata probe failed: {type(exc).__name__}: {exc}"[:300]
+                if self._kafka_ok:  # one line per state change, not per probe
+                    log.warning(
+                        "producer %s: Kafka not answering: %s", self._name, self._probe_error
+                    )
+                self._kafka_ok = False
+            else:
+                if not self._kafka_ok:
+                    log.info("producer %s: Kafka answering again", self._name)
+                self._kafka_ok = True
+                self._probe_error = None
+                self._last_ok = time.monotonic()
 
     async def start(self) -> bool:
         """Connect to Kafka (idempotent); raises KafkaStartError with a clear message."""
+        self._ensure_background()
         async with self._started:
             if not self._sink.stats.ready:
                 await self._sink.start()
         return True
 
-    async def send_batch(
-        self, records: list[WireRecord], expected_instance: str | None = None
-    ) -> tuple[int, str]:
-        """Send and await acks; returns (count, this incarnation's id).
+    async def send_batch(self, records: list[WireRecord], ticket: Ticket) -> tuple[int, str]:
+        """Send and await acks; returns (count, the producer's token).
 
-        A batch addressed to an earlier incarnation (the actor restarted since the shard
-        last heard from it) is refused unsent, so the shard re-sends everything that
-        incarnation had not acknowledged, in order, before anything newer gets through.
+        The token names this actor incarnation and its current Kafka producer. A batch
+        addressed to an earlier one (the actor restarted, or its producer was discarded
+        after a failed delivery) is refused unsent, so the shard re-sends everything that
+        one had not acknowledged, in order, before anything newer gets through.
         """
-        if expected_instance is not None and expected_instance != self._instance:
-            raise StaleProducerError(f"{self._name} restarted; re-send from the oldest unacked")
-        if not self._sink.stats.ready:
-            await self.start()  # after an actor restart the producer starts lazily
         try:
-            return await self._sink.send_batch(records), self._instance
-        except Exception:
-            if not self._sink.started:
-                # The sink dropped its producer: batches addressed to this incarnation
-                # must not overtake the ones that failed with it.
-                self._instance = uuid.uuid4().hex
+            count, token = await self._sink.send_batch(records, ticket)
+        except StaleProducerError:
             raise
+        except Exception:
+            self._kafka_ok = False
+            raise
+        self._kafka_ok, self._probe_error, self._last_ok = True, None, time.monotonic()
+        return count, token
 
     async def stats(self) -> dict[str, Any]:
+        self._ensure_background()
         s = self._sink.stats
         return {
             "name": self._name,
-            "ready": s.ready,
+            # Ready = connected and Kafka answered lately (the last send or idle probe).
+            "ready": s.ready and self._kafka_ok,
             "batches": s.batches,
             "records": s.records,
             "errors": s.errors,
-            "last_error": s.last_error,
+            "probe_failures": self._probe_failures,
+            "last_ok_age_s": round(time.monotonic() - self._last_ok, 3),
+            "last_error": self._probe_error or s.last_error,
         }
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        await self._metrics.stop()
         await self._sink.stop()
 
 
 def _sender(producer: Any) -> SendBatch:
-    async def send(records: list[WireRecord], instance: str | None) -> tuple[int, str]:
-        return await producer.send_batch.remote(records, instance)
+    async def send(records: list[WireRecord], ticket: Ticket) -> tuple[int, str]:
+        return await producer.send_batch.remote(records, ticket)
 
     return send
 
@@ -92,14 +143,23 @@ class ShardActor:
             settings.log_level, actor="shard", shard=spec.shard_id, symbols=len(spec.symbols)
         )
         self._core = ShardCore(settings, spec, [_sender(p) for p in producers])
+        self._latency = LatencyRecorder()  # fed by the outbox's ack hook, in this event loop
+        self._core.outbox.observe_acks(self._latency.on_ack)
+        self._metrics = StatsExporter(
+            self._core.stats, ShardMetrics(spec.shard_id, self._latency).update
+        )
 
     async def run(self) -> dict[str, Any]:
         """Runs until `stop()`; a fatal feed error fails this call with the reason."""
-        await self._core.run()
+        self._metrics.start()
+        try:
+            await self._core.run()
+        finally:
+            await self._metrics.stop()  # export the final counts
         return self._core.stats()
 
     async def stop(self, timeout: float = 30.0) -> bool:
         return await self._core.stop(timeout)
 
     async def stats(self) -> dict[str, Any]:
-        return self._core.stats()
+        return {**self._core.stats(), "latency": self._latency.snapshot()}

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
+from ray_forwarder.metrics import LATENCY_BOUNDARIES, LATENCY_DOCS, LATENCY_KINDS
 from ray_forwarder.stats import ForwarderSnapshot
 
 log = logging.getLogger(__name__)
@@ -26,54 +34,133 @@ class SnapshotCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
         for name, key, doc in (
-            ("events_received", "received", "Items decoded from the feed."),
-            ("events_forwarded", "acked", "Records acknowledged by Kafka."),
-            ("events_deduplicated", "deduplicated", "Items dropped as duplicates."),
-            ("events_dropped", "dropped", "Records dropped because buffers were full."),
+            ("events_received", "received", "Data items decoded from the Alpaca feed."),
+            ("events_emitted", "emitted", "Records produced by the pipeline (after dedup)."),
+            ("events_forwarded", "acked", "Records acknowledged by Kafka (acks=all)."),
+            ("events_deduplicated", "deduplicated", "Redelivered items dropped as duplicates."),
+            ("events_dropped", "dropped", "Records dropped because a shard's buffer was full."),
         ):
-            family = CounterMetricFamily(f"ray_forwarder_{name}", doc, labels=["channel"])
+            family = CounterMetricFamily(
+                f"ray_forwarder_{name}", doc + " Summed over shards.", labels=["channel"]
+            )
             for channel, value in sorted(snap.total(key).items()):
                 family.add_metric([channel], value)
             yield family
         skipped = CounterMetricFamily(
-            "ray_forwarder_items_skipped", "Malformed frames or items skipped.", labels=["reason"]
+            "ray_forwarder_items_skipped",
+            "Malformed frames or unknown items skipped, by reason.",
+            labels=["reason"],
         )
         for reason, value in sorted(snap.total("skipped").items()):
             skipped.add_metric([reason], value)
         yield skipped
         errors = CounterMetricFamily(
-            "ray_forwarder_feed_errors", "Alpaca error messages by code.", labels=["code"]
+            "ray_forwarder_feed_errors", "Alpaca error messages, by error code.", labels=["code"]
         )
-        codes: dict[str, int] = {}
+        codes: Counter[str] = Counter()
         for shard in snap.shards:
             for code, value in shard.get("errors_by_code", {}).items():
-                codes[str(code)] = codes.get(str(code), 0) + value
+                codes[str(code)] += value
         for code, value in sorted(codes.items()):
             errors.add_metric([code], value)
         yield errors
-        reconnects = CounterMetricFamily(
-            "ray_forwarder_reconnects", "Reconnects per shard.", labels=["shard"]
-        )
+        per_shard = {
+            "reconnects": CounterMetricFamily(
+                "ray_forwarder_reconnects", "Reconnects of a shard's session.", labels=["shard"]
+            ),
+            "batches_failed": CounterMetricFamily(
+                "ray_forwarder_batches_failed",
+                "Batches a producer failed to acknowledge (they are re-sent).",
+                labels=["shard"],
+            ),
+        }
         subscribed = GaugeMetricFamily(
-            "ray_forwarder_shard_subscribed", "1 if the shard is subscribed.", labels=["shard"]
+            "ray_forwarder_shard_subscribed",
+            "1 once the feed acknowledged the shard's subscription, else 0.",
+            labels=["shard"],
+        )
+        state = GaugeMetricFamily(
+            "ray_forwarder_shard_state",
+            "1 for the shard's current connection state.",
+            labels=["shard", "state"],
+        )
+        symbols = GaugeMetricFamily(
+            "ray_forwarder_shard_symbols", "Symbols a shard subscribes to.", labels=["shard"]
         )
         buffered = GaugeMetricFamily(
-            "ray_forwarder_buffer_events", "Records waiting for a producer.", labels=["shard"]
+            "ray_forwarder_buffer_events",
+            "Records buffered or in flight to a producer (not yet acknowledged).",
+            labels=["shard"],
+        )
+        overflowing = GaugeMetricFamily(
+            "ray_forwarder_shard_overflowing",
+            "1 while the shard's buffer is full and records are being dropped.",
+            labels=["shard"],
+        )
+        latency = GaugeMetricFamily(
+            "ray_forwarder_last_ack_latency_seconds",
+            "Receipt-to-Kafka-ack latency of the shard's latest acknowledged batch.",
+            labels=["shard"],
         )
         for shard in snap.shards:
             sid = shard["shard_id"]
-            reconnects.add_metric([sid], shard.get("reconnects", 0))
+            for key, family in per_shard.items():
+                family.add_metric([sid], shard.get(key, 0))
             subscribed.add_metric([sid], 1.0 if shard.get("subscribed") else 0.0)
+            state.add_metric([sid, str(shard.get("state"))], 1.0)
+            symbols.add_metric([sid], shard.get("symbols", 0))
             buffered.add_metric([sid], shard.get("buffered", 0) + shard.get("in_flight", 0))
-        yield reconnects
-        yield subscribed
-        yield buffered
+            overflowing.add_metric([sid], 1.0 if shard.get("overflowing") else 0.0)
+            latency.add_metric([sid], shard.get("last_ack_latency_s", 0.0))
+        yield from per_shard.values()
+        yield from (subscribed, state, symbols, buffered, overflowing, latency)
+        yield from _latency_histograms(snap)
         ready = GaugeMetricFamily(
-            "ray_forwarder_producer_ready", "1 if the producer has Kafka.", labels=["producer"]
+            "ray_forwarder_producer_ready",
+            "1 while the producer has a working Kafka connection, else 0.",
+            labels=["producer"],
+        )
+        kafka_errors = CounterMetricFamily(
+            "ray_forwarder_kafka_errors", "Failed Kafka deliveries.", labels=["producer"]
         )
         for producer in snap.producers:
             ready.add_metric([producer["name"]], 1.0 if producer.get("ready") else 0.0)
+            kafka_errors.add_metric([producer["name"]], producer.get("errors", 0))
         yield ready
+        yield kafka_errors
+        unreachable = GaugeMetricFamily(
+            "ray_forwarder_actors_unreachable",
+            "Actors that did not answer the driver's last stats poll.",
+        )
+        unreachable.add_metric([], len(snap.unreachable))
+        yield unreachable
+        healthy = GaugeMetricFamily(
+            "ray_forwarder_healthy", "1 when /healthz answers 200 (see docs/observability.md)."
+        )
+        healthy.add_metric([], 1.0 if snap.health()[0] else 0.0)
+        yield healthy
+
+
+def _latency_histograms(snap: ForwarderSnapshot) -> Iterator[Metric]:
+    """The shards' cumulative latency histograms (`LatencyRecorder.snapshot()`), per shard
+    (and channel for event time), with the same buckets as the Ray export."""
+    bounds = [floatToGoString(b) for b in LATENCY_BOUNDARIES] + ["+Inf"]
+    for kind, (_ray_name, name) in LATENCY_KINDS.items():
+        labels = ["shard", "channel"] if kind == "event" else ["shard"]
+        family = HistogramMetricFamily(f"ray_forwarder_{name}", LATENCY_DOCS[kind], labels=labels)
+        for shard in snap.shards:
+            for row in shard.get("latency", []):
+                if row["kind"] != kind or len(row["buckets"]) != len(bounds):
+                    continue
+                cumulative, buckets = 0.0, []
+                for bound, count in zip(bounds, row["buckets"], strict=True):
+                    cumulative += count
+                    buckets.append((bound, cumulative))
+                values = (
+                    [shard["shard_id"], row["channel"]] if kind == "event" else [shard["shard_id"]]
+                )
+                family.add_metric(values, buckets, row["sum"])
+        yield family
 
 
 class HealthServer:
@@ -113,8 +200,11 @@ class HealthServer:
         )
 
     async def _healthz(self, _request: web.Request) -> web.Response:
+        """Ready: 200 only once every producer has a working Kafka connection and every
+        shard has an acknowledged subscription; else 503 with the problems as JSON."""
         ok, body = self._snapshot().health()
         return web.json_response(body, status=200 if ok else 503)
 
     async def _livez(self, _request: web.Request) -> web.Response:
+        """Liveness: the driver's event loop answers; independent of Kafka and the feed."""
         return web.json_response({"status": "alive"})

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +19,7 @@ from ray_forwarder.bars import BarFinalizer
 from ray_forwarder.config import Settings
 from ray_forwarder.dedup import DedupCache
 from ray_forwarder.outbox import BatchLimits, Outbox, SendBatch
-from ray_forwarder.pipeline import EventPipeline
+from ray_forwarder.pipeline import EventPipeline, OutRecord
 from ray_forwarder.protocol.events import DataItem, Skipped
 from ray_forwarder.session import AlpacaSession, FatalSessionError, SessionConfig
 from ray_forwarder.topics import topic_map
@@ -27,6 +27,10 @@ from ray_forwarder.topics import topic_map
 log = logging.getLogger(__name__)
 
 _FINALIZE_INTERVAL_S = 0.1
+#: Status records waiting for room in a full buffer; beyond this the oldest are dropped.
+_STATUS_PENDING_MAX = 1000
+#: `recovered` needs this long without a new drop (so a slow drain does not flap).
+_RECOVERED_AFTER_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,14 @@ class ShardCore:
         )
         self.state = ShardState()
         self._stopped = asyncio.Event()
+        # Status events never compete with data for a full buffer: they wait here, in
+        # order, until their lane has room (so `overflow` itself is not dropped).
+        self._lane_room = max(1, settings.buffer_max_events // len(senders))
+        self._buffer_bound = self._lane_room * len(senders)
+        self._last_drop = 0.0
+        self._status_pending: deque[OutRecord] = deque(maxlen=_STATUS_PENDING_MAX)
+        self._dropped_seen: Counter[str] = Counter()  # drops already reported
+        self._overflow: tuple[float, Counter[str]] | None = None  # (since, drops at start)
 
     # --- SessionHandler -----------------------------------------------------------------
 
@@ -119,9 +131,64 @@ class ShardCore:
         if state in ("disconnected", "reconnecting"):
             st.subscribed = False
         log.info("shard %s %s %s", self.spec.shard_id, state, _safe(info))
-        self.outbox.put(
-            [self.pipeline.status_record(self.spec.shard_id, state, info)], time.monotonic()
-        )
+        self._put_status(state, info)
+
+    # --- status events ------------------------------------------------------------------
+
+    def _put_status(self, event: str, info: dict[str, object]) -> None:
+        self._status_pending.append(self.pipeline.status_record(self.spec.shard_id, event, info))
+        self._flush_status()
+
+    def _flush_status(self, force: bool = False) -> None:
+        """Hand pending status records to the outbox, in order, while their lane has room."""
+        while self._status_pending:
+            record = self._status_pending[0]
+            if (
+                not force
+                and self.outbox.lane_for(record.key).snapshot().buffered >= self._lane_room
+            ):
+                return
+            self.outbox.put([self._status_pending.popleft()], time.monotonic())
+
+    def _check_overflow(self) -> None:
+        """One `overflow` status event when records start being dropped, one `recovered`
+        once no record was dropped for `_RECOVERED_AFTER_S` and the buffer is below its
+        bound: per transition, never per record. Runs every `_FINALIZE_INTERVAL_S`."""
+        outbox = self.outbox.snapshot()
+        dropped = Counter(outbox.dropped_by_channel)
+        new = dropped - self._dropped_seen
+        self._dropped_seen = dropped
+        limit = self._buffer_bound
+        now = time.monotonic()
+        if new:
+            self._last_drop = now
+            if self._overflow is None:
+                self._overflow = (now, dropped - new)
+                info: dict[str, object] = {
+                    "dropped": new.total(),
+                    "dropped_by_channel": dict(new),
+                    "buffered": outbox.buffered,
+                    "buffer_max_events": limit,
+                }
+                log.warning("shard %s overflow %s", self.spec.shard_id, _safe(info))
+                self._put_status("overflow", info)
+        elif (
+            self._overflow is not None
+            and now - self._last_drop >= _RECOVERED_AFTER_S
+            and outbox.buffered < limit
+        ):
+            since, before = self._overflow
+            self._overflow = None
+            episode = dropped - before
+            info = {
+                "dropped": episode.total(),
+                "dropped_by_channel": dict(episode),
+                "overflow_s": round(now - since, 3),
+                "buffered": outbox.buffered,
+            }
+            log.warning("shard %s recovered %s", self.spec.shard_id, _safe(info))
+            self._put_status("recovered", info)
+        self._flush_status()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -141,6 +208,8 @@ class ShardCore:
             with contextlib.suppress(asyncio.CancelledError):
                 await finalizer
             self._emit(self.pipeline.finalize_all())
+            self._check_overflow()
+            self._flush_status(force=True)
             self.outbox.close()
             await sender
             self._stopped.set()
@@ -158,6 +227,7 @@ class ShardCore:
         while True:
             await asyncio.sleep(_FINALIZE_INTERVAL_S)
             self._emit(self.pipeline.finalize_due(time.monotonic()))
+            self._check_overflow()
 
     def _emit(self, records: list[Any]) -> None:
         if records:
@@ -184,6 +254,7 @@ class ShardCore:
             "late_bar_revisions": self.pipeline.late_revisions,
             "buffered": outbox.buffered,
             "in_flight": outbox.in_flight,
+            "overflowing": self._overflow is not None,
             "acked": dict(outbox.acked_by_channel),
             "dropped": dict(outbox.dropped_by_channel),
             "batches_failed": outbox.batches_failed,

@@ -23,7 +23,9 @@ class ForwarderSnapshot:
         return total
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """Ready when every producer has Kafka and every shard is subscribed."""
+        """Ready (``/healthz`` 200) only when every producer has a working Kafka connection
+        (`ready`: connected, and the last send or idle metadata probe succeeded) and every
+        shard has an acknowledged subscription; otherwise the body lists the problems."""
         problems: list[str] = list(f"actor unreachable: {name}" for name in self.unreachable)
         for producer in self.producers:
             if not producer.get("ready"):
@@ -38,6 +40,8 @@ class ForwarderSnapshot:
                 problems.append(f"shard {shard['shard_id']} is {shard.get('state')}")
         if not self.shards:
             problems.append("no shards running")
+        if not self.producers:
+            problems.append("no producers running")
         body = {
             "status": "ok" if not problems else "unavailable",
             "problems": problems,

@@ -1,0 +1,370 @@
+"""Actor-side metrics: `ray.util.metrics` fed from each actor's own `stats()` dict.
+
+Every `ShardActor` and `ProducerActor` runs one `StatsExporter`, a periodic asyncio task
+that reads the same plain-data `stats()` the driver polls and turns it into Ray metrics:
+counters are increased by the delta since the previous tick, gauges are set. Ray's
+metrics agent on each node exports them (prefixed ``ray_``, counters suffixed ``_total``),
+which is what Prometheus scrapes on KubeRay; see docs/observability.md.
+
+Tags are shard, producer, channel, reason, code and state only — never a symbol — so the
+number of series stays bounded by configuration, not by the market.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+#: Ray exports every application metric as ``ray_<name>``; all of ours start with this.
+PREFIX = "forwarder_"
+EXPORT_PREFIX = "ray_" + PREFIX
+DEFAULT_INTERVAL_S = 1.0
+
+#: Connection states a shard reports (session.py), one-hot in `forwarder_shard_state`.
+SHARD_STATES = (
+    "starting",
+    "connected",
+    "authenticated",
+    "subscribed",
+    "subscription_changed",
+    "disconnected",
+    "reconnecting",
+    "failed",
+)
+#: Histogram bucket bounds in seconds, shared by every latency histogram (the Ray export
+#: and the driver's /metrics). Event-time latency of minute bars is >= 60 s by nature.
+LATENCY_BOUNDARIES = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+]  # fmt: skip
+
+#: Latency kinds: metric name (Ray: ``forwarder_<name>``; driver: ``ray_forwarder_<driver>``)
+LATENCY_KINDS = {
+    # batch handed to a producer actor -> Kafka acknowledged all of it (per attempt)
+    "publish": ("shard_publish_latency_seconds", "publish_latency_seconds"),
+    # the frame carrying the batch's oldest record was received -> Kafka ack
+    "receive": ("shard_receive_to_ack_latency_seconds", "receive_to_ack_latency_seconds"),
+    # the item's own timestamp (`event_ts`) -> Kafka ack, by channel
+    "event": ("shard_event_to_ack_latency_seconds", "event_to_ack_latency_seconds"),
+}
+LATENCY_DOCS = {
+    "publish": "Batch handed to a producer actor -> acknowledged by Kafka, per batch.",
+    "receive": "Frame received (the batch's oldest record) -> acknowledged by Kafka, per batch.",
+    "event": "Event timestamp (event_ts) -> acknowledged by Kafka, per batch and channel "
+    "(the first record of each topic in the batch).",
+}
+#: At most this many raw observations wait for the Ray exporter between two ticks.
+PENDING_OBSERVATIONS_MAX = 20_000
+
+
+class LatencyRecorder:
+    """Ack latencies, observed in the shard's event loop by the outbox's ack hook.
+
+    Keeps cumulative bucket counts per (kind, channel) -- what `stats()` reports and the
+    driver renders as Prometheus histograms -- and a bounded queue of raw observations that
+    the actor's `StatsExporter` drains into Ray histograms every tick. One observation per
+    acknowledged batch (and per topic in it for event time), never per record, so the cost
+    is independent of throughput. No Ray in here.
+    """
+
+    def __init__(
+        self,
+        boundaries: Sequence[float] = LATENCY_BOUNDARIES,
+        pending_max: int = PENDING_OBSERVATIONS_MAX,
+    ) -> None:
+        self.boundaries = list(boundaries)
+        self._hist: dict[tuple[str, str], list[float]] = {}  # [count per bucket..., sum]
+        self._pending: deque[tuple[str, str, float]] = deque(maxlen=pending_max)
+        self.pending_lost = 0
+
+    def observe(self, kind: str, channel: str, seconds: float) -> None:
+        seconds = max(0.0, seconds)  # clock skew between the feed and us must not go negative
+        row = self._hist.get((kind, channel))
+        if row is None:
+            row = self._hist[(kind, channel)] = [0.0] * (len(self.boundaries) + 2)
+        bucket = len(self.boundaries)  # +Inf
+        for index, bound in enumerate(self.boundaries):
+            if seconds <= bound:
+                bucket = index
+                break
+        row[bucket] += 1
+        row[-1] += seconds
+        if len(self._pending) == self._pending.maxlen:
+            self.pending_lost += 1
+        self._pending.append((kind, channel, seconds))
+
+    def on_ack(
+        self, records: Sequence[tuple[str, bytes, bytes]], received: float, submitted: float,
+        acked: float,
+    ) -> None:  # fmt: skip
+        """The outbox's `AckObserver`: monotonic times of one acknowledged batch."""
+        self.observe("publish", "", acked - submitted)
+        self.observe("receive", "", acked - received)
+        now = time.time()
+        seen: set[str] = set()
+        for topic, _key, value in records:
+            if topic in seen:
+                continue
+            seen.add(topic)
+            channel, event_time = envelope_event_time(value)
+            if channel is not None and channel != "status" and event_time is not None:
+                self.observe("event", channel, now - event_time)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Cumulative histograms as plain data (pickled to the driver with `stats()`)."""
+        return [
+            {
+                "kind": kind,
+                "channel": channel,
+                "buckets": row[:-1],  # per bucket, not cumulative; the last is +Inf
+                "sum": row[-1],
+                "count": sum(row[:-1]),
+            }
+            for (kind, channel), row in sorted(self._hist.items())
+        ]
+
+    def drain(self) -> list[tuple[str, str, float]]:
+        """The raw observations since the last drain (for Ray's histograms)."""
+        out = list(self._pending)
+        self._pending.clear()
+        return out
+
+
+def envelope_event_time(value: bytes) -> tuple[str | None, float | None]:
+    """(channel, event_ts as epoch seconds) of a serialised envelope; Nones if unreadable."""
+    try:
+        envelope = orjson.loads(value)
+        channel = envelope.get("channel")
+        ts = envelope["event_ts"]  # RFC 3339, nine fractional digits, Z
+        moment = datetime.fromisoformat(ts[:26]).replace(tzinfo=UTC)
+        return channel, moment.timestamp()
+    except Exception:
+        return None, None
+
+
+StatsFn = Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
+
+
+def _metrics() -> Any:
+    from ray.util import metrics  # imported lazily: the module is importable without Ray
+
+    return metrics
+
+
+class _DeltaCounter:
+    """A Ray Counter fed with cumulative values: increases by the delta since last time.
+
+    A value that goes down (the source restarted) counts from zero again."""
+
+    def __init__(self, name: str, description: str, tag_keys: tuple[str, ...]) -> None:
+        self._counter = _metrics().Counter(PREFIX + name, description, tag_keys=tag_keys)
+        self._last: dict[tuple[tuple[str, str], ...], float] = {}
+
+    def update(self, value: float, tags: dict[str, str]) -> None:
+        key = tuple(sorted(tags.items()))
+        last = self._last.get(key, 0.0)
+        delta = value - last if value >= last else value
+        self._last[key] = value
+        if delta > 0:
+            self._counter.inc(delta, tags=tags)
+
+
+class _Gauge:
+    def __init__(self, name: str, description: str, tag_keys: tuple[str, ...]) -> None:
+        self._gauge = _metrics().Gauge(PREFIX + name, description, tag_keys=tag_keys)
+
+    def update(self, value: float, tags: dict[str, str]) -> None:
+        self._gauge.set(float(value), tags=tags)
+
+
+class ShardMetrics:
+    """Ray metrics for one shard, updated from `ShardCore.stats()`."""
+
+    SHARD_COUNTERS = (
+        ("received", "shard_events_received", "Data items decoded from the feed, by channel."),
+        ("emitted", "shard_events_emitted", "Records the pipeline produced, by channel."),
+        ("acked", "shard_events_forwarded", "Records acknowledged by Kafka, by channel."),
+        ("deduplicated", "shard_events_deduplicated", "Redelivered items dropped, by channel."),
+        ("dropped", "shard_events_dropped", "Records dropped on buffer overflow, by channel."),
+    )
+
+    def __init__(self, shard_id: str, recorder: LatencyRecorder | None = None) -> None:
+        self.shard_id = shard_id
+        tags = ("shard", "channel")
+        self._by_channel = [
+            (key, _DeltaCounter(name, doc, tags)) for key, name, doc in self.SHARD_COUNTERS
+        ]
+        self._skipped = _DeltaCounter(
+            "shard_items_skipped", "Malformed frames or items skipped.", ("shard", "reason")
+        )
+        self._errors = _DeltaCounter(
+            "shard_feed_errors", "Alpaca error messages by code.", ("shard", "code")
+        )
+        self._plain = [
+            (key, _DeltaCounter(name, doc, ("shard",)))
+            for key, name, doc in (
+                ("connects", "shard_connects", "WebSocket connections opened."),
+                ("reconnects", "shard_reconnects", "Reconnects after a lost or refused session."),
+                ("batches_failed", "shard_batches_failed", "Batches a producer failed to ack."),
+                ("batches_resent", "shard_batches_resent", "Batches re-sent after a failure."),
+                ("finals", "shard_final_bars", "Final minute-bar records emitted."),
+                ("late_bar_revisions", "shard_late_bar_revisions", "Revisions after a final."),
+            )
+        ]
+        self._subscribed = _Gauge(
+            "shard_subscribed", "1 once the feed acknowledged the subscription.", ("shard",)
+        )
+        self._state = _Gauge(
+            "shard_state", "1 for the shard's current connection state.", ("shard", "state")
+        )
+        self._buffered = _Gauge(
+            "shard_buffered_events", "Records waiting for a producer.", ("shard",)
+        )
+        self._in_flight = _Gauge(
+            "shard_in_flight_events", "Records sent but not yet acknowledged.", ("shard",)
+        )
+        self._symbols = _Gauge("shard_symbols", "Symbols this shard subscribes to.", ("shard",))
+        self._overflowing = _Gauge(
+            "shard_overflowing",
+            "1 while the shard's buffer is full and records are dropped (see status events).",
+            ("shard",),
+        )
+        self._last_latency = _Gauge(
+            "shard_last_ack_latency_seconds",
+            "Receipt-to-ack latency of the latest acknowledged batch.",
+            ("shard",),
+        )
+        self._histograms = {
+            kind: _metrics().Histogram(
+                PREFIX + name,
+                LATENCY_DOCS[kind],
+                boundaries=LATENCY_BOUNDARIES,
+                tag_keys=("shard", "channel") if kind == "event" else ("shard",),
+            )
+            for kind, (name, _driver_name) in LATENCY_KINDS.items()
+        }
+        self._recorder = recorder
+
+    def drain(self) -> None:
+        """Feed the recorder's new observations into Ray's histograms."""
+        if self._recorder is None:
+            return
+        shard = {"shard": self.shard_id}
+        for kind, channel, seconds in self._recorder.drain():
+            tags = {**shard, "channel": channel} if kind == "event" else shard
+            self._histograms[kind].observe(seconds, tags=tags)
+
+    def update(self, stats: Mapping[str, Any]) -> None:
+        shard = {"shard": self.shard_id}
+        for key, counter in self._by_channel:
+            for channel, value in (stats.get(key) or {}).items():
+                counter.update(value, {**shard, "channel": str(channel)})
+        for reason, value in (stats.get("skipped") or {}).items():
+            self._skipped.update(value, {**shard, "reason": str(reason)})
+        for code, value in (stats.get("errors_by_code") or {}).items():
+            self._errors.update(value, {**shard, "code": str(code)})
+        for key, counter in self._plain:
+            counter.update(stats.get(key) or 0, shard)
+        self._subscribed.update(1.0 if stats.get("subscribed") else 0.0, shard)
+        current = stats.get("state")
+        for state in SHARD_STATES:
+            self._state.update(1.0 if state == current else 0.0, {**shard, "state": state})
+        self._buffered.update(stats.get("buffered") or 0, shard)
+        self._in_flight.update(stats.get("in_flight") or 0, shard)
+        self._symbols.update(stats.get("symbols") or 0, shard)
+        self._overflowing.update(1.0 if stats.get("overflowing") else 0.0, shard)
+        latency = stats.get("last_ack_latency_s")
+        if latency is not None:
+            self._last_latency.update(latency, shard)
+        self.drain()
+
+
+class ProducerMetrics:
+    """Ray metrics for one producer actor, updated from `ProducerActor.stats()`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        tags = ("producer",)
+        self._counters = [
+            (key, _DeltaCounter(metric, doc, tags))
+            for key, metric, doc in (
+                ("batches", "producer_batches", "Batches fully acknowledged by Kafka."),
+                ("records", "producer_records", "Records acknowledged by Kafka."),
+                ("errors", "producer_kafka_errors", "Failed Kafka deliveries."),
+                ("probe_failures", "producer_probe_failures", "Failed Kafka liveness probes."),
+            )
+        ]
+        self._ready = _Gauge("producer_ready", "1 while the producer has working Kafka.", tags)
+        self._ack_age = _Gauge(
+            "producer_last_ack_age_seconds",
+            "Seconds since Kafka last acknowledged a batch or answered a probe.",
+            tags,
+        )
+
+    def update(self, stats: Mapping[str, Any]) -> None:
+        tags = {"producer": self.name}
+        for key, counter in self._counters:
+            counter.update(stats.get(key) or 0, tags)
+        self._ready.update(1.0 if stats.get("ready") else 0.0, tags)
+        age = stats.get("last_ok_age_s")
+        if age is not None:
+            self._ack_age.update(age, tags)
+
+
+class StatsExporter:
+    """Runs `update(stats())` every `interval` seconds in the actor's event loop."""
+
+    def __init__(
+        self,
+        stats: StatsFn,
+        update: Callable[[Mapping[str, Any]], None],
+        interval: float = DEFAULT_INTERVAL_S,
+    ) -> None:
+        self._stats = stats
+        self._update = update
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self.ticks = 0
+
+    def start(self) -> None:
+        """Start the loop (idempotent); call from inside the actor's running event loop."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), name="metrics-exporter"
+            )
+
+    async def tick(self) -> None:
+        """One export; failures are logged, never raised (metrics must not stop a shard)."""
+        try:
+            stats = self._stats()
+            if inspect.isawaitable(stats):
+                stats = await stats
+            self._update(stats)
+            self.ticks += 1
+        except Exception:
+            log.warning("metrics export failed", exc_info=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await self.tick()
+            await asyncio.sleep(self._interval)
+
+    async def stop(self) -> None:
+        """Cancel the loop and export once more, so final counts are not lost."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.tick()
