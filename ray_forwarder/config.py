@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     batch_max_ms: float = Field(default=20.0, gt=0)
     batch_max_in_flight: int = Field(default=4, gt=0)
     buffer_max_events: int = Field(default=200_000, gt=0)
+    buffer_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    spool_dir: str = ""  # empty: <system temp dir>/ray-forwarder-spool
+    spool_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=0)  # 0: no disk spool
 
     # Operations
     metrics_port: int = Field(default=8080, ge=0, le=65535)

@@ -92,6 +92,11 @@ class SnapshotCollector(Collector):
             "Records buffered or in flight to a producer (not yet acknowledged).",
             labels=["shard"],
         )
+        spooled = GaugeMetricFamily(
+            "ray_forwarder_spool_events",
+            "Records in a shard's disk spool (memory buffer full, waiting for Kafka).",
+            labels=["shard"],
+        )
         overflowing = GaugeMetricFamily(
             "ray_forwarder_shard_overflowing",
             "1 while the shard's buffer is full and records are being dropped.",
@@ -110,10 +115,11 @@ class SnapshotCollector(Collector):
             state.add_metric([sid, str(shard.get("state"))], 1.0)
             symbols.add_metric([sid], shard.get("symbols", 0))
             buffered.add_metric([sid], shard.get("buffered", 0) + shard.get("in_flight", 0))
+            spooled.add_metric([sid], shard.get("spooled", 0))
             overflowing.add_metric([sid], 1.0 if shard.get("overflowing") else 0.0)
             latency.add_metric([sid], shard.get("last_ack_latency_s", 0.0))
         yield from per_shard.values()
-        yield from (subscribed, state, symbols, buffered, overflowing, latency)
+        yield from (subscribed, state, symbols, buffered, spooled, overflowing, latency)
         yield from _latency_histograms(snap)
         ready = GaugeMetricFamily(
             "ray_forwarder_producer_ready",

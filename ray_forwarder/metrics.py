@@ -234,6 +234,12 @@ class ShardMetrics:
         self._in_flight = _Gauge(
             "shard_in_flight_events", "Records sent but not yet acknowledged.", ("shard",)
         )
+        self._spooled = _Gauge(
+            "shard_spooled_events", "Records in the shard's disk spool.", ("shard",)
+        )
+        self._spooled_bytes = _Gauge(
+            "shard_spooled_bytes", "Bytes in the shard's disk spool.", ("shard",)
+        )
         self._symbols = _Gauge("shard_symbols", "Symbols this shard subscribes to.", ("shard",))
         self._overflowing = _Gauge(
             "shard_overflowing",
@@ -282,6 +288,8 @@ class ShardMetrics:
             self._state.update(1.0 if state == current else 0.0, {**shard, "state": state})
         self._buffered.update(stats.get("buffered") or 0, shard)
         self._in_flight.update(stats.get("in_flight") or 0, shard)
+        self._spooled.update(stats.get("spooled") or 0, shard)
+        self._spooled_bytes.update(stats.get("spooled_bytes") or 0, shard)
         self._symbols.update(stats.get("symbols") or 0, shard)
         self._overflowing.update(1.0 if stats.get("overflowing") else 0.0, shard)
         latency = stats.get("last_ack_latency_s")

@@ -8,6 +8,10 @@ In a lane, batches leave in arrival order with at most `max_in_flight` unacknowl
 a send fails (producer actor gone, Kafka unavailable), the lane waits for everything in
 flight to settle and re-sends every unacknowledged batch, oldest first, before anything
 newer: at-least-once, in order.
+
+A lane's memory buffer is bounded in records and bytes. Beyond it, records go to a disk
+spool (`spool.py`) and come back in order once memory has room again; only when the spool
+is full too are records dropped, counted per channel.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ray_forwarder.pipeline import OutRecord
+from ray_forwarder.spool import DiskSpool, SpoolFull
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,10 @@ def stable_slot(key: bytes, slots: int) -> int:
 @dataclass
 class OutboxStats:
     buffered: int = 0
+    buffered_bytes: int = 0
+    spooled: int = 0
+    spooled_bytes: int = 0
+    spooled_total: int = 0
     in_flight: int = 0
     batches_sent: int = 0
     batches_failed: int = 0
@@ -77,6 +87,10 @@ class OutboxStats:
 
     def merge(self, other: OutboxStats) -> None:
         self.buffered += other.buffered
+        self.buffered_bytes += other.buffered_bytes
+        self.spooled += other.spooled
+        self.spooled_bytes += other.spooled_bytes
+        self.spooled_total += other.spooled_total
         self.in_flight += other.in_flight
         self.batches_sent += other.batches_sent
         self.batches_failed += other.batches_failed
@@ -99,11 +113,14 @@ class _Batch:
 
 @dataclass(frozen=True)
 class BatchLimits:
-    max_events: int  # buffer bound per lane
+    max_events: int  # memory buffer bound per lane, in records
     batch_max_events: int
     batch_max_ms: float
     max_in_flight: int
     retry_delay: float = 0.2
+    max_bytes: int = 1 << 62  # memory buffer bound per lane, in key + value bytes
+    spool_dir: Path | None = None  # overflow to disk here (a directory per lane)
+    spool_max_bytes: int = 0  # 0: no spool
 
 
 class Lane:
@@ -116,6 +133,9 @@ class Lane:
         self._name = name
         self._window = asyncio.Semaphore(limits.max_in_flight)
         self._buffer: deque[tuple[OutRecord, float]] = deque()
+        self._buffered_bytes = 0
+        self._spool: DiskSpool | None = None
+        self._spool_error = False
         self._unacked: deque[_Batch] = deque()
         self._inflight: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -124,20 +144,60 @@ class Lane:
         self._closed = False
         self._instance: str | None = None  # the producer incarnation this lane talks to
         self._uid = f"{name}-{uuid.uuid4().hex[:12]}"
+        if limits.spool_dir is not None and limits.spool_max_bytes > 0:
+            self._spool = DiskSpool(limits.spool_dir / self._uid, limits.spool_max_bytes)
         self._submissions = 0
         self.stats = OutboxStats()
         self.observer: AckObserver | None = None
 
     def put(self, record: OutRecord, received: float) -> None:
-        if len(self._buffer) >= self._limits.max_events:
-            self.stats.dropped_by_channel[record.channel] += 1
-            dropped = sum(self.stats.dropped_by_channel.values())
-            if dropped == 1 or dropped % 10_000 == 0:
-                log.warning("%s buffer full: %d records dropped so far", self._name, dropped)
+        """Buffer in memory; when that is full, spool to disk; when both are, drop (counted).
+
+        Once anything is spooled, newer records go to the spool too, until it has drained
+        into memory: the memory buffer always holds the oldest records.
+        """
+        if not self._spool and self._memory_has_room():
+            self._buffer.append((record, received))
+            self._buffered_bytes += len(record.key) + len(record.value)
+            if len(self._buffer) >= self._limits.batch_max_events:
+                self._wake.set()
             return
-        self._buffer.append((record, received))
-        if len(self._buffer) >= self._limits.batch_max_events:
-            self._wake.set()
+        if self._spool is not None:
+            try:
+                self._spool.append(record, received)
+                return
+            except SpoolFull:
+                pass
+            except OSError as exc:  # a full or read-only disk: drop (counted) like a full spool
+                if not self._spool_error:
+                    log.error("%s cannot spool to disk: %s", self._name, exc)
+                self._spool_error = True
+        self.stats.dropped_by_channel[record.channel] += 1
+        dropped = sum(self.stats.dropped_by_channel.values())
+        if dropped == 1 or dropped % 10_000 == 0:
+            log.warning("%s buffer full: %d records dropped so far", self._name, dropped)
+
+    def has_room(self) -> bool:
+        """Whether a record put now would be kept (in memory or in the spool)."""
+        if not self._spool and self._memory_has_room():
+            return True
+        spool = self._spool
+        return spool is not None and spool.bytes < self._limits.spool_max_bytes * 0.99
+
+    def _memory_has_room(self) -> bool:
+        return (
+            len(self._buffer) < self._limits.max_events
+            and self._buffered_bytes < self._limits.max_bytes
+        )
+
+    def _refill_from_spool(self) -> None:
+        """Move the spool's oldest records into memory while memory has room."""
+        spool = self._spool
+        while spool and self._memory_has_room():
+            room = self._limits.max_events - len(self._buffer)
+            for record, received in spool.pop_many(min(room, self._limits.batch_max_events)):
+                self._buffer.append((record, received))
+                self._buffered_bytes += len(record.key) + len(record.value)
 
     def close(self) -> None:
         """Flush what is buffered without waiting for the linger, then let `run()` end."""
@@ -145,10 +205,19 @@ class Lane:
         self._wake.set()
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self._spool is not None:
+                self._spool.close()
+
+    async def _run(self) -> None:
         while True:
             if self._failed:
                 await self._recover()
                 continue
+            if self._spool:
+                self._refill_from_spool()
             if not self._buffer:
                 if self._closed:
                     if self._inflight:
@@ -187,6 +256,7 @@ class Lane:
         for _ in range(count):
             record, _received = popleft()
             records.append((record.topic, record.key, record.value))
+            self._buffered_bytes -= len(record.key) + len(record.value)
             channels[record.channel] += 1
         return _Batch(records, channels, oldest)
 
@@ -270,6 +340,11 @@ class Lane:
 
     def snapshot(self) -> OutboxStats:
         self.stats.buffered = len(self._buffer)
+        self.stats.buffered_bytes = self._buffered_bytes
+        if self._spool is not None:
+            self.stats.spooled = self._spool.records
+            self.stats.spooled_bytes = self._spool.bytes
+            self.stats.spooled_total = self._spool.written_total
         self.stats.in_flight = sum(len(b.records) for b in self._unacked if not b.acked)
         return self.stats
 
@@ -282,6 +357,9 @@ class Outbox:
             raise ValueError("an outbox needs at least one producer")
         per_lane = BatchLimits(
             max_events=max(1, limits.max_events // len(senders)),
+            max_bytes=max(1, limits.max_bytes // len(senders)),
+            spool_dir=limits.spool_dir,
+            spool_max_bytes=limits.spool_max_bytes // len(senders),
             batch_max_events=limits.batch_max_events,
             batch_max_ms=limits.batch_max_ms,
             max_in_flight=limits.max_in_flight,
@@ -301,6 +379,10 @@ class Outbox:
         """Call `observer` for every acknowledged batch of every lane (latency metrics)."""
         for lane in self._lanes:
             lane.observer = observer
+
+    def has_room(self) -> bool:
+        """Whether every lane would keep a record put now (in memory or its spool)."""
+        return all(lane.has_room() for lane in self._lanes)
 
     def put(self, records: list[OutRecord], received: float) -> None:
         """Buffer records (never blocks); beyond a lane's bound they are dropped and counted."""

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ray_forwarder.bars import BarFinalizer
@@ -25,6 +27,12 @@ from ray_forwarder.session import AlpacaSession, FatalSessionError, SessionConfi
 from ray_forwarder.topics import topic_map
 
 log = logging.getLogger(__name__)
+
+
+def spool_directory(settings: Settings, shard_id: str) -> Path:
+    """Where a shard's lanes spool to disk when their memory buffers are full."""
+    root = Path(settings.spool_dir) if settings.spool_dir else Path(tempfile.gettempdir())
+    return (root if settings.spool_dir else root / "ray-forwarder-spool") / shard_id
 
 _FINALIZE_INTERVAL_S = 0.1
 #: Status records waiting for room in a full buffer; beyond this the oldest are dropped.
@@ -70,6 +78,9 @@ class ShardCore:
             senders,
             BatchLimits(
                 max_events=settings.buffer_max_events,
+                max_bytes=settings.buffer_max_bytes,
+                spool_dir=spool_directory(settings, spec.shard_id),
+                spool_max_bytes=settings.spool_max_bytes,
                 batch_max_events=settings.batch_max_events,
                 batch_max_ms=settings.batch_max_ms,
                 max_in_flight=settings.batch_max_in_flight,
@@ -92,8 +103,7 @@ class ShardCore:
         self._stopped = asyncio.Event()
         # Status events never compete with data for a full buffer: they wait here, in
         # order, until their lane has room (so `overflow` itself is not dropped).
-        self._lane_room = max(1, settings.buffer_max_events // len(senders))
-        self._buffer_bound = self._lane_room * len(senders)
+        self._buffer_bound = max(1, settings.buffer_max_events // len(senders)) * len(senders)
         self._last_drop = 0.0
         self._status_pending: deque[OutRecord] = deque(maxlen=_STATUS_PENDING_MAX)
         self._dropped_seen: Counter[str] = Counter()  # drops already reported
@@ -143,10 +153,7 @@ class ShardCore:
         """Hand pending status records to the outbox, in order, while their lane has room."""
         while self._status_pending:
             record = self._status_pending[0]
-            if (
-                not force
-                and self.outbox.lane_for(record.key).snapshot().buffered >= self._lane_room
-            ):
+            if not force and not self.outbox.lane_for(record.key).has_room():
                 return
             self.outbox.put([self._status_pending.popleft()], time.monotonic())
 
@@ -169,13 +176,14 @@ class ShardCore:
                     "dropped_by_channel": dict(new),
                     "buffered": outbox.buffered,
                     "buffer_max_events": limit,
+                    "spooled": outbox.spooled,
                 }
                 log.warning("shard %s overflow %s", self.spec.shard_id, _safe(info))
                 self._put_status("overflow", info)
         elif (
             self._overflow is not None
             and now - self._last_drop >= _RECOVERED_AFTER_S
-            and outbox.buffered < limit
+            and self.outbox.has_room()
         ):
             since, before = self._overflow
             self._overflow = None
@@ -253,6 +261,10 @@ class ShardCore:
             "finals": counters.finals,
             "late_bar_revisions": self.pipeline.late_revisions,
             "buffered": outbox.buffered,
+            "buffered_bytes": outbox.buffered_bytes,
+            "spooled": outbox.spooled,
+            "spooled_bytes": outbox.spooled_bytes,
+            "spooled_total": outbox.spooled_total,
             "in_flight": outbox.in_flight,
             "overflowing": self._overflow is not None,
             "acked": dict(outbox.acked_by_channel),

@@ -61,7 +61,9 @@ async def test_killing_a_producer_actor_loses_nothing_and_keeps_order(
     print(f"producer kill: {len(sent)} items, {duplicates} re-sent duplicates")
 
 
-async def test_broker_down_for_30_seconds_loses_nothing(kafka_broker, kafka_topics) -> None:
+async def test_broker_down_for_30_seconds_loses_nothing(
+    kafka_broker, kafka_topics, tmp_path
+) -> None:
     if kafka_broker.local is None:
         pytest.fail("this test stops and restarts the local broker")
     outage: list[str] = []
@@ -77,6 +79,8 @@ async def test_broker_down_for_30_seconds_loses_nothing(kafka_broker, kafka_topi
         settings = forwarder_settings(
             kafka_broker, kafka_topics, sim, alpaca_symbols=",".join(SYMBOLS),
             kafka_request_timeout_ms=10_000,
+            # A small memory buffer, so the outage overflows into the disk spool.
+            buffer_max_events=1000, spool_dir=str(tmp_path / "spool"),
         )  # fmt: skip
         import asyncio
 
@@ -96,9 +100,12 @@ async def test_broker_down_for_30_seconds_loses_nothing(kafka_broker, kafka_topi
         sent = sim.distinct_items()
     assert outage == ["down", "up"]
     assert result.error is None and result.drained
+    [shard] = result.snapshot.shards
+    assert shard["spooled_total"] > 0 and shard["spooled"] == 0 and not shard["dropped"]
     expected = sum(result.snapshot.total("emitted").values())
     records = await read_back(kafka_broker, settings, expected)
     report = decode_and_check(records, topic_map(settings), allow_resends=True)
     duplicates = assert_at_least_once(report, sent)
     assert_first_occurrence_order(report, sent)
-    print(f"broker outage: {len(sent)} items, {duplicates} re-sent duplicates")
+    print(f"broker outage: {len(sent)} items, {duplicates} re-sent duplicates, "
+          f"{shard['spooled_total']} records spooled to disk")

@@ -373,6 +373,7 @@ async def test_overflow_and_recovered_status_events_once_per_transition() -> Non
             alpaca_stream_url=sim.url, alpaca_symbols=",".join(SYMBOLS),
             kafka_bootstrap_servers="127.0.0.1:9", bar_final_delay_seconds=0.5,
             buffer_max_events=200, batch_max_events=20, batch_max_in_flight=2,
+            spool_max_bytes=0,  # no disk spool: the memory buffer's overflow is dropped
         )  # fmt: skip
         [spec] = plan_shards(settings)
         core = ShardCore(settings, spec, [send])

@@ -1,0 +1,122 @@
+"""The disk spool: a FIFO across segment files with a size bound, and a lane that
+overflows into it and drains it back in order."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from ray_forwarder import spool as spool_module
+from ray_forwarder.outbox import BatchLimits, Lane
+from ray_forwarder.pipeline import OutRecord
+from ray_forwarder.spool import DiskSpool, SpoolFull
+
+
+def _record(n: int, channel: str = "trades") -> OutRecord:
+    return OutRecord("alpaca.trades.v1", b"SPY", f'{{"n":{n}}}'.encode(), channel)
+
+
+def _numbers(values: list[bytes]) -> list[int]:
+    return [int(v.decode().split(":")[1].rstrip("}")) for v in values]
+
+
+def test_spool_is_fifo_across_segments_and_removes_what_it_has_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_module, "SEGMENT_BYTES", 500)  # many small segments
+    spool = DiskSpool(tmp_path / "lane", max_bytes=1_000_000)
+    for n in range(50):
+        spool.append(_record(n), received=float(n))
+    assert len(spool) == 50 and len(list((tmp_path / "lane").iterdir())) > 3
+    first = spool.pop_many(20)
+    for n in range(50, 60):  # appends while reading keep their place at the tail
+        spool.append(_record(n), received=float(n))
+    rest = spool.pop_many(1000)
+    out = first + rest
+    assert _numbers([r.value for r, _ in out]) == list(range(60))
+    assert [received for _, received in out] == [float(n) for n in range(60)]
+    assert out[0][0] == _record(0)
+    assert len(spool) == 0 and spool.bytes == 0
+    assert list((tmp_path / "lane").iterdir()) == []  # read segments are deleted
+    spool.close()
+    assert not (tmp_path / "lane").exists()
+
+
+def test_spool_refuses_records_beyond_its_bound(tmp_path):
+    record = _record(1)
+    spool = DiskSpool(tmp_path / "lane", max_bytes=DiskSpool.cost(record) * 3)
+    for _ in range(3):
+        spool.append(record, 0.0)
+    with pytest.raises(SpoolFull):
+        spool.append(record, 0.0)
+    assert len(spool.pop_many(1)) == 1
+    spool.append(record, 0.0)  # room again once read
+    assert len(spool) == 3
+    spool.close()
+
+
+class HeldReceiver:
+    """Acknowledges nothing until released, like a producer whose Kafka is down."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.delivered: list[bytes] = []
+
+    async def send(self, records, ticket) -> tuple[int, str]:
+        await self.release.wait()
+        self.delivered.extend(value for _topic, _key, value in records)
+        return len(records), "receiver"
+
+
+def _limits(tmp_path: Path, spool_max_bytes: int) -> BatchLimits:
+    return BatchLimits(
+        max_events=20, batch_max_events=5, batch_max_ms=1, max_in_flight=2,
+        retry_delay=0.01, spool_dir=tmp_path, spool_max_bytes=spool_max_bytes,
+    )  # fmt: skip
+
+
+async def test_a_full_lane_spools_to_disk_and_drains_it_back_in_order(tmp_path) -> None:
+    receiver = HeldReceiver()
+    lane = Lane(receiver.send, _limits(tmp_path, spool_max_bytes=1_000_000))
+    runner = asyncio.create_task(lane.run())
+    for n in range(300):
+        lane.put(_record(n), received=0.0)
+        if n % 50 == 0:
+            await asyncio.sleep(0.005)
+    stats = lane.snapshot()
+    assert stats.spooled > 200 and stats.buffered <= 20 and not stats.dropped_by_channel
+    assert lane.has_room()
+    spool_dirs = list(tmp_path.iterdir())
+    assert len(spool_dirs) == 1 and any(spool_dirs[0].iterdir())
+    receiver.release.set()
+    lane.close()
+    await asyncio.wait_for(runner, 10)
+    assert _numbers(receiver.delivered) == list(range(300))
+    assert lane.snapshot().spooled == 0 and lane.snapshot().spooled_total == stats.spooled_total
+    assert list(tmp_path.iterdir()) == []  # the lane removed its spool when it ended
+
+
+async def test_records_are_dropped_and_counted_only_when_memory_and_spool_are_full(
+    tmp_path,
+) -> None:
+    receiver = HeldReceiver()
+    spool_room = 30
+    lane = Lane(
+        receiver.send, _limits(tmp_path, spool_max_bytes=DiskSpool.cost(_record(100)) * spool_room)
+    )
+    runner = asyncio.create_task(lane.run())
+    await asyncio.sleep(0)
+    for n in range(100, 200):
+        lane.put(_record(n, "quotes" if n % 2 else "trades"), received=0.0)
+    stats = lane.snapshot()
+    kept = stats.buffered + stats.spooled + stats.in_flight
+    dropped = sum(stats.dropped_by_channel.values())
+    assert stats.spooled == spool_room and dropped == 100 - kept and dropped > 0
+    assert set(stats.dropped_by_channel) == {"trades", "quotes"}
+    assert not lane.has_room()
+    receiver.release.set()
+    lane.close()
+    await asyncio.wait_for(runner, 10)
+    delivered = _numbers(receiver.delivered)
+    assert delivered == sorted(delivered) and len(delivered) == kept
+    assert delivered == list(range(100, 100 + kept))  # the oldest were kept, the newest dropped
