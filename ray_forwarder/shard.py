@@ -34,6 +34,7 @@ def spool_directory(settings: Settings, shard_id: str) -> Path:
     root = Path(settings.spool_dir) if settings.spool_dir else Path(tempfile.gettempdir())
     return (root if settings.spool_dir else root / "ray-forwarder-spool") / shard_id
 
+
 _FINALIZE_INTERVAL_S = 0.1
 #: Status records waiting for room in a full buffer; beyond this the oldest are dropped.
 _STATUS_PENDING_MAX = 1000

@@ -107,5 +107,7 @@ async def test_broker_down_for_30_seconds_loses_nothing(
     report = decode_and_check(records, topic_map(settings), allow_resends=True)
     duplicates = assert_at_least_once(report, sent)
     assert_first_occurrence_order(report, sent)
-    print(f"broker outage: {len(sent)} items, {duplicates} re-sent duplicates, "
-          f"{shard['spooled_total']} records spooled to disk")
+    print(
+        f"broker outage: {len(sent)} items, {duplicates} re-sent duplicates, "
+        f"{shard['spooled_total']} records spooled to disk"
+    )
