@@ -206,6 +206,10 @@ class KafkaSink:
         if ticket is None:
             incarnation, futures = await self._enqueue(records, None)
         else:
+            if ticket.token is not None and ticket.token != self.token:
+                # Addressed to a producer that is gone (or to an earlier actor process,
+                # whose admissions this one never saw): refuse at once, unsent.
+                raise StaleProducerError("the Kafka producer was replaced; re-send in order")
             await self._lanes.wait_turn(ticket, self._admission_timeout_s)
             try:
                 incarnation, futures = await self._enqueue(records, ticket.token)

@@ -118,8 +118,10 @@ async def test_a_failed_delivery_replaces_the_producer_and_fences_later_batches(
         with pytest.raises(KafkaError):
             await sink.send_batch([(roomy, b"SPY", b'{"n":2}'), (tiny, b"SPY", os.urandom(2000))])
         assert sink.token != first_token and not sink.started
+        # Refused at once, without waiting for its predecessor (batch 2, never sent here).
+        stale = Ticket("lane", 3, 2, first_token)
         with pytest.raises(StaleProducerError):
-            await sink.send_batch([(roomy, b"SPY", b'{"n":3}')], Ticket("t", 3, None, first_token))
+            await asyncio.wait_for(sink.send_batch([(roomy, b"SPY", b'{"n":3}')], stale), 5)
         count, second_token = await sink.send_batch([(roomy, b"SPY", b'{"n":4}')])
         assert count == 1 and second_token == sink.token != first_token
     finally:
