@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -134,9 +135,15 @@ def _sender(producer: Any) -> SendBatch:
     return send
 
 
-@ray.remote(num_cpus=IO_ACTOR_CPUS, max_restarts=0)
+@ray.remote(num_cpus=IO_ACTOR_CPUS, max_restarts=-1, max_task_retries=0)
 class ShardActor:
-    """Owns one Alpaca session, its dedup cache and seq counters, and its outbox."""
+    """Owns one Alpaca session, its dedup cache and seq counters, and its outbox.
+
+    Ray restarts a dead shard actor (its process killed, its node gone) with the same
+    arguments, on any node with room; the driver notices the failed `run()` call and calls
+    `run()` again with the next seq epoch. `max_task_retries=0`: a `run()` is never
+    replayed by Ray itself, only by the driver, which owns the epoch count.
+    """
 
     def __init__(self, settings: Settings, spec: ShardSpec, producers: list[Any]) -> None:
         logs.configure(
@@ -148,17 +155,31 @@ class ShardActor:
         self._metrics = StatsExporter(
             self._core.stats, ShardMetrics(spec.shard_id, self._latency).update
         )
+        self._running: asyncio.Task[dict[str, Any]] | None = None
 
-    async def run(self) -> dict[str, Any]:
-        """Runs until `stop()`; a fatal feed error fails this call with the reason."""
+    async def run(self, epoch: int = 0) -> dict[str, Any]:
+        """Runs until `stop()`; a fatal feed error fails this call with the reason.
+
+        Called once per incarnation; a repeated call (the driver lost track of a live one)
+        waits for the running one instead of opening a second socket for the slot."""
+        if self._running is None:
+            self._running = asyncio.get_running_loop().create_task(self._run(epoch))
+        return await asyncio.shield(self._running)
+
+    async def _run(self, epoch: int) -> dict[str, Any]:
         self._metrics.start()
         try:
-            await self._core.run()
+            await self._core.run(epoch)
         finally:
             await self._metrics.stop()  # export the final counts
         return self._core.stats()
 
+    async def pid(self) -> int:
+        return os.getpid()
+
     async def stop(self, timeout: float = 30.0) -> bool:
+        if self._running is None:  # a restarted incarnation that never ran: nothing to drain
+            return True
         return await self._core.stop(timeout)
 
     async def stats(self) -> dict[str, Any]:

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     reconnect_initial: float = Field(default=1.0, gt=0)
     reconnect_max: float = Field(default=60.0, gt=0)
     connection_limit_backoff: float = Field(default=90.0, ge=0)
+    # Silence on a subscribed socket before a probe (a re-sent subscribe whose reply
+    # proves the stream alive); no reply within as long again = stale, reconnect. 0 = off.
+    stale_stream_seconds: float = Field(default=30.0, ge=0)
     log_level: str = "INFO"
 
     _split = field_validator("alpaca_symbols", "alpaca_channels", mode="before")(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 1.0
 STATS_TIMEOUT_S = 5.0
+#: A shard whose restarted `run()` failed this often in a row without the actor answering
+#: in between is taken for permanently dead and re-created (Ray's restart is the norm).
+RECREATE_AFTER_FAILURES = 3
 
 
 class ForwarderError(RuntimeError):
@@ -77,6 +81,11 @@ class Forwarder:
         self._producers: dict[str, Any] = {}
         self._shards: dict[str, Any] = {}
         self._runs: dict[str, Any] = {}
+        self._specs: dict[str, ShardSpec] = {}
+        # per shard: seq epoch of its current run(), restarts seen, failures in a row
+        self._epochs: dict[str, int] = {}
+        self._restarts: dict[str, int] = {}
+        self._failures: dict[str, int] = {}
         self.snapshot = ForwarderSnapshot()
 
     async def start(self) -> None:
@@ -88,31 +97,73 @@ class Forwarder:
             await asyncio.gather(*(p.start.remote() for p in self._producers.values()))
         except ray.exceptions.RayTaskError as exc:
             raise ForwarderError(_cause(exc)) from None
-        producers = [self._producers[name] for name in self.producer_names]
         for spec in self.shards:
-            # SPREAD: shards go to different nodes where there are several, so a KubeRay
-            # cluster with more workers spreads its connections over more pods.
-            actor = ShardActor.options(scheduling_strategy="SPREAD").remote(
-                self.settings, spec, producers
-            )
-            self._shards[spec.shard_id] = actor
-            self._runs[spec.shard_id] = actor.run.remote()
+            self._specs[spec.shard_id] = spec
+            self._epochs[spec.shard_id] = 0
+            self._restarts[spec.shard_id] = 0
+            self._failures[spec.shard_id] = 0
+            self._create_shard(spec)
+
+    def _create_shard(self, spec: ShardSpec) -> None:
+        producers = [self._producers[name] for name in self.producer_names]
+        # SPREAD: shards go to different nodes where there are several, so a KubeRay
+        # cluster with more workers spreads its connections over more pods.
+        actor = ShardActor.options(scheduling_strategy="SPREAD").remote(
+            self.settings, spec, producers
+        )
+        self._shards[spec.shard_id] = actor
+        self._runs[spec.shard_id] = actor.run.remote(self._epochs[spec.shard_id])
+
+    def _restart_shard(self, shard_id: str, exc: BaseException) -> None:
+        """The shard's process died (killed, OOM, node lost): Ray restarts the actor; call
+        `run()` on the new incarnation with the next seq epoch, so its seqs continue above
+        everything the dead one numbered. The new incarnation reconnects; the old socket
+        died with its process (a 406 meanwhile is backed off like any other)."""
+        self._epochs[shard_id] += 1
+        self._restarts[shard_id] += 1
+        self._failures[shard_id] += 1
+        log.warning(
+            "shard %s actor died (%s); restart %d, seq epoch %d",
+            shard_id,
+            _cause(exc),
+            self._restarts[shard_id],
+            self._epochs[shard_id],
+        )
+        if self._failures[shard_id] >= RECREATE_AFTER_FAILURES:
+            log.warning("shard %s: re-creating its actor", shard_id)
+            self._failures[shard_id] = 0
+            with contextlib.suppress(Exception):
+                ray.kill(self._shards[shard_id], no_restart=True)
+            self._create_shard(self._specs[shard_id])
+        else:
+            self._runs[shard_id] = self._shards[shard_id].run.remote(self._epochs[shard_id])
+
+    def actors(self) -> dict[str, Any]:
+        """The current actor handles by name (shard ids and producer names): tests and
+        tools that need to reach one (its pid, its stats)."""
+        return {**self._shards, **self._producers}
 
     async def poll(self) -> ForwarderSnapshot:
-        """Refresh the snapshot; a shard whose run ended with an error is fatal."""
-        for shard_id, ref in self._runs.items():
+        """Refresh the snapshot; restart shards whose actor died; a shard whose run ended
+        with an error (a fatal feed error) is fatal."""
+        for shard_id, ref in list(self._runs.items()):
             ready, _ = ray.wait([ref], timeout=0)
             if ready:
                 try:
                     await ref
+                except ray.exceptions.RayActorError as exc:
+                    self._restart_shard(shard_id, exc)
                 except ray.exceptions.RayError as exc:
                     raise ForwarderError(f"shard {shard_id}: {_cause(exc)}") from None
         snap = ForwarderSnapshot()
         for shard_id, actor in self._shards.items():
             try:
-                snap.shards.append(await asyncio.wait_for(actor.stats.remote(), STATS_TIMEOUT_S))
+                stats = await asyncio.wait_for(actor.stats.remote(), STATS_TIMEOUT_S)
             except (ray.exceptions.RayError, TimeoutError):
                 snap.unreachable.append(f"shard {shard_id}")
+            else:
+                self._failures[shard_id] = 0
+                snap.shards.append({**stats, "restarts": self._restarts[shard_id]})
         for name, actor in self._producers.items():
             try:
                 snap.producers.append(await asyncio.wait_for(actor.stats.remote(), STATS_TIMEOUT_S))
@@ -124,6 +175,9 @@ class Forwarder:
     async def stop(self, timeout: float = 30.0) -> bool:
         """Stop reading, flush every buffer to Kafka, close producers. True if drained."""
         drained = True
+        # One deadline for all shards, so the whole drain stays within `timeout` (plus
+        # closing the producers) and so within RAY_JOB_STOP_WAIT_TIME_S under `ray job stop`.
+        deadline = time.monotonic() + timeout
         if self._shards:
             results = await asyncio.gather(
                 *(a.stop.remote(timeout) for a in self._shards.values()), return_exceptions=True
@@ -131,7 +185,7 @@ class Forwarder:
             drained = all(r is True for r in results)
             for ref in self._runs.values():
                 try:
-                    await asyncio.wait_for(ref, timeout)
+                    await asyncio.wait_for(ref, max(0.1, deadline - time.monotonic()))
                 except Exception:  # a failed run was already reported by poll()
                     drained = False
         await self.poll_quietly()
@@ -161,6 +215,7 @@ async def run_forwarder(
     handle_signals: bool = True,
     drain_timeout: float = 30.0,
     poll_interval: float = POLL_INTERVAL_S,
+    on_forwarder: Callable[[Forwarder], None] | None = None,
 ) -> RunResult:
     """Run until `duration` passes, `stop` is set, SIGTERM/SIGINT arrives, or a fatal error."""
     stop = stop or asyncio.Event()
@@ -172,6 +227,8 @@ async def run_forwarder(
         shards if shards is not None else plan_shards(settings),
         producer_names(settings),
     )
+    if on_forwarder is not None:
+        on_forwarder(forwarder)
     server = HealthServer(lambda: forwarder.snapshot, settings.metrics_port) if serve_http else None
     started = time.monotonic()
     error: str | None = None
@@ -200,6 +257,21 @@ async def run_forwarder(
         log.error("forwarder stopping: %s", error)
     log.info("draining (%s)", reason)
     drained = await forwarder.stop(drain_timeout)
+    final = forwarder.snapshot
+    log.info(
+        "stopped %s",
+        json.dumps(
+            {
+                "drained": drained,
+                "received": dict(final.total("received")),
+                "emitted": dict(final.total("emitted")),
+                "acked": dict(final.total("acked")),
+                "dropped": dict(final.total("dropped")),
+                "restarts": {s["shard_id"]: s.get("restarts", 0) for s in final.shards},
+            },
+            sort_keys=True,
+        ),
+    )
     if server is not None:
         await server.stop()
     if handle_signals:

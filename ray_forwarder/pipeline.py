@@ -41,20 +41,33 @@ class PipelineCounters:
     finals: int = 0
 
 
+#: seq = epoch << SEQ_EPOCH_BITS | n: 2**40 numbers per (channel, symbol) and incarnation,
+#: and 8191 restarts before seq leaves JSON's exact-integer range (2**53).
+SEQ_EPOCH_BITS = 40
+
+
 class Sequencer:
     """Strictly increasing numbers per (channel, symbol)."""
 
     def __init__(self, start: dict[tuple[str, str], int] | None = None) -> None:
         self._last: dict[tuple[str, str], int] = dict(start or {})
+        self._base = 0
 
     def next(self, channel: str, symbol: str) -> int:
         key = (channel, symbol)
-        value = self._last.get(key, 0) + 1
+        value = self._last.get(key, self._base) + 1
         self._last[key] = value
         return value
 
     def snapshot(self) -> dict[tuple[str, str], int]:
         return dict(self._last)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Number from `epoch << SEQ_EPOCH_BITS` on: a restarted shard incarnation gets a
+        higher epoch than every earlier one, so its seqs exceed everything they issued."""
+        if self._last:
+            raise RuntimeError("start_epoch() after numbers were issued")
+        self._base = epoch << SEQ_EPOCH_BITS
 
 
 class EventPipeline:
@@ -69,6 +82,7 @@ class EventPipeline:
         self._dedup = dedup
         self._bars = bars
         self._seq = sequencer or Sequencer()
+        self.start_seq_epoch = self._seq.start_epoch
         self.counters = PipelineCounters()
 
     @property

@@ -66,6 +66,8 @@ class SessionConfig:
     reconnect_max: float = 60.0
     connection_limit_backoff: float = 90.0
     handshake_timeout: float = 15.0
+    #: Silence before a liveness probe, and again before the stream is declared stale.
+    stale_stream_seconds: float = 0.0  # 0 = never
 
     def __repr__(self) -> str:  # the secret must never reach a log line
         return f"SessionConfig(url={self.url!r}, key=<masked>, subscriptions=...)"
@@ -92,6 +94,9 @@ class AlpacaSession:
         self.connects = 0
         self.reconnects = 0
         self.subscribed = False
+        self.stale_reconnects = 0
+        self._probe_sent: float | None = None  # monotonic time of a probe, until any frame
+        self._probe_replies_due = 0  # subscription replies to probes, not to report
 
     async def stop(self) -> None:
         """Stop reading: close the socket and make `run()` return."""
@@ -140,10 +145,43 @@ class AlpacaSession:
             if self._stopping.is_set():
                 return
             self.connects += 1
+            self._probe_sent, self._probe_replies_due = None, 0
             await asyncio.wait_for(self._handshake(ws), timeout=cfg.handshake_timeout)
             self._backoff.reset()
-            async for frame in ws:
+            if cfg.stale_stream_seconds <= 0:
+                async for frame in ws:
+                    self._dispatch(frame)
+                return
+            while True:
+                try:
+                    frame = await self._recv_or_stale(ws)
+                except websockets.exceptions.ConnectionClosedOK:
+                    return
                 self._dispatch(frame)
+
+    async def _recv_or_stale(self, ws: ClientConnection) -> bytes | str:
+        """The next frame; raise `_Retry` when a subscribed stream went silent.
+
+        Alpaca sends no JSON heartbeat, and WebSocket ping/pong (the `connect` keepalive)
+        only proves that the peer's network stack answers, not that it still sends data.
+        A quiet symbol set is silent legitimately, so silence alone is not enough: after
+        `stale_stream_seconds` without a frame the session re-sends its subscribe message
+        (idempotent) and the feed must answer with a subscription reply; if nothing at all
+        arrives within as long again, the stream is stale and the session reconnects.
+        """
+        silence = self._config.stale_stream_seconds
+        while True:
+            try:
+                return await asyncio.wait_for(ws.recv(), silence)
+            except TimeoutError:
+                if self._probe_sent is not None:
+                    waited = round(time.monotonic() - self._probe_sent + silence, 1)
+                    self.stale_reconnects += 1
+                    raise _Retry(f"stale stream: no frame for {waited}s") from None
+                log.info("no frame for %.1fs; probing with a re-sent subscribe", silence)
+                self._probe_sent = time.monotonic()
+                self._probe_replies_due += 1
+                await ws.send(codec.encode_subscribe(self._config.subscriptions))
 
     async def _handshake(self, ws: ClientConnection) -> None:
         cfg = self._config
@@ -186,6 +224,7 @@ class AlpacaSession:
     def _dispatch(self, frame: bytes | str) -> None:
         """Hot path: one frame -> the handler, with one ingest timestamp per frame."""
         received = time.monotonic()
+        self._probe_sent = None  # any frame proves the stream alive
         items: list[DataItem] = []
         for event in codec.decode_frame(frame):
             if type(event) is DataItem:
@@ -201,6 +240,10 @@ class AlpacaSession:
         elif isinstance(event, ServerError):
             self._server_error(event)
         elif isinstance(event, Subscription):
+            if self._probe_replies_due > 0:
+                self._probe_replies_due -= 1
+                log.debug("liveness probe answered")
+                return
             self._handler.on_state(
                 "subscription_changed",
                 {"channels": {name: len(s) for name, s in event.channels.items()}},

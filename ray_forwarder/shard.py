@@ -97,10 +97,12 @@ class ShardCore:
                 reconnect_initial=settings.reconnect_initial,
                 reconnect_max=settings.reconnect_max,
                 connection_limit_backoff=settings.connection_limit_backoff,
+                stale_stream_seconds=settings.stale_stream_seconds,
             ),
             self,
         )
         self.state = ShardState()
+        self.epoch = 0
         self._stopped = asyncio.Event()
         # Status events never compete with data for a full buffer: they wait here, in
         # order, until their lane has room (so `overflow` itself is not dropped).
@@ -201,8 +203,13 @@ class ShardCore:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Read and forward until `stop()`; raises FatalSessionError when the feed refuses us."""
+    async def run(self, epoch: int = 0) -> None:
+        """Read and forward until `stop()`; raises FatalSessionError when the feed refuses us.
+
+        `epoch` numbers this shard incarnation (0 first, higher after each restart): seq
+        continues above everything an earlier incarnation issued (see `Sequencer`)."""
+        self.epoch = epoch
+        self.pipeline.start_seq_epoch(epoch)
         sender = asyncio.create_task(self.outbox.run(), name="outbox")
         finalizer = asyncio.create_task(self._finalize_loop(), name="bar-finalizer")
         try:
@@ -254,6 +261,8 @@ class ShardCore:
             "fatal": self.state.fatal,
             "connects": self.session.connects,
             "reconnects": self.session.reconnects,
+            "stale_reconnects": self.session.stale_reconnects,
+            "epoch": self.epoch,
             "errors_by_code": dict(self.state.errors_by_code),
             "skipped": dict(self.state.skipped),
             "received": dict(counters.received),

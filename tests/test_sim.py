@@ -316,6 +316,32 @@ async def test_drop_connections_is_abrupt_and_accounted() -> None:
         assert sim.active_connections(KEY) == 0 and sim.stats()["dropped_connections"] == 1
 
 
+async def test_stall_keeps_the_socket_open_but_sends_nothing_more() -> None:
+    """A stalled connection stays open and answers pings, but gets no data and no control
+    reply; its items are not counted as sent; a new connection is served normally."""
+    async with running(SimConfig(rate=2000, symbols=["SPY", "QQQ"])) as sim:
+        ws = await login(sim.url)
+        await ws.send(orjson.dumps({"action": "subscribe", "trades": ["*"], "quotes": ["*"]}))
+        await recv(ws)
+        assert await sim.wait_sent(200, 5)
+        assert sim.stall_connections() == 1
+        received = await drain(ws, 0.5)  # what was written before the stall
+        sent_at_stall = sim.stats()["items"]
+        assert [canonical(i) for i in received] == [r.item for r in sim.sent]
+        await ws.send(orjson.dumps({"action": "subscribe", "trades": ["SPY"]}))
+        with pytest.raises(TimeoutError):
+            await recv(ws, 0.5)  # neither data nor the subscription reply
+        await asyncio.wait_for(await ws.ping(), 2)  # but the transport is alive
+        assert sim.stats()["items"] == sent_at_stall
+        assert sim.stats()["produced"] > sent_at_stall and sim.stats()["stalled_connections"] == 1
+        await ws.close()
+        fresh = await login(sim.url)  # the slot was released by the close
+        await fresh.send(orjson.dumps({"action": "subscribe", "trades": ["*"]}))
+        assert (await recv(fresh))[0]["T"] == "subscription"
+        assert (await recv(fresh))[0]["T"] in ("t", "c", "x")  # data flows on the new one
+        await fresh.close()
+
+
 async def test_drop_takes_back_what_a_stalled_reader_left_in_the_buffer() -> None:
     """The client stops reading, the server's write buffer fills, then the drop: exactly the
     frames that reached the kernel arrive; the ones still buffered are marked lost."""

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import random
 import re
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -118,6 +119,9 @@ class SimConfig(BaseModel):
     slow_client_frames: int | None = None
     #: How long drop_connections lets in-flight writes drain before cutting (seconds).
     drop_drain_timeout: float = 1.0
+    #: Stamp each SentRecord with the wall-clock time (time.time()) its frame was written
+    #: to the socket, for end-to-end latency (the benchmark). One clock read per frame.
+    record_send_times: bool = False
 
     @field_validator("symbols", mode="before")
     @classmethod
@@ -173,6 +177,7 @@ class SentRecord:
     item: Item
     duplicate: bool
     lost: bool = False
+    sent_at: float = 0.0  # time.time() of the write, with SimConfig.record_send_times
 
 
 @dataclass(slots=True, eq=False)
@@ -199,6 +204,7 @@ class _Conn:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     space: asyncio.Event = field(default_factory=asyncio.Event)
     closing: bool = False  # no more frames may be queued
+    stalled: bool = False  # open, but nothing more is written to it (a stalled stream)
     stopped: bool = False  # the sender must not write anything more
     sender: asyncio.Task[None] | None = None
     auth_timer: asyncio.TimerHandle | None = None
@@ -234,6 +240,7 @@ class SimStats:
     refused: int = 0  # 406 answers
     errors_sent: int = 0
     dropped_connections: int = 0
+    stalled_connections: int = 0
 
 
 def encode_msgpack_item(item: Item) -> bytes:
@@ -378,6 +385,20 @@ class Simulator:
             if conn.sender is not None and not conn.sender.done():
                 conn.sender.cancel()
         self.stats_counters.dropped_connections += len(conns)
+        return len(conns)
+
+    def stall_connections(self) -> int:
+        """Stall every authenticated client: the socket stays open (WebSocket pings are still
+        answered) but nothing more is written to it, neither data nor control replies; what
+        was queued and not yet written is discarded (never counted as sent). The market goes
+        on for everyone else; new connections are served normally."""
+        conns = [c for c in self._conns.values() if c.authenticated and not c.closing]
+        for conn in conns:
+            conn.stalled = True
+            conn.pending.clear()
+            conn.queue.clear()
+            conn.space.set()
+        self.stats_counters.stalled_connections += len(conns)
         return len(conns)
 
     def reject_auth(self, flag: bool = True) -> None:
@@ -636,7 +657,7 @@ class Simulator:
             conn.space.set()
 
     def _enqueue(self, conn: _Conn, frame: _Frame) -> None:
-        if conn.closing:
+        if conn.closing or conn.stalled:
             return
         conn.queue.append(frame)
         conn.wake.set()
@@ -694,7 +715,11 @@ class Simulator:
             return []
         if frame.kind != "data" or not frame.items:
             return []
-        records = [SentRecord(conn.id, p.seq, p.item, duplicate) for p, duplicate in frame.items]
+        sent_at = time.time() if self.config.record_send_times else 0.0
+        records = [
+            SentRecord(conn.id, p.seq, p.item, duplicate, sent_at=sent_at)
+            for p, duplicate in frame.items
+        ]
         self._records.extend(records)
         self._distinct.update(r.seq for r in records)
         history = self._history.setdefault(conn.key, deque(maxlen=256))
@@ -784,7 +809,9 @@ class Simulator:
         self._check_finished()
 
     def _dispatch(self, items: Iterable[Item]) -> None:
-        conns = [c for c in self._conns.values() if c.authenticated and not c.closing]
+        conns = [
+            c for c in self._conns.values() if c.authenticated and not c.closing and not c.stalled
+        ]
         size = self.config.max_items_per_frame
         counters = self.stats_counters
         for item in items:

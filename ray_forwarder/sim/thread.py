@@ -120,6 +120,9 @@ class SimulatorThread:
     def drop_connections(self) -> int:
         return self.call(self.simulator.drop_connections)
 
+    def stall_connections(self) -> int:
+        return self.call(self.simulator.stall_connections)
+
     def reject_auth(self, flag: bool = True) -> None:
         self.call(self.simulator.reject_auth, flag)
 
