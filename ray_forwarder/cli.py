@@ -71,7 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=2000.0, help="simulated items/s (2000)")
     demo.add_argument("--wire-format", choices=["json", "msgpack"], default="msgpack")
     demo.add_argument("--duplicate-ratio", type=float, default=0.01)
-    bench = sub.add_parser("bench", help="benchmark against a single-process baseline")
+    from ray_forwarder import bench as bench_module
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark against a single-process baseline",
+        description=bench_module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     bench.add_argument("--events", type=int, default=50_000)
     bench.add_argument("--symbols", type=int, default=100)
     bench.add_argument("--shards", default="1,2,4", help="comma-separated shard counts")
