@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +89,7 @@ class Forwarder:
         self._restarts: dict[str, int] = {}
         self._failures: dict[str, int] = {}
         self.snapshot = ForwarderSnapshot()
+        self.run_id = uuid.uuid4().hex[:12]
 
     async def start(self) -> None:
         for name in self.producer_names:
@@ -98,6 +101,7 @@ class Forwarder:
         except ray.exceptions.RayTaskError as exc:
             raise ForwarderError(_cause(exc)) from None
         for spec in self.shards:
+            spec = dataclasses.replace(spec, run_id=self.run_id)
             self._specs[spec.shard_id] = spec
             self._epochs[spec.shard_id] = 0
             self._restarts[spec.shard_id] = 0

@@ -68,6 +68,16 @@ class SnapshotCollector(Collector):
             "reconnects": CounterMetricFamily(
                 "ray_forwarder_reconnects", "Reconnects of a shard's session.", labels=["shard"]
             ),
+            "stale_reconnects": CounterMetricFamily(
+                "ray_forwarder_stale_reconnects",
+                "Reconnects of a shard whose stream went silent (STALE_STREAM_SECONDS).",
+                labels=["shard"],
+            ),
+            "restarts": CounterMetricFamily(
+                "ray_forwarder_shard_restarts",
+                "Times a shard actor died and was restarted (process killed, node lost).",
+                labels=["shard"],
+            ),
             "batches_failed": CounterMetricFamily(
                 "ray_forwarder_batches_failed",
                 "Batches a producer failed to acknowledge (they are re-sent).",

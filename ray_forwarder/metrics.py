@@ -216,6 +216,7 @@ class ShardMetrics:
             for key, name, doc in (
                 ("connects", "shard_connects", "WebSocket connections opened."),
                 ("reconnects", "shard_reconnects", "Reconnects after a lost or refused session."),
+                ("stale_reconnects", "shard_stale_reconnects", "Reconnects of a silent stream."),
                 ("batches_failed", "shard_batches_failed", "Batches a producer failed to ack."),
                 ("batches_resent", "shard_batches_resent", "Batches re-sent after a failure."),
                 ("finals", "shard_final_bars", "Final minute-bar records emitted."),

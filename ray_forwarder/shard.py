@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import tempfile
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,10 +31,18 @@ from ray_forwarder.topics import topic_map
 log = logging.getLogger(__name__)
 
 
-def spool_directory(settings: Settings, shard_id: str) -> Path:
-    """Where a shard's lanes spool to disk when their memory buffers are full."""
-    root = Path(settings.spool_dir) if settings.spool_dir else Path(tempfile.gettempdir())
-    return (root if settings.spool_dir else root / "ray-forwarder-spool") / shard_id
+def spool_directory(settings: Settings, spec: ShardSpec) -> Path:
+    """Where a shard's lanes spool to disk: `<root>/<run>/<shard>/<lane>`.
+
+    A shard restarted within a forwarder run clears its directory, which only a dead
+    incarnation of itself can have left there (on this node). Without a run id (a
+    `ShardCore` used on its own) the run part is random, so nothing is shared.
+    """
+    root = Path(settings.spool_dir or Path(tempfile.gettempdir()) / "ray-forwarder-spool")
+    directory = root / (spec.run_id or f"solo-{uuid.uuid4().hex[:12]}") / spec.shard_id
+    if spec.run_id:
+        shutil.rmtree(directory, ignore_errors=True)
+    return directory
 
 
 _FINALIZE_INTERVAL_S = 0.1
@@ -52,6 +62,7 @@ class ShardSpec:
     secret: str = field(repr=False)
     symbols: tuple[str, ...]
     channels: tuple[str, ...]
+    run_id: str = ""  # set by the driver: one forwarder run (names the spool directory)
 
     def subscriptions(self) -> dict[str, list[str]]:
         return {channel: list(self.symbols) for channel in self.channels}
@@ -80,7 +91,7 @@ class ShardCore:
             BatchLimits(
                 max_events=settings.buffer_max_events,
                 max_bytes=settings.buffer_max_bytes,
-                spool_dir=spool_directory(settings, spec.shard_id),
+                spool_dir=spool_directory(settings, spec),
                 spool_max_bytes=settings.spool_max_bytes,
                 batch_max_events=settings.batch_max_events,
                 batch_max_ms=settings.batch_max_ms,

@@ -4,13 +4,16 @@ overflows into it and drains it back in order."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from ray_forwarder import spool as spool_module
+from ray_forwarder.config import load_settings
 from ray_forwarder.outbox import BatchLimits, Lane
 from ray_forwarder.pipeline import OutRecord
+from ray_forwarder.shard import ShardSpec, spool_directory
 from ray_forwarder.spool import DiskSpool, SpoolFull
 
 
@@ -120,3 +123,16 @@ async def test_records_are_dropped_and_counted_only_when_memory_and_spool_are_fu
     delivered = _numbers(receiver.delivered)
     assert delivered == sorted(delivered) and len(delivered) == kept
     assert delivered == list(range(100, 100 + kept))  # the oldest were kept, the newest dropped
+
+
+def test_a_restarted_shard_clears_what_its_dead_incarnation_spooled(tmp_path) -> None:
+    settings = load_settings(spool_dir=str(tmp_path))
+    spec = ShardSpec("stocks-0", "ws://x", "key", "secret", ("SPY",), ("trades",), run_id="run1")
+    leftover = tmp_path / "run1" / "stocks-0" / "lane-0-dead"
+    leftover.mkdir(parents=True)
+    (leftover / "00000000.spool").write_bytes(b"old")
+    assert spool_directory(settings, spec) == tmp_path / "run1" / "stocks-0"
+    assert not (tmp_path / "run1" / "stocks-0").exists()
+    # Without a run id (a ShardCore on its own) nothing is shared, so nothing is cleared.
+    solo = dataclasses.replace(spec, run_id="")
+    assert spool_directory(settings, solo) != spool_directory(settings, solo)
