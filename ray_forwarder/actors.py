@@ -145,10 +145,11 @@ class ShardActor:
     replayed by Ray itself, only by the driver, which owns the epoch count.
     """
 
-    def __init__(self, settings: Settings, spec: ShardSpec, producers: list[Any]) -> None:
+    def __init__(self, settings: Settings, spec: ShardSpec, producer_names: list[str]) -> None:
         logs.configure(
             settings.log_level, actor="shard", shard=spec.shard_id, symbols=len(spec.symbols)
         )
+        producers = [ray.get_actor(name) for name in producer_names]
         self._core = ShardCore(settings, spec, [_sender(p) for p in producers])
         self._latency = LatencyRecorder()  # fed by the outbox's ack hook, in this event loop
         self._core.outbox.observe_acks(self._latency.on_ack)

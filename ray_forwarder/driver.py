@@ -58,7 +58,11 @@ def ensure_ray(**init_kwargs: Any) -> None:
         kwargs.setdefault("address", "local")
     # Under `uv run`, Ray would otherwise build a fresh uv environment for every worker
     # from the working directory; the driver's own environment is the right one here.
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Ray reads the variable when it is imported, so set its constant too.
+    if os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0") == "0":
+        from ray._private import ray_constants
+
+        ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
     ray.init(**kwargs)
 
 
@@ -93,9 +97,9 @@ class Forwarder:
 
     async def start(self) -> None:
         for name in self.producer_names:
-            self._producers[name] = ProducerActor.options(scheduling_strategy="SPREAD").remote(
-                self.settings, name
-            )
+            self._producers[name] = ProducerActor.options(
+                name=self._actor_name(name), scheduling_strategy="SPREAD"
+            ).remote(self.settings, name)
         try:
             await asyncio.gather(*(p.start.remote() for p in self._producers.values()))
         except ray.exceptions.RayTaskError as exc:
@@ -108,8 +112,14 @@ class Forwarder:
             self._failures[spec.shard_id] = 0
             self._create_shard(spec)
 
+    def _actor_name(self, producer: str) -> str:
+        return f"{self.run_id}.{producer}"
+
     def _create_shard(self, spec: ShardSpec) -> None:
-        producers = [self._producers[name] for name in self.producer_names]
+        # Producers by name, not handle: Ray re-runs a restarted actor's constructor with
+        # the same arguments, and handles there would be object-store references
+        # (ray-project/ray#53727).
+        producers = [self._actor_name(name) for name in self.producer_names]
         # SPREAD: shards go to different nodes where there are several, so a KubeRay
         # cluster with more workers spreads its connections over more pods.
         actor = ShardActor.options(scheduling_strategy="SPREAD").remote(
