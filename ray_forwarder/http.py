@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -22,6 +23,41 @@ from ray_forwarder.stats import ForwarderSnapshot
 
 log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+#: Per-shard gauges on the driver's /metrics: (name, help, value from the shard's stats).
+_SHARD_GAUGES: list[tuple[str, str, Callable[[dict[str, Any]], float]]] = [
+    (
+        "ray_forwarder_shard_subscribed",
+        "1 once the feed acknowledged the shard's subscription, else 0.",
+        lambda shard: 1.0 if shard.get("subscribed") else 0.0,
+    ),
+    (
+        "ray_forwarder_shard_symbols",
+        "Symbols a shard subscribes to.",
+        lambda shard: shard.get("symbols", 0),
+    ),
+    (
+        "ray_forwarder_buffer_events",
+        "Records buffered or in flight to a producer (not yet acknowledged).",
+        lambda shard: shard.get("buffered", 0) + shard.get("in_flight", 0),
+    ),
+    (
+        "ray_forwarder_spool_events",
+        "Records in a shard's disk spool (memory buffer full, waiting for Kafka).",
+        lambda shard: shard.get("spooled", 0),
+    ),
+    (
+        "ray_forwarder_shard_overflowing",
+        "1 while the shard's buffer is full and records are being dropped.",
+        lambda shard: 1.0 if shard.get("overflowing") else 0.0,
+    ),
+    (
+        "ray_forwarder_last_ack_latency_seconds",
+        "Receipt-to-Kafka-ack latency of the shard's latest acknowledged batch.",
+        lambda shard: shard.get("last_ack_latency_s", 0.0),
+    ),
+]
 
 
 class SnapshotCollector(Collector):
@@ -84,52 +120,25 @@ class SnapshotCollector(Collector):
                 labels=["shard"],
             ),
         }
-        subscribed = GaugeMetricFamily(
-            "ray_forwarder_shard_subscribed",
-            "1 once the feed acknowledged the shard's subscription, else 0.",
-            labels=["shard"],
-        )
         state = GaugeMetricFamily(
             "ray_forwarder_shard_state",
             "1 for the shard's current connection state.",
             labels=["shard", "state"],
         )
-        symbols = GaugeMetricFamily(
-            "ray_forwarder_shard_symbols", "Symbols a shard subscribes to.", labels=["shard"]
-        )
-        buffered = GaugeMetricFamily(
-            "ray_forwarder_buffer_events",
-            "Records buffered or in flight to a producer (not yet acknowledged).",
-            labels=["shard"],
-        )
-        spooled = GaugeMetricFamily(
-            "ray_forwarder_spool_events",
-            "Records in a shard's disk spool (memory buffer full, waiting for Kafka).",
-            labels=["shard"],
-        )
-        overflowing = GaugeMetricFamily(
-            "ray_forwarder_shard_overflowing",
-            "1 while the shard's buffer is full and records are being dropped.",
-            labels=["shard"],
-        )
-        latency = GaugeMetricFamily(
-            "ray_forwarder_last_ack_latency_seconds",
-            "Receipt-to-Kafka-ack latency of the shard's latest acknowledged batch.",
-            labels=["shard"],
-        )
+        gauges = [
+            (GaugeMetricFamily(name, doc, labels=["shard"]), value)
+            for name, doc, value in _SHARD_GAUGES
+        ]
         for shard in snap.shards:
             sid = shard["shard_id"]
             for key, family in per_shard.items():
                 family.add_metric([sid], shard.get(key, 0))
-            subscribed.add_metric([sid], 1.0 if shard.get("subscribed") else 0.0)
             state.add_metric([sid, str(shard.get("state"))], 1.0)
-            symbols.add_metric([sid], shard.get("symbols", 0))
-            buffered.add_metric([sid], shard.get("buffered", 0) + shard.get("in_flight", 0))
-            spooled.add_metric([sid], shard.get("spooled", 0))
-            overflowing.add_metric([sid], 1.0 if shard.get("overflowing") else 0.0)
-            latency.add_metric([sid], shard.get("last_ack_latency_s", 0.0))
+            for family, value in gauges:
+                family.add_metric([sid], value(shard))
         yield from per_shard.values()
-        yield from (subscribed, state, symbols, buffered, spooled, overflowing, latency)
+        yield state
+        yield from (family for family, _ in gauges)
         yield from _latency_histograms(snap)
         ready = GaugeMetricFamily(
             "ray_forwarder_producer_ready",
