@@ -40,7 +40,6 @@ class ProducerActor:
         self._name = name
         self._instance = uuid.uuid4().hex
         self._sink = KafkaSink(settings, name=self._instance)
-        self._started = asyncio.Lock()
         self._kafka_ok = True  # the latest probe's verdict; a failed send also clears it
         self._last_ok = time.monotonic()
         self._probe_failures = 0
@@ -81,9 +80,7 @@ class ProducerActor:
     async def start(self) -> bool:
         """Connect to Kafka (idempotent); raises KafkaStartError with a clear message."""
         self._ensure_background()
-        async with self._started:
-            if not self._sink.stats.ready:
-                await self._sink.start()
+        await self._sink.start()
         return True
 
     async def send_batch(self, records: list[WireRecord], ticket: Ticket) -> tuple[int, str]:

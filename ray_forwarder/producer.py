@@ -204,7 +204,7 @@ class KafkaSink:
         unsent (StaleProducerError), so that it cannot overtake the lane's earlier ones.
         """
         if ticket is None:
-            incarnation, futures = await self._enqueue(records, None)
+            incarnation, delivered = await self._enqueue(records, None)
         else:
             if ticket.token is not None and ticket.token != self.token:
                 # Addressed to a producer that is gone (or to an earlier actor process,
@@ -212,12 +212,10 @@ class KafkaSink:
                 raise StaleProducerError("the Kafka producer was replaced; re-send in order")
             await self._lanes.wait_turn(ticket, self._admission_timeout_s)
             try:
-                incarnation, futures = await self._enqueue(records, ticket.token)
+                incarnation, delivered = await self._enqueue(records, ticket.token)
             finally:
                 await self._lanes.admitted(ticket)
         if not incarnation.dead.done():
-            delivered = asyncio.gather(*futures)
-            delivered.add_done_callback(_retrieve)
             await asyncio.wait((delivered, incarnation.dead), return_when=FIRST_COMPLETED)
         if incarnation.dead.done():
             assert incarnation.cause is not None
@@ -233,7 +231,8 @@ class KafkaSink:
 
     async def _enqueue(
         self, records: Sequence[WireRecord], expected_token: str | None
-    ) -> tuple[_Incarnation, list[asyncio.Future[Any]]]:
+    ) -> tuple[_Incarnation, asyncio.Future[None]]:
+        """Hand the records to aiokafka; the future resolves once Kafka acknowledged all."""
         if expected_token is not None and expected_token != self.token:
             raise StaleProducerError("the Kafka producer was replaced; re-send in order")
         if self._current is None:
@@ -244,25 +243,37 @@ class KafkaSink:
                 expected_token is not None and expected_token != incarnation.token
             ):
                 raise StaleProducerError("the Kafka producer was replaced; re-send in order")
-            on_done = self._watch(incarnation)
-            futures: list[asyncio.Future[Any]] = []
+            delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            on_done = self._watch(incarnation, delivered, len(records))
             try:
                 for topic, key, value in records:
                     future = await incarnation.producer.send(topic, value=value, key=key)
                     future.add_done_callback(on_done)
-                    futures.append(future)
                     if incarnation.dead.done():
                         break
             except KafkaError as exc:
                 self._abort(incarnation, exc)
-        return incarnation, futures
+        return incarnation, delivered
 
-    def _watch(self, incarnation: _Incarnation) -> Callable[[asyncio.Future[Any]], None]:
+    def _watch(
+        self, incarnation: _Incarnation, delivered: asyncio.Future[None], count: int
+    ) -> Callable[[asyncio.Future[Any]], None]:
+        """A done-callback for each record of a batch: the first failure aborts the
+        producer; the last success resolves `delivered`."""
+        pending = count
+        if not pending:
+            delivered.set_result(None)
+
         def on_done(future: asyncio.Future[Any]) -> None:
+            nonlocal pending
             if future.cancelled():
                 self._abort(incarnation, KafkaError("record send was cancelled"))
             elif (exc := future.exception()) is not None:
                 self._abort(incarnation, exc)
+            else:
+                pending -= 1
+                if not pending:
+                    delivered.set_result(None)
 
         return on_done
 
@@ -313,12 +324,6 @@ class KafkaSink:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         self.stats.ready = False
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark an abandoned gather's exception as seen (the abort already reported it)."""
-    if not future.cancelled():
-        future.exception()
 
 
 def describe_kafka_error(exc: BaseException) -> str:

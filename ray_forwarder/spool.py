@@ -98,8 +98,6 @@ class DiskSpool:
                     break
             if not head.records:
                 self._drop_head()
-        if not self.records:
-            self.bytes = 0
         return out
 
     def close(self) -> None:
@@ -131,8 +129,6 @@ class DiskSpool:
         if self._reader_file is not None:
             self._reader_file.close()
         self._reader = self._reader_file = None
-        if self._writer is not None and not self._segments:
-            self._close_writer()
         try:
             os.unlink(head.path)
         except OSError:
