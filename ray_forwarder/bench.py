@@ -43,13 +43,15 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import orjson
 
 from ray_forwarder.config import Settings, load_settings
+from ray_forwarder.devtools.local_kafka import kafka_for_tools
 from ray_forwarder.envelope import content_digest
+from ray_forwarder.topics import ensure_topics
 
 SYMBOLS = [f"S{i:03d}" for i in range(500)]
 #: Topics of a bench run (the channels the bench subscribes to, plus status and the rest).
@@ -239,18 +241,6 @@ def _settings(sim_url: str, bootstrap: str, symbols: list[str], shards: int,
     )
 
 
-async def _create_topics(bootstrap: str, names: Iterable[str]) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        new = [NewTopic(n, _TOPIC_PARTITIONS, 1, topic_configs=_TOPIC_CONFIGS) for n in names]
-        await admin.create_topics(new)
-    finally:
-        await admin.close()
-
-
 async def _delete_topics(bootstrap: str, names: Iterable[str]) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 
@@ -397,17 +387,6 @@ def _sent_times(sim) -> list[tuple[str, float]]:
     return [(item_key(item), at) for item, at in first.values()]
 
 
-@contextlib.contextmanager
-def _kafka() -> Iterator[str]:
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
-        return
-    from ray_forwarder.devtools.local_kafka import LocalKafka
-
-    with LocalKafka() as kafka:
-        yield kafka.bootstrap_servers
-
-
 def _one_run(label: str, shards: int, producers: int, names: list[str], events: int,
              rate: float | None, bootstrap: str, prefix: str) -> BenchResult:  # fmt: skip
     from ray_forwarder.sim import SimConfig, SimulatorThread
@@ -417,7 +396,9 @@ def _one_run(label: str, shards: int, producers: int, names: list[str], events: 
                        start_after_subscribers=shards, connection_limit=1, seed=shards,
                        record_send_times=True)  # fmt: skip
     topics = sorted(set(_topics(prefix).values()))
-    asyncio.run(_create_topics(bootstrap, topics))
+    asyncio.run(
+        ensure_topics(bootstrap, topics, partitions=_TOPIC_PARTITIONS, configs=_TOPIC_CONFIGS)
+    )
     try:
         with SimulatorThread(config) as sim:
             settings = _settings(sim.url, bootstrap, names, shards, producers, prefix)
@@ -441,7 +422,7 @@ def run_bench(events: int, symbols: int, shard_counts: list[int], producers: int
     logs.configure("WARNING")
     names = SYMBOLS[:symbols]
     results: list[tuple[int, BenchResult, BenchResult]] = []
-    with _kafka() as bootstrap:
+    with kafka_for_tools() as bootstrap:
         ensure_ray(include_dashboard=False, log_to_driver=False)
         print(f"bench: {events} events, {symbols} symbols, rate={rate or 'flat out'}, "
               f"P={producers}, Kafka {bootstrap}")  # fmt: skip

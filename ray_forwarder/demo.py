@@ -8,17 +8,17 @@ bounded time, and prints a summary with one envelope read back from Kafka.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import orjson
 
 from ray_forwarder.config import Settings, load_settings
+from ray_forwarder.devtools.local_kafka import kafka_for_tools
 from ray_forwarder.protocol.channels import MARKET_DATA_CHANNELS
 from ray_forwarder.stats import ForwarderSnapshot
+from ray_forwarder.topics import ensure_topics, topic_map
 
 SIM_KEY, SIM_SECRET = "sim-key", "sim-secret"
 
@@ -38,7 +38,8 @@ def run_demo(options: DemoOptions) -> int:
 
     logs.configure(os.environ.get("LOG_LEVEL", "WARNING"), component="demo")
     symbols = [s.strip().upper() for s in options.symbols.split(",") if s.strip()]
-    with _kafka() as (bootstrap, extra_env):
+    announce = "demo: starting a local Apache Kafka broker (the first run downloads its jars) ..."
+    with kafka_for_tools(announce) as bootstrap:
         sim_config = SimConfig(
             symbols=symbols,
             rate=options.rate,
@@ -60,7 +61,6 @@ def run_demo(options: DemoOptions) -> int:
                 reconnect_initial=0.2,
                 reconnect_max=2.0,
                 log_level=os.environ.get("LOG_LEVEL", "WARNING"),
-                **extra_env,
             )
             print(
                 f"demo: simulator at {sim.url}, Kafka at {bootstrap}, symbols {','.join(symbols)}"
@@ -68,7 +68,7 @@ def run_demo(options: DemoOptions) -> int:
             print(f"demo: running the forwarder on a local Ray for {options.duration:g}s ...")
             from ray_forwarder.driver import ensure_ray, run_forwarder
 
-            asyncio.run(_create_topics(settings))
+            asyncio.run(ensure_topics(bootstrap, topic_map(settings).values()))
             ensure_ray(include_dashboard=False)
             result = asyncio.run(
                 run_forwarder(settings, duration=options.duration, progress=_progress)
@@ -82,20 +82,6 @@ def run_demo(options: DemoOptions) -> int:
     return 0 if result.drained else 1
 
 
-@contextlib.contextmanager
-def _kafka() -> Iterator[tuple[str, dict[str, object]]]:
-    """The broker named by KAFKA_BOOTSTRAP_SERVERS, else a local one for the demo's life."""
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if external:
-        yield external, {}
-        return
-    from ray_forwarder.devtools.local_kafka import LocalKafka
-
-    print("demo: starting a local Apache Kafka broker (the first run downloads its jars) ...")
-    with LocalKafka() as kafka:
-        yield kafka.bootstrap_servers, {}
-
-
 def _progress(snap: ForwarderSnapshot, elapsed: float) -> None:
     received = sum(snap.total("received").values())
     forwarded = sum(snap.total("acked").values())
@@ -105,23 +91,6 @@ def _progress(snap: ForwarderSnapshot, elapsed: float) -> None:
         f"rate={forwarded / max(elapsed, 1e-9):8.0f}/s  {states}",
         flush=True,
     )
-
-
-async def _create_topics(settings: Settings) -> None:
-    """Create the topics up front so the first sends do not wait for auto-creation."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    from ray_forwarder.topics import topic_map
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        wanted = sorted(set(topic_map(settings).values()) - existing)
-        if wanted:
-            await admin.create_topics([NewTopic(t, 3, 1) for t in wanted])
-    finally:
-        await admin.close()
 
 
 async def _read_one(settings: Settings) -> dict[str, object] | None:

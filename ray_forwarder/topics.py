@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from ray_forwarder.config import Settings
 
 
@@ -26,3 +28,27 @@ def topic_map(settings: Settings) -> dict[str, str]:
         "trade_updates": settings.topic_trade_updates,
         "status": settings.topic_status,
     }
+
+
+async def ensure_topics(
+    bootstrap: str,
+    names: Iterable[str],
+    *,
+    partitions: int = 3,
+    configs: dict[str, str] | None = None,
+) -> None:
+    """Create those of the topics that do not exist yet (replication factor 1: for the
+    demo and the benchmark, which run against one broker), so that the first sends do not
+    wait for auto-creation."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        missing = sorted(set(names) - set(await admin.list_topics()))
+        if missing:
+            await admin.create_topics(
+                [NewTopic(name, partitions, 1, topic_configs=configs) for name in missing]
+            )
+    finally:
+        await admin.close()

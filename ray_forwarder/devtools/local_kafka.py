@@ -928,3 +928,17 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@contextlib.contextmanager
+def kafka_for_tools(announce: str | None = None) -> Iterator[str]:
+    """The bootstrap servers the demo and the benchmark use: KAFKA_BOOTSTRAP_SERVERS when
+    it is set, else a local broker that lives as long as the `with` block."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    if announce:
+        print(announce, flush=True)
+    with LocalKafka() as kafka:
+        yield kafka.bootstrap_servers
