@@ -30,46 +30,22 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from ray_forwarder.protocol.channels import (
+    CHANNEL_BY_TYPE,
+    MARKET_DATA_CHANNELS,
+    TRADE_COMPANION_CHANNELS,
+)
+from ray_forwarder.protocol.errors import ERROR_MEANINGS
 from ray_forwarder.sim.generator import Item, Market, MarketConfig
 
 log = logging.getLogger(__name__)
 
 #: Subscribable channels, in the order Alpaca lists them in a subscription reply.
-SUBSCRIBE_CHANNELS = (
-    "trades",
-    "quotes",
-    "bars",
-    "updatedBars",
-    "dailyBars",
-    "statuses",
-    "lulds",
-    "imbalances",
-)
+SUBSCRIBE_CHANNELS = MARKET_DATA_CHANNELS
 #: Item type -> the subscription channel that receives it (corrections come with trades).
 SUBSCRIPTION_BY_TYPE = {
-    "t": "trades",
-    "q": "quotes",
-    "b": "bars",
-    "u": "updatedBars",
-    "d": "dailyBars",
-    "s": "statuses",
-    "l": "lulds",
-    "c": "trades",
-    "x": "trades",
-    "i": "imbalances",
-}
-ERROR_MESSAGES = {
-    400: "invalid syntax",
-    401: "not authenticated",
-    402: "auth failed",
-    403: "already authenticated",
-    404: "auth timeout",
-    405: "symbol limit exceeded",
-    406: "connection limit exceeded",
-    407: "slow client",
-    409: "insufficient subscription",
-    410: "invalid subscribe action for this feed",
-    500: "internal error",
+    kind: "trades" if channel in TRADE_COMPANION_CHANNELS else channel
+    for kind, channel in CHANNEL_BY_TYPE.items()
 }
 MSGPACK_CONTENT_TYPE = "application/msgpack"
 _PATH = re.compile(r"^/v2/[A-Za-z0-9_.\-]+/?$")
@@ -647,7 +623,7 @@ class Simulator:
     def _send_error(self, conn: _Conn, code: int, msg: str | None = None, close: bool = True):
         if conn.closing:
             return
-        text = msg or ERROR_MESSAGES.get(code, "error")
+        text = msg or (ERROR_MEANINGS[code][0] if code in ERROR_MEANINGS else "error")
         self.stats_counters.errors_sent += 1
         self._control(conn, [{"T": "error", "code": code, "msg": text}])
         if close:
