@@ -97,6 +97,8 @@ class AlpacaSession:
         self.stale_reconnects = 0
         self._probe_sent: float | None = None  # monotonic time of a probe, until any frame
         self._probe_replies_due = 0  # subscription replies to probes, not to report
+        self._last_frame = 0.0  # monotonic arrival of the latest frame
+        self._stale: str | None = None  # why the watchdog closed the stream
 
     async def stop(self) -> None:
         """Stop reading: close the socket and make `run()` return."""
@@ -145,43 +147,55 @@ class AlpacaSession:
             if self._stopping.is_set():
                 return
             self.connects += 1
-            self._probe_sent, self._probe_replies_due = None, 0
+            self._probe_sent, self._probe_replies_due, self._stale = None, 0, None
             await asyncio.wait_for(self._handshake(ws), timeout=cfg.handshake_timeout)
             self._backoff.reset()
-            if cfg.stale_stream_seconds <= 0:
+            self._last_frame = time.monotonic()
+            watchdog = (
+                asyncio.create_task(self._watch_for_silence(ws))
+                if cfg.stale_stream_seconds > 0
+                else None
+            )
+            try:
                 async for frame in ws:
                     self._dispatch(frame)
-                return
-            while True:
-                try:
-                    frame = await self._recv_or_stale(ws)
-                except websockets.exceptions.ConnectionClosedOK:
-                    return
-                self._dispatch(frame)
+            except websockets.exceptions.ConnectionClosed:
+                if self._stale is None:
+                    raise
+            finally:
+                if watchdog is not None:
+                    watchdog.cancel()
+            if self._stale is not None:
+                raise _Retry(self._stale)
 
-    async def _recv_or_stale(self, ws: ClientConnection) -> bytes | str:
-        """The next frame; raise `_Retry` when a subscribed stream went silent.
+    async def _watch_for_silence(self, ws: ClientConnection) -> None:
+        """Close a subscribed stream that went silent, so that the session reconnects.
 
         Alpaca sends no JSON heartbeat, and WebSocket ping/pong (the `connect` keepalive)
         only proves that the peer's network stack answers, not that it still sends data.
         A quiet symbol set is silent legitimately, so silence alone is not enough: after
         `stale_stream_seconds` without a frame the session re-sends its subscribe message
         (idempotent) and the feed must answer with a subscription reply; if nothing at all
-        arrives within as long again, the stream is stale and the session reconnects.
+        arrives within as long again, the stream is stale. This runs beside the read loop,
+        which only notes each frame's arrival time.
         """
         silence = self._config.stale_stream_seconds
-        while True:
-            try:
-                return await asyncio.wait_for(ws.recv(), silence)
-            except TimeoutError:
-                if self._probe_sent is not None:
-                    waited = round(time.monotonic() - self._probe_sent + silence, 1)
+        with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+            while True:
+                quiet = time.monotonic() - self._last_frame
+                if quiet < silence:
+                    await asyncio.sleep(silence - quiet)
+                elif self._probe_sent is None:
+                    log.info("no frame for %.1fs; probing with a re-sent subscribe", quiet)
+                    self._probe_sent = time.monotonic()
+                    self._probe_replies_due += 1
+                    await ws.send(codec.encode_subscribe(self._config.subscriptions))
+                    await asyncio.sleep(silence)
+                else:  # no frame since the probe, `silence` ago
                     self.stale_reconnects += 1
-                    raise _Retry(f"stale stream: no frame for {waited}s") from None
-                log.info("no frame for %.1fs; probing with a re-sent subscribe", silence)
-                self._probe_sent = time.monotonic()
-                self._probe_replies_due += 1
-                await ws.send(codec.encode_subscribe(self._config.subscriptions))
+                    self._stale = f"stale stream: no frame for {quiet:.1f}s"
+                    await ws.close()
+                    return
 
     async def _handshake(self, ws: ClientConnection) -> None:
         cfg = self._config
@@ -224,6 +238,7 @@ class AlpacaSession:
     def _dispatch(self, frame: bytes | str) -> None:
         """Hot path: one frame -> the handler, with one ingest timestamp per frame."""
         received = time.monotonic()
+        self._last_frame = received
         self._probe_sent = None  # any frame proves the stream alive
         items: list[DataItem] = []
         for event in codec.decode_frame(frame):
