@@ -1,17 +1,26 @@
 """Offline checks of the deployment manifests (`ray-cluster/`) and the Dockerfile.
 
-Rendering: both overlays (`ray-cluster/overlays/dev`, `.../prod`) are rendered with
-`tests/kustomize_lite.py`, a deliberately small renderer that implements only the kustomize
-subset these manifests use (resources, components, namespace, JSON 6902 patches, map-only
-strategic-merge patches, images) and raises on anything else. When `kustomize` or `kubectl`
-is on PATH, `test_lite_renderer_matches_real_kustomize` renders with it too and requires the
-same documents; without either binary that one cross-check is skipped, nothing else is.
+Rendering: both overlays (`ray-cluster/overlays/dev`, `.../prod`) are rendered with real
+kustomize, `kubectl kustomize DIR` (kubectl >= 1.27 embeds kustomize v5, which these overlays
+need). Without kubectl the tests fail: .ci/run installs nothing for it but checks it up front.
 
 What is checked, for every overlay:
-- every RayCluster / RayJob validates (jsonschema Draft 7) against the KubeRay v1.7.0 CRD
-  schemas (`spec.versions[name=v1].schema.openAPIV3Schema`) from `$KUBERAY_CRDS_DIR` or
-  `../shared/kuberay-crds` next to the repository — missing CRDs fail the tests — and has no
-  field the schema does not know (Kubernetes would silently prune a mistyped field);
+- every document has a schema or a stated reason it has none: RayCluster / RayJob validate
+  (jsonschema Draft 7) against the KubeRay v1.7.0 CRD schemas vendored in
+  `tests/data/kuberay-crds` (`spec.versions[name=v1].schema.openAPIV3Schema`) and have no
+  field the schema does not know (Kubernetes would silently prune a mistyped field); core kinds
+  (Namespace, ServiceAccount, NetworkPolicy, and the pod templates inside the Ray kinds) validate
+  strictly (no unknown fields) against the Kubernetes OpenAPI schemas that the pinned
+  `kubernetes-validate` package ships; Strimzi's KafkaTopic / KafkaUser and the Prometheus
+  Operator's PodMonitor have no offline schema here and are checked field by field below;
+- every pod KubeRay will create (head with the autoscaler sidecar, workers with KubeRay's
+  wait-gcs-ready init container, the RayJob submitter) meets Pod Security "restricted"
+  (`tests/pod_security.py`), runs as the image's numeric user, has a read-only root file system
+  with emptyDir volumes (each with a sizeLimit) for what it writes, and ephemeral-storage
+  requests/limits that cover them; the spool volume holds every shard a worker can run;
+- the Ray namespace enforces "restricted"; pods use a ServiceAccount without an API token; the
+  NetworkPolicy admits to the head's GCS / dashboard / client ports only the cluster's pods and
+  the namespaces the overlay names, and to the metrics ports the PodMonitors scrape;
 - `rayVersion`, the Ray version in every image tag, the Dockerfile's `FROM` tag and `ray` in
   uv.lock agree, and so does the Python tag (py311) with `requires-python`;
 - no Secret is rendered; the one Secret template holds placeholders only and is not applied;
@@ -28,8 +37,8 @@ Negative tests feed deliberately broken documents to the same checks.
 from __future__ import annotations
 
 import copy
+import functools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -39,43 +48,86 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 from pydantic import SecretStr
 
+from ray_forwarder.actors import IO_ACTOR_CPUS
 from ray_forwarder.config import Settings
-from tests import kustomize_lite
+from ray_forwarder.spool import SEGMENT_BYTES
+from tests.pod_security import all_containers, restricted_violations
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLUSTER = REPO / "ray-cluster"
 OVERLAYS = ("dev", "prod")
 SECRET_TEMPLATE = RAY_CLUSTER / "base" / "secret.example.yaml"
 SECRET_NAME_PATTERN = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL", re.IGNORECASE)
+CRDS_DIR = REPO / "tests" / "data" / "kuberay-crds"
 RAY_KINDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+#: Kinds validated against the Kubernetes schemas of these versions (oldest we document, newest
+#: the pinned kubernetes-validate ships).
+KUBERNETES_VERSIONS = ("1.30", "1.37")
+CORE_KINDS = {"Namespace", "ServiceAccount", "NetworkPolicy"}
+#: Kinds with no schema available offline, and what checks them instead.
+UNVALIDATED_KINDS = {
+    "KafkaTopic": "Strimzi CRD; test_topics_equal_settings_defaults",
+    "KafkaUser": "Strimzi CRD; test_kafka_user_acls",
+    "PodMonitor": "Prometheus Operator CRD; test_pod_monitors_scrape_declared_ports",
+}
+#: The image's user and group (rayproject/ray's `ray`:`users`), numeric in the Dockerfile.
+IMAGE_UID, IMAGE_GID = 1000, 100
 
 Doc = dict[str, Any]
+
+
+# Rendering ----------------------------------------------------------------------------
+
+
+@functools.cache
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        pytest.fail(
+            "kubectl is required to render ray-cluster/ (`kubectl kustomize`); install it "
+            "(kubectl >= 1.27) and put it on PATH"
+        )
+    return path
+
+
+def render(directory: Path) -> list[Doc]:
+    """`kubectl kustomize DIR`, parsed; a kustomize error fails with its message."""
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"kubectl kustomize {directory} failed: {result.stderr.strip()}")
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@functools.cache
+def _rendered_overlay(name: str) -> str:
+    return json.dumps(render(RAY_CLUSTER / "overlays" / name))
+
+
+def rendered_overlay(name: str) -> list[Doc]:
+    """A fresh copy of an overlay's documents (rendered once per session)."""
+    return json.loads(_rendered_overlay(name))
 
 
 # Fixtures -----------------------------------------------------------------------------
 
 
-def crds_dir() -> Path:
-    env = os.environ.get("KUBERAY_CRDS_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "kuberay-crds"
-
-
 @pytest.fixture(scope="module")
 def schemas() -> dict[str, dict[str, Any]]:
-    directory = crds_dir()
     result = {}
     for kind, filename in RAY_KINDS.items():
-        path = directory / filename
-        if not path.is_file():
-            pytest.fail(
-                f"KubeRay CRD {path} not found: set KUBERAY_CRDS_DIR to the directory with "
-                f"{', '.join(RAY_KINDS.values())}"
-            )
-        crd = yaml.safe_load(path.read_text())
+        # libyaml's loader: the CRDs are 2 MB of YAML, a minute for the pure-Python one.
+        crd = yaml.load((CRDS_DIR / filename).read_text(), Loader=yaml.CSafeLoader)
         assert crd["spec"]["names"]["kind"] == kind
         (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
         result[kind] = version["schema"]["openAPIV3Schema"]
@@ -87,9 +139,9 @@ def overlay(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def rendered(overlay: str) -> list[Doc]:
-    docs = kustomize_lite.render(RAY_CLUSTER / "overlays" / overlay)
+    docs = rendered_overlay(overlay)
     assert docs, f"overlay {overlay} rendered nothing"
     return docs
 
@@ -217,6 +269,17 @@ def python_tag() -> str:
     return tags.pop()
 
 
+def split_image(image: str) -> tuple[str, str | None, str | None]:
+    """`name[:tag][@digest]` -> (name, tag, digest)."""
+    name, _, digest = image.partition("@")
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    tag = None
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1 :]
+    return name, tag, digest or None
+
+
 def dockerfile_from() -> tuple[str, str]:
     lines = [
         line.split()
@@ -225,7 +288,7 @@ def dockerfile_from() -> tuple[str, str]:
     ]
     final = lines[-1]  # the stage that becomes the image
     image = final[1] if not final[1].startswith("--") else final[2]
-    name, tag, _ = kustomize_lite.split_image(image)
+    name, tag, _ = split_image(image)
     assert tag, f"Dockerfile FROM {image} has no tag"
     return name, tag
 
@@ -285,7 +348,7 @@ def test_ray_and_python_versions_agree(rendered):
     images = ray_images(rendered)
     assert images
     for image in images:
-        _, image_tag, _ = kustomize_lite.split_image(image)
+        _, image_tag, _ = split_image(image)
         assert image_tag, f"{image} has no tag"
         assert f"ray{ray_version}" in image_tag.split("-"), f"{image}: not Ray {ray_version}"
         assert py in image_tag.split("-"), f"{image}: not {py}"
@@ -480,7 +543,7 @@ def test_topics_equal_settings_defaults(rendered):
 
 
 def test_dev_overlay_is_small():
-    docs = kustomize_lite.render(RAY_CLUSTER / "overlays" / "dev")
+    docs = rendered_overlay("dev")
     cluster = one(docs, "RayCluster")
     (group,) = cluster["spec"]["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 1
@@ -491,7 +554,7 @@ def test_dev_overlay_is_small():
 
 
 def test_prod_overlay_scales_and_replicates():
-    docs = kustomize_lite.render(RAY_CLUSTER / "overlays" / "prod")
+    docs = rendered_overlay("prod")
     cluster = one(docs, "RayCluster")
     (group,) = cluster["spec"]["workerGroupSpecs"]
     assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
@@ -503,52 +566,385 @@ def test_prod_overlay_scales_and_replicates():
         assert topic["spec"]["config"]["min.insync.replicas"] == 2
 
 
-# The renderer -------------------------------------------------------------------------
+# Schemas of the other kinds -----------------------------------------------------------
 
 
-def real_kustomize() -> list[str] | None:
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"]
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize"]
-    return None
+def core_errors(doc: Doc, version: str) -> list[str]:
+    """Strict validation against the Kubernetes schema of `version` (unknown fields fail)."""
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return [f"{'/'.join(map(str, error.path))}: {error.message}"]
+    return []
 
 
-def _keyed(docs: list[Doc]) -> dict[tuple[str, str, str], str]:
-    keyed = {}
+def pod_templates(doc: Doc) -> list[tuple[str, Doc]]:
+    """The pod templates inside a RayCluster / RayJob, as they would be given to Kubernetes."""
+    spec = doc.get("spec") or {}
+    if doc["kind"] == "RayCluster":
+        return [("head", spec["headGroupSpec"]["template"])] + [
+            (f"worker {g['groupName']}", g["template"]) for g in spec["workerGroupSpecs"]
+        ]
+    if doc["kind"] == "RayJob":
+        return [("submitter", spec["submitterPodTemplate"])]
+    return []
+
+
+def as_core_pod_template(template: Doc) -> Doc:
+    return {
+        "apiVersion": "v1",
+        "kind": "PodTemplate",
+        "metadata": {"name": "t"},
+        "template": template,
+    }
+
+
+def test_every_kind_has_a_schema_or_a_stated_reason(rendered):
+    kinds = {doc["kind"] for doc in rendered}
+    known = set(RAY_KINDS) | CORE_KINDS | set(UNVALIDATED_KINDS)
+    assert kinds <= known, f"kinds with no schema check: {sorted(kinds - known)}"
+    assert kinds >= CORE_KINDS | set(RAY_KINDS)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_core_documents_validate_against_kubernetes_schemas(rendered, version):
+    for doc in rendered:
+        if doc["kind"] in CORE_KINDS:
+            errors = core_errors(doc, version)
+            assert not errors, f"{doc['kind']}/{doc['metadata']['name']}: {errors}"
+        for where, template in pod_templates(doc):
+            errors = core_errors(as_core_pod_template(template), version)
+            assert not errors, f"{doc['kind']} {where} pod template: {errors}"
+
+
+def test_core_schema_check_rejects_broken_documents(rendered):
+    policy = copy.deepcopy(one(rendered, "NetworkPolicy"))
+    policy["spec"]["ingress"][0]["form"] = policy["spec"]["ingress"][0].pop("from")  # typo
+    assert core_errors(policy, KUBERNETES_VERSIONS[0])
+
+    account = copy.deepcopy(one_named(rendered, "ServiceAccount", "ray-forwarder-pods"))
+    account["automountServiceAccountToken"] = "no"
+    assert core_errors(account, KUBERNETES_VERSIONS[0])
+
+    (_, template), *_ = pod_templates(one(rendered, "RayCluster"))
+    template = copy.deepcopy(template)
+    template["spec"]["containers"][0]["securityContext"]["readOnlyRootFs"] = True  # typo
+    assert core_errors(as_core_pod_template(template), KUBERNETES_VERSIONS[0])
+
+
+def one_named(docs: list[Doc], kind: str, name: str) -> Doc:
+    (found,) = [d for d in of_kind(docs, kind) if d["metadata"]["name"] == name]
+    return found
+
+
+# Pods as KubeRay creates them ---------------------------------------------------------
+
+
+def pods(docs: list[Doc]) -> list[tuple[str, Doc, Doc]]:
+    """(where, metadata, pod spec) of every pod the Ray kinds make, with what KubeRay adds
+    that matters to Pod Security: the autoscaler sidecar (from autoscalerOptions) on the head,
+    and the wait-gcs-ready init container on workers (a copy of the Ray container's
+    securityContext and volumeMounts)."""
+    found = []
     for doc in docs:
-        metadata = doc.get("metadata") or {}
-        key = (doc["kind"], metadata.get("namespace", ""), metadata["name"])
-        assert key not in keyed, f"duplicate {key}"
-        keyed[key] = json.dumps(doc, sort_keys=True)
-    return keyed
+        for where, template in pod_templates(doc):
+            spec = copy.deepcopy(template["spec"])
+            if where == "head" and doc["spec"].get("enableInTreeAutoscaling"):
+                options = doc["spec"].get("autoscalerOptions") or {}
+                spec["containers"].append(
+                    {
+                        "name": "autoscaler",
+                        "securityContext": options.get("securityContext"),
+                        "volumeMounts": options.get("volumeMounts") or [],
+                        "resources": options.get("resources") or {},
+                    }
+                )
+            if where.startswith("worker"):
+                ray = spec["containers"][0]
+                spec.setdefault("initContainers", []).append(
+                    {
+                        "name": "wait-gcs-ready",
+                        "securityContext": copy.deepcopy(ray.get("securityContext")),
+                        "volumeMounts": copy.deepcopy(ray.get("volumeMounts") or []),
+                    }
+                )
+            found.append((f"{doc['kind']} {where}", template.get("metadata") or {}, spec))
+    return found
 
 
-@pytest.mark.parametrize("name", OVERLAYS)
-def test_lite_renderer_matches_real_kustomize(name):
-    command = real_kustomize()
-    if command is None:
-        pytest.skip("neither kustomize nor kubectl is installed")
-    result = subprocess.run(
-        [*command, str(RAY_CLUSTER / "overlays" / name)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+def test_every_pod_meets_the_restricted_profile(rendered):
+    found = pods(rendered)
+    assert {where for where, _, _ in found} == {
+        "RayCluster head",
+        "RayCluster worker io",
+        "RayJob submitter",
+    }
+    for where, metadata, spec in found:
+        assert restricted_violations(spec, metadata) == [], where
+
+
+def test_restricted_check_rejects_what_the_profile_forbids(rendered):
+    _, metadata, spec = pods(rendered)[0]
+    broken = [
+        (
+            "allowPrivilegeEscalation",
+            lambda c, p: c["securityContext"].pop("allowPrivilegeEscalation"),
+        ),
+        (
+            "drop must include ALL",
+            lambda c, p: c["securityContext"]["capabilities"].update(drop=["NET_RAW"]),
+        ),
+        (
+            "capabilities.add",
+            lambda c, p: c["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+        ),
+        (
+            "seccompProfile",
+            lambda c, p: (
+                c["securityContext"].pop("seccompProfile"),
+                p["securityContext"].pop("seccompProfile"),
+            ),
+        ),
+        (
+            "seccompProfile",
+            lambda c, p: c["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+        ),
+        (
+            "runAsNonRoot",
+            lambda c, p: (
+                c["securityContext"].pop("runAsNonRoot"),
+                p["securityContext"].pop("runAsNonRoot"),
+            ),
+        ),
+        ("runAsUser", lambda c, p: c["securityContext"].update(runAsUser=0)),
+        ("privileged", lambda c, p: c["securityContext"].update(privileged=True)),
+        ("hostPort", lambda c, p: c["ports"][0].update(hostPort=6379)),
+        ("hostNetwork", lambda c, p: p.update(hostNetwork=True)),
+        ("not allowed", lambda c, p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}})),
+    ]
+    for expected, breaks in broken:
+        pod = copy.deepcopy(spec)
+        breaks(pod["containers"][0], pod)
+        problems = restricted_violations(pod, metadata)
+        assert any(expected in p for p in problems), (expected, problems)
+
+
+def test_containers_run_as_the_image_user_on_a_read_only_root(rendered):
+    for where, _, spec in pods(rendered):
+        pod_sc = spec["securityContext"]
+        assert (pod_sc["runAsUser"], pod_sc["runAsGroup"], pod_sc["fsGroup"]) == (
+            IMAGE_UID,
+            IMAGE_GID,
+            IMAGE_GID,
+        ), where
+        assert spec["automountServiceAccountToken"] is False, where
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in all_containers(spec):
+            sc = container["securityContext"]
+            name = f"{where} {container['name']}"
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert (sc["runAsUser"], sc["runAsGroup"]) == (IMAGE_UID, IMAGE_GID), name
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            assert "/tmp" in mounts, f"{name}: /tmp is not writable"
+            for mount in mounts.values():
+                assert mount["name"] in volumes, f"{name}: no volume {mount['name']}"
+                volume = volumes[mount["name"]]
+                if "emptyDir" in volume:
+                    assert volume["emptyDir"].get("sizeLimit"), f"{name}: {mount['name']}"
+            if container["name"] in ("ray-head", "ray-worker", "autoscaler", "wait-gcs-ready"):
+                assert mounts["/tmp/ray"]["name"] == "ray-logs", name
+
+
+def test_read_only_root_check_detects_a_missing_tmp(rendered):
+    docs = copy.deepcopy(rendered)
+    cluster = one(docs, "RayCluster")
+    worker = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    worker["volumeMounts"] = [m for m in worker["volumeMounts"] if m["mountPath"] != "/tmp"]
+    with pytest.raises(AssertionError, match="/tmp is not writable"):
+        test_containers_run_as_the_image_user_on_a_read_only_root(docs)
+
+
+def quantity_bytes(value: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+    match = re.fullmatch(r"(\d+)([A-Za-z]*)", str(value))
+    assert match and match.group(2) in {"", *units}, f"unexpected quantity {value!r}"
+    return int(match.group(1)) * units.get(match.group(2), 1)
+
+
+#: Room for each container's stdout/stderr logs, which the kubelet counts as ephemeral storage.
+CONTAINER_LOG_BYTES = 64 * 2**20
+
+
+def ephemeral_storage_problems(docs: list[Doc]) -> list[str]:
+    """Each pod's ephemeral-storage (requests = limits) must hold its disk emptyDirs at their
+    sizeLimit plus each container's logs: the kubelet evicts a pod above the sum."""
+    problems = []
+    for where, _, spec in pods(docs):
+        disk_volumes = sum(
+            quantity_bytes(v["emptyDir"]["sizeLimit"])
+            for v in spec.get("volumes") or []
+            if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"
+        )
+        containers = spec["containers"]
+        requests = [c["resources"]["requests"].get("ephemeral-storage") for c in containers]
+        limits = [c["resources"]["limits"].get("ephemeral-storage") for c in containers]
+        if None in requests or requests != limits:
+            problems.append(f"{where}: ephemeral-storage requests {requests} limits {limits}")
+            continue
+        total = sum(quantity_bytes(q) for q in limits)
+        needed = disk_volumes + CONTAINER_LOG_BYTES * len(containers)
+        if total < needed:
+            problems.append(f"{where}: ephemeral-storage {total} < volumes + logs {needed}")
+    return problems
+
+
+def test_ephemeral_storage_covers_the_volumes(rendered):
+    assert ephemeral_storage_problems(rendered) == []
+
+
+def test_ephemeral_storage_shortfall_is_detected(rendered):
+    docs = copy.deepcopy(rendered)
+    worker = one(docs, "RayCluster")["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+    (spool,) = [v for v in worker["volumes"] if v["name"] == "spool"]
+    spool["emptyDir"]["sizeLimit"] = "8Gi"
+    assert any("worker" in p for p in ephemeral_storage_problems(docs))
+
+
+def test_spool_volume_holds_every_shard_a_worker_can_run(rendered):
+    """SPOOL_MAX_BYTES is per shard; a worker runs at most num-cpus / IO_ACTOR_CPUS actors,
+    all of which may be shards, each with one open segment per lane (producer)."""
+    env = runtime_env(one(rendered, "RayJob"))["env_vars"]
+    # The secrets come from the head's env at run time; a placeholder stands in for them.
+    settings = Settings.model_validate(
+        {k.lower(): v for k, v in env.items()} | {"kafka_password": "placeholder"}
     )
-    assert result.returncode == 0, result.stderr
-    real = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    assert _keyed(kustomize_lite.render(RAY_CLUSTER / "overlays" / name)) == _keyed(real)
+    assert settings.spool_max_bytes > 0
+    for group in one(rendered, "RayCluster")["spec"]["workerGroupSpecs"]:
+        spec = group["template"]["spec"]
+        shards_per_worker = int(float(group["rayStartParams"]["num-cpus"]) / IO_ACTOR_CPUS)
+        needed = shards_per_worker * (settings.spool_max_bytes + settings.producers * SEGMENT_BYTES)
+        (mount,) = [
+            m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == settings.spool_dir
+        ]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert "subPath" not in mount
+        assert quantity_bytes(volume["emptyDir"]["sizeLimit"]) >= needed, group["groupName"]
 
 
-def test_lite_renderer_refuses_what_it_does_not_implement(tmp_path):
-    (tmp_path / "kustomization.yaml").write_text("resources: []\nnamePrefix: x-\n")
-    with pytest.raises(kustomize_lite.UnsupportedFeature):
-        kustomize_lite.render(tmp_path)
-    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\n")
-    (tmp_path / "kustomization.yaml").write_text(
-        "resources: [cm.yaml]\npatches:\n  - target: {kind: ConfigMap}\n    patch: |-\n"
-        "      - op: replace\n        path: /data/missing\n        value: 1\n"
-    )
-    with pytest.raises(kustomize_lite.PatchError):
-        kustomize_lite.render(tmp_path)
+# Namespace, ServiceAccount, NetworkPolicy ----------------------------------------------
+
+
+def test_ray_namespace_enforces_restricted(rendered):
+    cluster = one(rendered, "RayCluster")
+    namespace = one_named(rendered, "Namespace", cluster["metadata"]["namespace"])
+    labels = namespace["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert labels["pod-security.kubernetes.io/enforce-version"] == "latest"
+    namespaced = [d for d in rendered if d["kind"] != "Namespace"]
+    assert {d["metadata"]["namespace"] for d in namespaced} == {
+        namespace["metadata"]["name"],
+        "kafka",
+    }
+
+
+def test_pods_use_a_service_account_without_a_token(rendered):
+    account = one_named(rendered, "ServiceAccount", "ray-forwarder-pods")
+    assert account["automountServiceAccountToken"] is False
+    cluster = one(rendered, "RayCluster")
+    for where, _, spec in pods(rendered):
+        expected = "ray-forwarder-pods"
+        if where == "RayCluster head" and cluster["spec"].get("enableInTreeAutoscaling"):
+            expected = "ray-forwarder-autoscaler"
+        assert spec["serviceAccountName"] == expected, where
+        assert spec["automountServiceAccountToken"] is False, where
+        one_named(rendered, "ServiceAccount", expected)
+
+
+def test_only_the_autoscaler_sees_an_api_token():
+    docs = rendered_overlay("prod")
+    (head,) = [spec for where, _, spec in pods(docs) if where == "RayCluster head"]
+    token_volumes = {
+        v["name"]
+        for v in head["volumes"]
+        if any("serviceAccountToken" in s for s in (v.get("projected") or {}).get("sources", []))
+    }
+    assert token_volumes
+    for container in all_containers(head):
+        mounted = {m["name"] for m in container.get("volumeMounts") or []}
+        assert bool(mounted & token_volumes) == (container["name"] == "autoscaler")
+
+
+HEAD_CLIENT_PORTS = {6379, 8265, 10001}
+
+
+def network_policy_problems(docs: list[Doc]) -> list[str]:
+    cluster = one(docs, "RayCluster")
+    policy = one(docs, "NetworkPolicy")["spec"]
+    problems = []
+    if policy["podSelector"] != {"matchLabels": {"ray.io/cluster": cluster["metadata"]["name"]}}:
+        problems.append(f"selects {policy['podSelector']}")
+    if "Ingress" not in policy["policyTypes"]:
+        problems.append("does not restrict ingress")
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head_ports = {p["containerPort"] for p in head["ports"]}
+    metrics_ports = {
+        p["containerPort"]
+        for p in head["ports"]
+        if p["name"]
+        in {
+            e["port"] for m in of_kind(docs, "PodMonitor") for e in m["spec"]["podMetricsEndpoints"]
+        }
+    }
+    for index, rule in enumerate(policy["ingress"]):
+        ports = {p["port"] for p in rule.get("ports") or []} or None
+        for peer in rule["from"]:
+            if "ipBlock" in peer:
+                problems.append(f"ingress/{index}: ipBlock peer")
+            elif "namespaceSelector" in peer:
+                (expression,) = peer["namespaceSelector"]["matchExpressions"]
+                if expression["key"] != "kubernetes.io/metadata.name" or not expression["values"]:
+                    problems.append(f"ingress/{index}: namespaces not named")
+                if ports is None or not ports <= head_ports:
+                    problems.append(f"ingress/{index}: namespaces admitted to {ports}")
+            elif peer["podSelector"] != {
+                "matchLabels": {"ray.io/cluster": cluster["metadata"]["name"]}
+            } and (ports is None or ports & (HEAD_CLIENT_PORTS - {8265})):
+                problems.append(f"ingress/{index}: other pods admitted to {ports}")
+    admitted_metrics = {
+        p["port"]
+        for rule in policy["ingress"]
+        if any("namespaceSelector" in peer for peer in rule["from"])
+        for p in rule.get("ports") or []
+        if p["port"] not in HEAD_CLIENT_PORTS
+    }
+    if admitted_metrics != metrics_ports:
+        problems.append(f"metrics ports admitted {admitted_metrics} != scraped {metrics_ports}")
+    return problems
+
+
+def test_network_policy_admits_only_the_cluster_and_named_namespaces(rendered):
+    assert network_policy_problems(rendered) == []
+    policy = one(rendered, "NetworkPolicy")["spec"]
+    named = [
+        set(peer["namespaceSelector"]["matchExpressions"][0]["values"])
+        for rule in policy["ingress"]
+        for peer in rule["from"]
+        if "namespaceSelector" in peer
+    ]
+    assert named == [{"ray-system"}, {"monitoring"}]
+
+
+def test_network_policy_gaps_are_detected(rendered):
+    docs = copy.deepcopy(rendered)
+    policy = one(docs, "NetworkPolicy")["spec"]
+    policy["ingress"][2]["from"][0]["namespaceSelector"] = {
+        "matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "Exists", "values": []}
+        ]
+    }
+    policy["ingress"][2].pop("ports")
+    policy["ingress"].append({"from": [{"podSelector": {}}], "ports": [{"port": 6379}]})
+    problems = network_policy_problems(docs)
+    assert any("namespaces not named" in p for p in problems)
+    assert any("namespaces admitted to None" in p for p in problems)
+    assert any("other pods admitted" in p for p in problems)
