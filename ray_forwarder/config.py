@@ -41,12 +41,6 @@ FEED_PATHS: dict[str, str] = {
     "test": "v2/test",
 }
 
-#: What aiokafka can connect with, and the SASL mechanisms these settings can configure
-#: (a user name and password: GSSAPI and OAUTHBEARER need more than that).
-SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
 #: Kafka's own rule for topic names (kafka.common.internals.Topic).
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
@@ -98,6 +92,7 @@ class Settings(BaseSettings):
     kafka_username: str | None = None
     kafka_password: SecretStr | None = None
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] | None = None
+    # what aiokafka supports and a user name + password can drive (not GSSAPI, OAUTHBEARER)
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
     kafka_request_timeout_ms: int = Field(default=30_000, gt=0, le=600_000)

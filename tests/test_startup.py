@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -341,6 +342,33 @@ async def test_create_topics_creates_only_what_is_missing(kafka_broker, kafka_to
         name: 1 if name == topics["TOPIC_QUOTES"] else 3 for name in topics.values()
     }
     assert await prepare_topics(settings) == []  # now all present
+
+
+async def test_producer_warm_up_after_the_check_logs_no_kafka_errors(
+    kafka_broker, kafka_topics, caplog
+) -> None:
+    """The producer's warm-up (metadata for every routed topic) is where the ERROR lines
+    came from while a broker auto-created the topics; after the start-up check (here
+    creating what is missing) it logs nothing at ERROR."""
+    from ray_forwarder.producer import KafkaSink
+
+    topics = _topic_env(kafka_topics)
+    await create_topics([topics["TOPIC_TRADES"]], **kafka_broker.client_kwargs())
+    settings = _settings(kafka_broker, topics, kafka_create_topics=True)
+    caplog.set_level(logging.WARNING, logger="aiokafka")
+    await prepare_topics(settings)
+    sink = KafkaSink(settings)
+    await sink.start()
+    try:
+        await sink.send_batch([(topics["TOPIC_QUOTES"], b"SPY", b"{}")])
+    finally:
+        await sink.stop()
+    errors = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("aiokafka") and r.levelno >= logging.ERROR
+    ]
+    assert errors == []
 
 
 @pytest.mark.timeout(180)
