@@ -167,6 +167,19 @@ def test_a_refused_duration_exits_2() -> None:
     assert result.returncode == 2 and "--duration" in result.stderr
 
 
+def test_an_unreachable_kafka_stops_the_start_before_ray(tmp_path) -> None:
+    """Valid settings, nothing listening: exit code 1 (not a settings error), the reason in
+    the last line, no traceback, no secret, no Ray."""
+    result = _run(ENTRYPOINTS["module"], _base_env(tmp_path))
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("ray-forwarder: cannot reach Kafka at 127.0.0.1:1 (SASL_PLAINTEXT")
+    assert "Traceback" not in output and "Ray" not in output
+    for secret in SECRETS:
+        assert secret not in output
+
+
 def test_loopback_ws_and_the_insecure_opt_in_are_accepted(tmp_path) -> None:
     env = _base_env(tmp_path)
     for url, opt_in in (
