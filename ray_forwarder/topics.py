@@ -71,6 +71,13 @@ async def ensure_topics(
         await admin.close()
 
 
+def routed_topics(settings: Settings) -> list[str]:
+    """Every topic the forwarder may write: the channel topics and any other TOPIC_*
+    setting (a dead-letter topic, say), so that none is found missing only when needed."""
+    fields = (name for name in type(settings).model_fields if name.startswith("topic_"))
+    return sorted(set(topic_map(settings).values()) | {getattr(settings, f) for f in fields})
+
+
 def admin_options(settings: Settings) -> dict[str, Any]:
     """The connection part of the producer's options (bootstrap, security, SASL, TLS), so
     the check connects exactly as the producers will."""
@@ -100,7 +107,7 @@ async def prepare_topics(
 
     from ray_forwarder.producer import describe_kafka_error
 
-    wanted = sorted(set(topic_map(settings).values()))
+    wanted = routed_topics(settings)
     bootstrap = settings.kafka_bootstrap_servers
     admin = AIOKafkaAdminClient(**admin_options(settings))
     try:
