@@ -221,7 +221,7 @@ def test_topic_rule_covers_every_topic_field() -> None:
             load_settings(**{name: "bad name"})
 
 
-def test_plan_with_a_billion_slots_is_bounded_work() -> None:
+def test_plan_work_is_bounded_by_shards_not_slots() -> None:
     """Planning numbers slots instead of listing them, so even the largest allowed
     credentials x connections product plans at once."""
     from ray_forwarder.planning import plan
