@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the forwarder (the default)")
-    run.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    run.add_argument("--duration", type=_positive_seconds, default=None,
+                     help="stop after N seconds")  # fmt: skip
     demo = sub.add_parser(
         "demo",
         help="run on embedded defaults: local Ray, a local Kafka broker and the feed simulator",
@@ -90,14 +92,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError("must be a finite number of seconds > 0")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
+    from ray_forwarder.startup import preflight
+    from ray_forwarder.topics import KafkaUnreachableError
+
     settings = load_settings()
     logs.configure(settings.log_level, component="driver")
-    settings.require_credentials()
+    # Every refusal happens here, before Ray starts: the plan (credentials, shards vs
+    # slots), the spool directory, and the Kafka topics.
+    try:
+        shards = preflight(settings)
+    except KafkaUnreachableError as exc:
+        print(f"ray-forwarder: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     from ray_forwarder.driver import ensure_ray, run_forwarder
 
     ensure_ray()
-    result = asyncio.run(run_forwarder(settings, duration=args.duration))
+    result = asyncio.run(run_forwarder(settings, shards=shards, duration=args.duration))
     if result.error:
         print(f"ray-forwarder: {result.error}", file=sys.stderr)
         return EXIT_ERROR
@@ -106,9 +124,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _plan() -> int:
     from ray_forwarder.planning import plan, producer_names
+    from ray_forwarder.startup import check_spool_dir
 
     settings = load_settings()
     shards = plan(settings)
+    check_spool_dir(settings)
     print(
         f"{len(shards)} shard(s), {settings.producers} producer(s): "
         f"{', '.join(producer_names(settings))}"

@@ -7,15 +7,50 @@ with one clear line naming the variable, and secrets are ``SecretStr`` so they n
 
 from __future__ import annotations
 
+import ipaddress
+import re
+import tempfile
+from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ray_forwarder.protocol.channels import MARKET_DATA_CHANNELS
 
 DEFAULT_CHANNELS = ("trades", "quotes", "bars", "updatedBars")
-LIVE_STREAM_BASE = "wss://stream.data.alpaca.markets/v2"
+LIVE_STREAM_HOST = "wss://stream.data.alpaca.markets"
+
+#: Alpaca's stock feeds and where each one streams (docs.alpaca.markets, "Real-time Stock
+#: Data" and "WebSocket Stream": BOATS and the overnight feed are still on v1beta1, `test`
+#: is the always-on test stream with the symbol FAKEPACA).
+FEED_PATHS: dict[str, str] = {
+    "sip": "v2/sip",
+    "iex": "v2/iex",
+    "delayed_sip": "v2/delayed_sip",
+    "boats": "v1beta1/boats",
+    "overnight": "v1beta1/overnight",
+    "test": "v2/test",
+}
+
+#: Kafka's own rule for topic names (kafka.common.internals.Topic).
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+
+# Upper bounds: far above any sane value, low enough that a typo (an extra digit, a value
+# in ms where seconds are meant) fails at start instead of hanging or exhausting memory.
+HOUR, DAY = 3600.0, 86400.0
+MAX_KEY_PAIRS = 256
+MAX_CONNECTIONS_PER_KEY = 64
+MAX_SHARDS = 1024
+MAX_PRODUCERS = 256
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -30,29 +65,42 @@ def _split_commas(value: object) -> object:
 class Settings(BaseSettings):
     """All runtime settings; field names map 1:1 to upper-case environment variables."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    # allow_inf_nan=False: every float setting is finite ("inf" or "nan" as a duration would
+    # grow state without bound or never fire).
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", frozen=True, allow_inf_nan=False
+    )
 
     # Alpaca
     alpaca_api_key_id: SecretStr | None = None
     alpaca_secret_key: SecretStr | None = None
-    alpaca_feed: str = "sip"
+    alpaca_feed: Literal["sip", "iex", "delayed_sip", "boats", "overnight", "test"] = "sip"
     alpaca_symbols: CommaList = Field(default_factory=lambda: ["SPY", "QQQ"])
     alpaca_channels: CommaList = Field(default_factory=lambda: list(DEFAULT_CHANNELS))
+    # ws:// to anything but loopback sends the secret in clear: only with this opt-in
+    alpaca_allow_insecure_stream: bool = False
     alpaca_stream_url: str | None = None
     alpaca_wire_format: Literal["json", "msgpack"] = "msgpack"
     alpaca_credentials: SecretStr | None = None  # more key pairs: "KEY1:SECRET1,KEY2:SECRET2"
-    alpaca_connections_per_key: int = Field(default=1, gt=0)
-    shards: int = Field(default=0, ge=0)  # 0 = one per connection slot (at most one per symbol)
-    producers: int = Field(default=1, gt=0)
+    alpaca_connections_per_key: int = Field(default=1, gt=0, le=MAX_CONNECTIONS_PER_KEY)
+    # 0 = one per connection slot (at most one per symbol)
+    shards: int = Field(default=0, ge=0, le=MAX_SHARDS)
+    producers: int = Field(default=1, gt=0, le=MAX_PRODUCERS)
 
     # Kafka
     kafka_bootstrap_servers: str = "kafka-kafka-bootstrap.kafka:9092"
     kafka_username: str | None = None
     kafka_password: SecretStr | None = None
-    kafka_security_protocol: str | None = None
-    kafka_sasl_mechanism: str | None = None
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] | None = None
+    # what aiokafka supports and a user name + password can drive (not GSSAPI, OAUTHBEARER)
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
-    kafka_request_timeout_ms: int = Field(default=30_000, gt=0)
+    kafka_request_timeout_ms: int = Field(default=30_000, gt=0, le=600_000)
+    # At start: create the routed topics that are missing (dev, the demo). Off in production,
+    # where topics are managed elsewhere (Strimzi KafkaTopic resources) and a missing one is
+    # waited for up to KAFKA_TOPICS_WAIT_SECONDS, then refused.
+    kafka_create_topics: bool = False
+    kafka_topics_wait_seconds: float = Field(default=60.0, ge=0, le=HOUR)
 
     # Topics (the first four are contract names)
     topic_trades: str = "alpaca.trades.v1"
@@ -66,27 +114,27 @@ class Settings(BaseSettings):
     topic_trade_updates: str = "alpaca.trade_updates.v1"
 
     # Pipeline
-    producer_linger_ms: int = Field(default=50, ge=0)
-    dedup_ttl_seconds: float = Field(default=900, gt=0)
-    dedup_max_keys: int = Field(default=50_000, gt=0)
-    bar_final_delay_seconds: float = Field(default=35.0, ge=0)
-    batch_max_events: int = Field(default=500, gt=0)
-    batch_max_ms: float = Field(default=20.0, gt=0)
-    batch_max_in_flight: int = Field(default=4, gt=0)
-    buffer_max_events: int = Field(default=200_000, gt=0)
-    buffer_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    producer_linger_ms: int = Field(default=50, ge=0, le=10_000)
+    dedup_ttl_seconds: float = Field(default=900, gt=0, le=DAY)
+    dedup_max_keys: int = Field(default=50_000, gt=0, le=10_000_000)
+    bar_final_delay_seconds: float = Field(default=35.0, ge=0, le=HOUR)
+    batch_max_events: int = Field(default=500, gt=0, le=100_000)
+    batch_max_ms: float = Field(default=20.0, gt=0, le=60_000)
+    batch_max_in_flight: int = Field(default=4, gt=0, le=256)
+    buffer_max_events: int = Field(default=200_000, gt=0, le=10_000_000)
+    buffer_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0, le=64 * 1024**3)
     spool_dir: str = ""  # empty: <system temp dir>/ray-forwarder-spool
-    spool_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=0)  # 0: no disk spool
+    spool_max_bytes: int = Field(default=1024**3, ge=0, le=1024**4)  # 0: no disk spool
 
     # Operations
     metrics_port: int = Field(default=8080, ge=0, le=65535)
-    reconnect_initial: float = Field(default=1.0, gt=0)
-    reconnect_max: float = Field(default=60.0, gt=0)
-    connection_limit_backoff: float = Field(default=90.0, ge=0)
+    reconnect_initial: float = Field(default=1.0, gt=0, le=HOUR)
+    reconnect_max: float = Field(default=60.0, gt=0, le=HOUR)
+    connection_limit_backoff: float = Field(default=90.0, ge=0, le=HOUR)
     # Silence on a subscribed socket before a probe (a re-sent subscribe whose reply
     # proves the stream alive); no reply within as long again = stale, reconnect. 0 = off.
-    stale_stream_seconds: float = Field(default=30.0, ge=0)
-    log_level: str = "INFO"
+    stale_stream_seconds: float = Field(default=30.0, ge=0, le=HOUR)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     _split = field_validator("alpaca_symbols", "alpaca_channels", mode="before")(
         classmethod(lambda cls, v: _split_commas(v))
@@ -112,12 +160,110 @@ class Settings(BaseSettings):
             raise ValueError("at least one channel is required")
         return channels
 
+    @field_validator("log_level", "kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper_case_or_unset(cls, value: object) -> object:
+        """`info` means INFO; an empty variable (a blank in a manifest) means unset."""
+        if isinstance(value, str):
+            value = value.strip().upper()
+            return value or None
+        return value
+
+    @field_validator("alpaca_feed", mode="before")
+    @classmethod
+    def _feed_lower_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("*")
+    @classmethod
+    def _legal_topic_name(cls, value: object, info: ValidationInfo) -> object:
+        """Every TOPIC_* setting, including ones added later, is a name Kafka accepts."""
+        if info.field_name and info.field_name.startswith("topic_"):
+            if not isinstance(value, str) or not _TOPIC_NAME.fullmatch(value):
+                raise ValueError(
+                    "a Kafka topic name is 1-249 characters of ASCII letters, digits, '.', "
+                    "'_' and '-'"
+                )
+            if value in (".", ".."):
+                raise ValueError("'.' and '..' are not legal Kafka topic names")
+        return value
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _host_port_list(cls, value: str) -> str:
+        entries = [entry.strip() for entry in value.split(",")]
+        if not any(entries):
+            raise ValueError("at least one host:port is required")
+        for position, entry in enumerate(entries, start=1):
+            if not _is_host_port(entry):
+                raise ValueError(
+                    f"entry {position} is not host:port (comma-separated, e.g. "
+                    "kafka-0:9092,kafka-1:9092; IPv6 as [::1]:9092)"
+                )
+        return ",".join(entries)
+
+    @field_validator("alpaca_stream_url", "alpaca_credentials", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("alpaca_stream_url")
+    @classmethod
+    def _websocket_url(cls, value: str | None) -> str | None:
+        """Never echoes the value: it may carry a password in its userinfo."""
+        if value is None:
+            return None
+        try:
+            parts = urlsplit(value.strip())
+            _ = parts.port  # raises on a port that is not a number in range
+        except ValueError:
+            raise ValueError("not a valid URL") from None
+        if parts.scheme not in ("ws", "wss"):
+            raise ValueError("must be a ws:// or wss:// URL")
+        if "@" in parts.netloc:
+            raise ValueError(
+                "must not carry credentials (user:password@); the key pair goes in "
+                "ALPACA_API_KEY_ID / ALPACA_SECRET_KEY"
+            )
+        if not parts.hostname:
+            raise ValueError("has no host")
+        return value.strip()
+
+    @field_validator("alpaca_credentials")
+    @classmethod
+    def _credential_list(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            pairs = _parse_credentials(value.get_secret_value())
+            if len(pairs) > MAX_KEY_PAIRS:
+                raise ValueError(f"at most {MAX_KEY_PAIRS} key pairs")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.reconnect_max < self.reconnect_initial:
             raise ValueError("RECONNECT_MAX must be >= RECONNECT_INITIAL")
         if self.kafka_username and not self.kafka_password:
             raise ValueError("KAFKA_PASSWORD is required when KAFKA_USERNAME is set")
+        protocol = self.kafka_auth_protocol
+        if protocol.startswith("SASL_") and not self.kafka_username:
+            raise ValueError(
+                f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_USERNAME and KAFKA_PASSWORD"
+            )
+        if self.kafka_username and not protocol.startswith("SASL_"):
+            raise ValueError(
+                f"KAFKA_USERNAME is set but KAFKA_SECURITY_PROTOCOL={protocol} does not use "
+                "it; choose SASL_PLAINTEXT or SASL_SSL"
+            )
+        if self.alpaca_stream_url is not None and not self.alpaca_allow_insecure_stream:
+            parts = urlsplit(self.alpaca_stream_url)
+            if parts.scheme == "ws" and not _is_loopback(parts.hostname or ""):
+                raise ValueError(
+                    "ALPACA_STREAM_URL: ws:// sends the Alpaca secret in clear text; use "
+                    "wss://, a loopback host, or set ALPACA_ALLOW_INSECURE_STREAM=true"
+                )
+        keys = [key for key, _ in self._credential_pairs()]
+        if len(set(keys)) != len(keys):
+            raise ValueError("the same Alpaca key id is configured twice")
         return self
 
     # Derived values -------------------------------------------------------------------
@@ -125,7 +271,12 @@ class Settings(BaseSettings):
     @property
     def stream_url(self) -> str:
         """The market-data WebSocket URL: the override, or Alpaca's URL for the feed."""
-        return self.alpaca_stream_url or f"{LIVE_STREAM_BASE}/{self.alpaca_feed}"
+        return self.alpaca_stream_url or f"{LIVE_STREAM_HOST}/{FEED_PATHS[self.alpaca_feed]}"
+
+    @property
+    def spool_root(self) -> Path:
+        """SPOOL_DIR, or <system temp dir>/ray-forwarder-spool when it is empty."""
+        return Path(self.spool_dir or Path(tempfile.gettempdir()) / "ray-forwarder-spool")
 
     @property
     def kafka_auth_protocol(self) -> str:
@@ -139,29 +290,26 @@ class Settings(BaseSettings):
         return self.kafka_sasl_mechanism or "SCRAM-SHA-512"
 
     def credentials(self) -> list[tuple[str, str]]:
-        """Every Alpaca key pair: ALPACA_API_KEY_ID/SECRET first, then ALPACA_CREDENTIALS."""
-        pairs: list[tuple[str, str]] = []
+        """Every Alpaca key pair: ALPACA_API_KEY_ID/SECRET first, then ALPACA_CREDENTIALS.
+
+        ALPACA_CREDENTIALS alone is enough; the single pair is then not required."""
         if self.alpaca_api_key_id is not None or self.alpaca_secret_key is not None:
-            pairs.append(self.require_credentials())
-        if self.alpaca_credentials is not None:
-            for position, entry in enumerate(
-                self.alpaca_credentials.get_secret_value().split(","), start=1
-            ):
-                entry = entry.strip()
-                if not entry:
-                    continue
-                key, sep, secret = entry.partition(":")
-                if not sep or not key.strip() or not secret.strip():
-                    raise ConfigError(
-                        f"ALPACA_CREDENTIALS: entry {position} is not KEY_ID:SECRET "
-                        "(entries are comma-separated)"
-                    )
-                pairs.append((key.strip(), secret.strip()))
+            self.require_credentials()  # both or neither
+        pairs = self._credential_pairs()
         if not pairs:
             self.require_credentials()  # raises the message naming the variables
-        keys = [key for key, _ in pairs]
-        if len(set(keys)) != len(keys):
-            raise ConfigError("the same Alpaca key id is configured twice")
+        return pairs
+
+    def _credential_pairs(self) -> list[tuple[str, str]]:
+        pairs: list[tuple[str, str]] = []
+        key, secret = self.alpaca_api_key_id, self.alpaca_secret_key
+        if key is not None and secret is not None and key.get_secret_value():
+            pairs.append((key.get_secret_value(), secret.get_secret_value()))
+        if self.alpaca_credentials is not None:
+            try:
+                pairs += _parse_credentials(self.alpaca_credentials.get_secret_value())
+            except ValueError as exc:
+                raise ConfigError(f"ALPACA_CREDENTIALS: {exc}") from None
         return pairs
 
     def require_credentials(self) -> tuple[str, str]:
@@ -185,6 +333,48 @@ class Settings(BaseSettings):
 
 class ConfigError(ValueError):
     """A configuration problem, worded for an operator; never contains a secret."""
+
+
+def _parse_credentials(text: str) -> list[tuple[str, str]]:
+    """`KEY1:SECRET1,KEY2:SECRET2`; errors name the entry's position, never its text."""
+    pairs = []
+    for position, entry in enumerate(text.split(","), start=1):
+        entry = entry.strip()
+        if not entry:
+            continue
+        key, sep, secret = entry.partition(":")
+        if not sep or not key.strip() or not secret.strip():
+            raise ValueError(f"entry {position} is not KEY_ID:SECRET (entries are comma-separated)")
+        pairs.append((key.strip(), secret.strip()))
+    if not pairs:
+        raise ValueError("set but holds no KEY_ID:SECRET entry")
+    return pairs
+
+
+def _is_host_port(entry: str) -> bool:
+    host, sep, port = entry.rpartition(":")
+    if not sep or not host or not port.isascii() or not port.isdigit():
+        return False
+    if not 0 < int(port) < 65536:
+        return False
+    if host.startswith("["):
+        if not host.endswith("]"):
+            return False
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    return re.fullmatch(r"[A-Za-z0-9._-]+", host) is not None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_settings(**overrides: object) -> Settings:

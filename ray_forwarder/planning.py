@@ -35,17 +35,21 @@ class PlannedShard:
 
 
 def plan(settings: Settings) -> list[PlannedShard]:
+    """The shards for the settings, or a ConfigError saying why not.
+
+    Connection slots are numbered, not listed: slot i is key pair i // per_key, connection
+    i % per_key, so the work is bounded by the shards and symbols, never by keys x slots."""
     credentials = settings.credentials()
     per_key = settings.alpaca_connections_per_key
-    slots = [(key, secret, slot) for key, secret in credentials for slot in range(per_key)]
+    slots = len(credentials) * per_key
     symbols = list(dict.fromkeys(settings.alpaca_symbols))
     wildcard = "*" in symbols
-    wanted = settings.shards or (1 if wildcard else min(len(slots), len(symbols)))
-    if wanted > len(slots):
+    wanted = settings.shards or (1 if wildcard else min(slots, len(symbols)))
+    if wanted > slots:
         raise ConfigError(
             f"SHARDS={wanted} asks for more shards than there are connections: "
             f"{len(credentials)} key pair(s) x ALPACA_CONNECTIONS_PER_KEY={per_key} = "
-            f"{len(slots)} (add key pairs to ALPACA_CREDENTIALS or lower SHARDS)"
+            f"{slots} (add key pairs to ALPACA_CREDENTIALS or lower SHARDS)"
         )
     if wildcard and wanted > 1:
         raise ConfigError("ALPACA_SYMBOLS='*' cannot be split over shards; use SHARDS=1")
@@ -56,7 +60,7 @@ def plan(settings: Settings) -> list[PlannedShard]:
     for index, bucket in enumerate(buckets):
         if not bucket:
             continue  # more shards than the hash filled; an idle connection helps nobody
-        key, secret, slot = slots[index]
+        key, secret = credentials[index // per_key]
         planned.append(
             PlannedShard(
                 ShardSpec(
@@ -67,7 +71,7 @@ def plan(settings: Settings) -> list[PlannedShard]:
                     symbols=tuple(bucket),
                     channels=tuple(settings.alpaca_channels),
                 ),
-                slot,
+                index % per_key,
             )
         )
     return planned

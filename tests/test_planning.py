@@ -73,3 +73,11 @@ def test_plan_command_masks_key_ids(monkeypatch, capsys) -> None:
     assert "other-secret" not in out and "AKOTHERKEYID" not in out
     assert mask_key("AKVERYSECRETKEYID") in out
     assert "3 producer(s)" in out
+
+
+def test_alpaca_credentials_alone_are_enough() -> None:
+    settings = load_settings(alpaca_credentials="AKONE:s1,AKTWO:s2", alpaca_symbols=SYMBOLS)
+    shards = plan(settings)
+    assert sorted(s.spec.key_id for s in shards) == ["AKONE", "AKTWO"]
+    with pytest.raises(ConfigError, match="ALPACA_SECRET_KEY"):  # a half pair is still wrong
+        plan(load_settings(alpaca_api_key_id="AK", alpaca_credentials="AKONE:s1"))

@@ -781,9 +781,12 @@ def _pid_is_broker(pid: int) -> bool:
 def _env_lines(state: dict[str, Any], *, sasl: bool, export: bool) -> list[str]:
     """Shell assignments for the forwarder; the password is read from its file, never printed."""
     prefix = "export " if export else ""
+    # a scratch broker starts empty: let the forwarder create the topics it checks at start
+    create = f"{prefix}KAFKA_CREATE_TOPICS=true"
     if not sasl:
-        return [f"{prefix}KAFKA_BOOTSTRAP_SERVERS={state['bootstrap_servers']}"]
+        return [f"{prefix}KAFKA_BOOTSTRAP_SERVERS={state['bootstrap_servers']}", create]
     return [
+        create,
         f"{prefix}KAFKA_BOOTSTRAP_SERVERS={state['sasl_bootstrap_servers']}",
         f"{prefix}KAFKA_USERNAME={state['username']}",
         f'{prefix}KAFKA_PASSWORD="$(cat {state["password_file"]})"',
