@@ -8,8 +8,10 @@ with one clear line naming the variable, and secrets are ``SecretStr`` so they n
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tempfile
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -333,6 +335,16 @@ class Settings(BaseSettings):
 
 class ConfigError(ValueError):
     """A configuration problem, worded for an operator; never contains a secret."""
+
+
+def log_level_from_env(default: str) -> str:
+    """`LOG_LEVEL` for tools that configure logging before (or without) `Settings`, checked
+    against the same set, so `LOG_LEVEL=LOUD` is one clear line there too."""
+    level = os.environ.get("LOG_LEVEL", "").strip().upper() or default
+    allowed = typing.get_args(Settings.model_fields["log_level"].annotation)
+    if level not in allowed:
+        raise ConfigError(f"LOG_LEVEL: must be one of {', '.join(allowed)}")
+    return level
 
 
 def _parse_credentials(text: str) -> list[tuple[str, str]]:

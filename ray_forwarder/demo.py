@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from ray_forwarder.config import Settings, load_settings
+from ray_forwarder.config import Settings, load_settings, log_level_from_env
 from ray_forwarder.devtools.local_kafka import kafka_for_tools
 from ray_forwarder.protocol.channels import MARKET_DATA_CHANNELS
 from ray_forwarder.stats import ForwarderSnapshot
@@ -36,7 +36,8 @@ def run_demo(options: DemoOptions) -> int:
     from ray_forwarder import logs
     from ray_forwarder.sim import SimConfig, SimulatorThread
 
-    logs.configure(os.environ.get("LOG_LEVEL", "WARNING"), component="demo")
+    log_level = log_level_from_env("WARNING")
+    logs.configure(log_level, component="demo")
     symbols = [s.strip().upper() for s in options.symbols.split(",") if s.strip()]
     announce = "demo: starting a local Apache Kafka broker (the first run downloads its jars) ..."
     with kafka_for_tools(announce) as bootstrap:
@@ -61,7 +62,7 @@ def run_demo(options: DemoOptions) -> int:
                 bar_final_delay_seconds=2.0,
                 reconnect_initial=0.2,
                 reconnect_max=2.0,
-                log_level=os.environ.get("LOG_LEVEL", "WARNING"),
+                log_level=log_level,
             )
             print(
                 f"demo: simulator at {sim.url}, Kafka at {bootstrap}, symbols {','.join(symbols)}"

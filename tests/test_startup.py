@@ -439,3 +439,13 @@ async def test_a_start_logs_no_kafka_errors(tmp_path, kafka_broker, kafka_topics
         assert name in created[0]
     assert set(await _partitions(kafka_broker, topics.values())) == set(topics.values())
     assert set(topic_map(_settings(kafka_broker, topics)).values()) == set(topics.values())
+
+
+def test_demo_refuses_a_bad_log_level_in_one_line() -> None:
+    """The demo configures logging before it loads settings: the level is still checked."""
+    env = dict(os.environ, LOG_LEVEL="LOUD")
+    result = _run([CONSOLE_SCRIPT, "demo", "--duration", "1"], env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "ray-forwarder: LOG_LEVEL: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+    ]
