@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import Counter
 from typing import Any
 
@@ -336,3 +337,49 @@ def test_out_records_are_plain_bytes() -> None:
     )
     assert isinstance(records[0].value, bytes)
     assert orjson.loads(records[0].value)["payload"] == _trade(1)
+
+
+# --- shard stats and /metrics: skips, dedup evictions and the effective window ------------
+
+
+def test_shard_stats_and_metrics_show_skips_dedup_evictions_and_window(tmp_path) -> None:
+    """A ShardCore (no Ray, no Kafka, not running) fed frames the way its session would:
+    the shard's one skip counter holds decode's and the pipeline's skips, and a too small
+    DEDUP_MAX_KEYS shows as evictions and a window below the TTL, in stats and /metrics."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ray_forwarder.http import SnapshotCollector
+    from ray_forwarder.shard import ShardCore, ShardSpec
+    from ray_forwarder.stats import ForwarderSnapshot
+
+    async def send(records: Any, _instance: Any) -> Any:  # never called: the shard is idle
+        raise AssertionError
+
+    settings = Settings(
+        alpaca_api_key_id="k", alpaca_secret_key="s", dedup_max_keys=5,
+        dedup_ttl_seconds=900, spool_dir=str(tmp_path),
+    )  # fmt: skip
+    spec = ShardSpec("stocks-0", "ws://127.0.0.1:9", "k", "s", ("SPY",), ("trades",))
+    core = ShardCore(settings, spec, [send])
+    frame = _mp(*(_trade(i) for i in range(8)), _trade(8, S="QQQ"), _trade(9, blob=b"x"))
+    items: list[DataItem] = []
+    for event in decode_frame(frame) + decode_frame(_js(_trade(10, p="1"))):
+        if isinstance(event, DataItem):
+            items.append(event)
+        else:
+            core.on_skipped(event)  # type: ignore[arg-type]
+    core.on_items(items, "2026-01-05T14:30:02.000000Z", time.monotonic())
+    stats = core.stats()
+    assert stats["skipped"] == {
+        "bad_field_type": 1, "unsubscribed_symbol": 1, "unencodable": 1,
+    }  # fmt: skip
+    assert stats["dedup_keys"] == 5 and stats["dedup_evicted"] == 3
+    assert 0 <= stats["dedup_window_s"] < 60  # 5 keys at this rate: far below the 900 s TTL
+    assert stats["seq_keys"] == 1 and stats["seq_evicted"] == 0
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: ForwarderSnapshot(shards=[stats])))
+    text = generate_latest(registry).decode()
+    assert 'ray_forwarder_dedup_evictions_total{shard="stocks-0"} 3.0' in text
+    assert 'ray_forwarder_dedup_window_seconds{shard="stocks-0"}' in text
+    assert 'ray_forwarder_dedup_keys{shard="stocks-0"} 5.0' in text
+    assert 'ray_forwarder_items_skipped_total{reason="unencodable"} 1.0' in text

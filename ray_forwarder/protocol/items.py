@@ -11,8 +11,9 @@ Deliberate widenings, so that the other Alpaca feeds that share these item types
 sizes and volumes are numbers (crypto sizes are fractional); conditions are an array of
 strings, one string (the options feed), or nil (the Go SDK accepts a nil array).
 
-Hot path: one dict lookup and one exact type test per documented field. `type(v) in ...`
-rather than `isinstance`, so `True` is not an int.
+Hot path: one dict lookup and one exact type test per documented field (an absent field's
+sentinel has an allowed type of its own, so absence costs no extra branch); `type(v) in ...`
+rather than `isinstance`, so `True` is not an int. Accepted symbols are remembered.
 """
 
 from __future__ import annotations
@@ -64,32 +65,62 @@ FIELD_TYPES: dict[str, FieldTable] = {
     "i": _IMBALANCE,
 }
 
-#: Longest symbol accepted: room for OCC option symbols (`AAPL240119C00100000`, 19) and
-#: crypto pairs (`BTC/USD`), far below anything that could hurt a key or a log line.
+#: Longest symbol accepted: room for OCC option symbols (`AAPL240119C00100000`, up to 21)
+#: and crypto pairs (`BTC/USD`), far below anything that could hurt a key or a log line.
 SYMBOL_MAX_LEN = 32
 #: Printable ASCII without space, `*` (the subscription wildcard) and `:` (the dedup key's
 #: separator): `!`..`)`, `+`..`9`, `;`..`~`.
 _SYMBOL = re.compile(rf"[!-)+-9;-~]{{1,{SYMBOL_MAX_LEN}}}")
-_MISSING = object()
+#: Symbols already accepted (a set lookup instead of a regex per item); starts over when
+#: full, so junk cannot grow it.
+_KNOWN_SYMBOLS: set[str] = set()
+_KNOWN_SYMBOLS_MAX = 16_384
+
+
+class _Missing:
+    """The type of `_MISSING`, allowed for every field: absent fields pass in one test."""
+
+
+_MISSING = _Missing()
+#: Per type: documented fields with `_Missing` added to their types, and the fields that
+#: hold conditions (whose list elements must be strings too).
+_CHECKS: dict[str, tuple[tuple[tuple[str, tuple[type, ...]], ...], tuple[str, ...]]] = {
+    kind: (
+        tuple((name, (*allowed, _Missing)) for name, allowed in table),
+        tuple(name for name, allowed in table if allowed is CONDITIONS),
+    )
+    for kind, table in FIELD_TYPES.items()
+}
 
 
 def is_symbol(value: object) -> bool:
     """Whether `value` looks like a symbol of the feed (see `_SYMBOL`)."""
-    return type(value) is str and _SYMBOL.fullmatch(value) is not None
+    if type(value) is not str:
+        return False
+    if value in _KNOWN_SYMBOLS:
+        return True
+    if _SYMBOL.fullmatch(value) is None:
+        return False
+    if len(_KNOWN_SYMBOLS) >= _KNOWN_SYMBOLS_MAX:
+        _KNOWN_SYMBOLS.clear()
+    _KNOWN_SYMBOLS.add(value)
+    return True
 
 
 def field_type_error(kind: str, item: dict[str, object]) -> str | None:
     """The first documented field of a `kind` item whose value has the wrong type, or None."""
+    checks = _CHECKS.get(kind)
+    if checks is None:
+        return None
+    fields, condition_fields = checks
     get = item.get
-    for name, allowed in FIELD_TYPES.get(kind, ()):
-        value = get(name, _MISSING)
-        if value is _MISSING:
-            continue
-        value_type = type(value)
-        if value_type not in allowed:
+    for name, allowed in fields:
+        if type(get(name, _MISSING)) not in allowed:
             return name
-        if value_type is list:
-            for element in value:  # type: ignore[attr-defined]
+    for name in condition_fields:
+        value = get(name)
+        if type(value) is list:
+            for element in value:
                 if type(element) is not str:
                     return name
     return None
