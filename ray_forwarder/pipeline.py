@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,7 +145,6 @@ class EventPipeline:
         *,
         allowed_symbols: Collection[str] | None = None,
         name: str = "pipeline",
-        on_skip: Callable[[Skipped, int], None] | None = None,
     ) -> None:
         self._topics = topics
         self._dedup = dedup
@@ -157,7 +156,6 @@ class EventPipeline:
         self.start_seq_epoch = self._seq.start_epoch
         self.counters = PipelineCounters()
         self._name = name
-        self._on_skip = on_skip or self._log_skip
 
     @property
     def late_revisions(self) -> int:
@@ -174,9 +172,7 @@ class EventPipeline:
     def skip(self, skipped: Skipped) -> None:
         """Count a skipped frame or item (decode's or ours) and log it, rate-limited."""
         self.counters.skipped[skipped.reason] += 1
-        self._on_skip(skipped, self.counters.skipped[skipped.reason])
-
-    def _log_skip(self, skipped: Skipped, count: int) -> None:
+        count = self.counters.skipped[skipped.reason]
         if count <= _LOG_FIRST or count % _LOG_EVERY == 0:
             detail = skipped.detail
             log.warning("%s skipped %s (#%d): %s", self._name, skipped.reason, count, detail)
