@@ -117,8 +117,7 @@ def encode_envelope(
             "is_final": is_final,
             "source": source,
             "key": key,
-        },
-        default=_json_default,  # a final bar's stored payload may hold msgpack Timestamps
+        }
     )
 
 

@@ -244,7 +244,9 @@ class EventPipeline:
                 event_ts=bar.bar_ts,
                 channel="bars",
                 symbol=bar.symbol,
-                payload=bar.payload,
+                # validated when it arrived; serialised like every item (msgpack Timestamps
+                # outside `t` included), so the hot path's envelope needs no `default` hook
+                payload=orjson.Fragment(serialise_payload(bar.payload)),
                 is_final=True,
                 key=final_bar_key(bar.symbol, bar.bar_ts),
             )
