@@ -1,4 +1,10 @@
-"""A time- and size-bounded set of recently seen dedup keys, O(1) per event."""
+"""A time- and size-bounded set of recently seen dedup keys, O(1) per event.
+
+The size bound wins over the TTL: at `rate` items/s the cache holds at most
+`max_keys / rate` seconds of keys, whatever the TTL says. `evicted` counts keys pushed out
+early and `window()` is the age of the oldest key, the window actually in force; size
+`DEDUP_MAX_KEYS` >= item rate x `DEDUP_TTL_SECONDS` to keep the configured one.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,14 @@ class DedupCache:
 
     def __len__(self) -> int:
         return len(self._expiry)
+
+    def window(self, now: float) -> float:
+        """Seconds a redelivery is recognised for right now: the age of the oldest key,
+        at most the TTL (0 while empty)."""
+        if not self._expiry:
+            return 0.0
+        oldest_expiry = next(iter(self._expiry.values()))
+        return max(0.0, min(self._ttl, now - (oldest_expiry - self._ttl)))
 
     def seen(self, key: str, now: float) -> bool:
         """True if `key` was seen within the TTL; otherwise remember it and return False."""

@@ -12,9 +12,11 @@ import hashlib
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import msgpack
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from ray_forwarder.protocol import timestamps
 from ray_forwarder.protocol.channels import ALL_CHANNELS
 
 ENVELOPE_VERSION = 1
@@ -42,18 +44,49 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _json_default(value: object) -> str:
+    """orjson's hook for types it does not know (called only for those, so free on the hot
+    path): a msgpack Timestamp anywhere in an item is rendered like `t`; anything else
+    (bytes, ext types, ...) has no JSON form."""
+    if type(value) is msgpack.Timestamp:
+        try:
+            return timestamps.from_msgpack(value)
+        except ValueError as exc:
+            raise TypeError(str(exc)) from exc
+    raise TypeError(f"{type(value).__name__} has no JSON form")
+
+
+def serialise_payload(payload: dict[str, Any]) -> bytes:
+    """An item's JSON with sorted keys: what the dedup digest covers and what the envelope
+    embeds (as an `orjson.Fragment`, so each item is serialised once).
+
+    Raises TypeError (`orjson.JSONEncodeError`) for content JSON cannot hold: bytes,
+    msgpack ext types, Timestamps no calendar can show, maps with non-string keys, nesting
+    beyond 254 levels.
+    """
+    return orjson.dumps(payload, default=_json_default, option=orjson.OPT_SORT_KEYS)
+
+
 def content_digest(payload: dict[str, Any]) -> str:
     """A short digest of an item's full content (keys sorted, so field order is irrelevant).
 
     Two different events never share a digest in practice (64 bits), and a redelivered
     event always has the same one, which is what the dedup key needs.
     """
-    data = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
-    return hashlib.blake2b(data, digest_size=8).hexdigest()
+    return _digest(serialise_payload(payload))
+
+
+def _digest(body: bytes) -> str:
+    return hashlib.blake2b(body, digest_size=8).hexdigest()
 
 
 def dedup_key(channel: str, symbol: str, event_ts: str, payload: dict[str, Any]) -> str:
-    return f"{channel}:{symbol}:{event_ts}:{content_digest(payload)}"
+    return item_dedup_key(channel, symbol, event_ts, serialise_payload(payload))
+
+
+def item_dedup_key(channel: str, symbol: str, event_ts: str, body: bytes) -> str:
+    """The dedup key from an item's `serialise_payload` bytes (contract: see DESIGN.md)."""
+    return f"{channel}:{symbol}:{event_ts}:{_digest(body)}"
 
 
 def final_bar_key(symbol: str, bar_ts: str) -> str:
@@ -68,7 +101,7 @@ def encode_envelope(
     channel: str,
     symbol: str | None,
     seq: int,
-    payload: dict[str, Any],
+    payload: dict[str, Any] | orjson.Fragment,
     is_final: bool,
     source: str,
     key: str,

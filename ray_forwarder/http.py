@@ -53,6 +53,17 @@ _SHARD_GAUGES: list[tuple[str, str, Callable[[dict[str, Any]], float]]] = [
         lambda shard: 1.0 if shard.get("overflowing") else 0.0,
     ),
     (
+        "ray_forwarder_dedup_window_seconds",
+        "Age of a shard's oldest dedup key: how far back redeliveries are recognised now "
+        "(below DEDUP_TTL_SECONDS when DEDUP_MAX_KEYS is too small for the item rate).",
+        lambda shard: shard.get("dedup_window_s", 0.0),
+    ),
+    (
+        "ray_forwarder_dedup_keys",
+        "Keys in a shard's dedup cache (bounded by DEDUP_MAX_KEYS).",
+        lambda shard: shard.get("dedup_keys", 0),
+    ),
+    (
         "ray_forwarder_last_ack_latency_seconds",
         "Receipt-to-Kafka-ack latency of the shard's latest acknowledged batch.",
         lambda shard: shard.get("last_ack_latency_s", 0.0),
@@ -112,6 +123,11 @@ class SnapshotCollector(Collector):
             "restarts": CounterMetricFamily(
                 "ray_forwarder_shard_restarts",
                 "Times a shard actor died and was restarted (process killed, node lost).",
+                labels=["shard"],
+            ),
+            "dedup_evicted": CounterMetricFamily(
+                "ray_forwarder_dedup_evictions",
+                "Dedup keys evicted before their TTL because DEDUP_MAX_KEYS was reached.",
                 labels=["shard"],
             ),
             "batches_failed": CounterMetricFamily(

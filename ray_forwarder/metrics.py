@@ -221,6 +221,16 @@ class ShardMetrics:
                 ("batches_resent", "shard_batches_resent", "Batches re-sent after a failure."),
                 ("finals", "shard_final_bars", "Final minute-bar records emitted."),
                 ("late_bar_revisions", "shard_late_bar_revisions", "Revisions after a final."),
+                (
+                    "dedup_evicted",
+                    "shard_dedup_evictions",
+                    "Dedup keys evicted before their TTL (DEDUP_MAX_KEYS reached).",
+                ),
+                (
+                    "seq_evicted",
+                    "shard_seq_evictions",
+                    "(channel, symbol) seq counters forgotten at the `*` bound (seq jumps).",
+                ),
             )
         ]
         self._subscribed = _Gauge(
@@ -242,6 +252,12 @@ class ShardMetrics:
             "shard_spooled_bytes", "Bytes in the shard's disk spool.", ("shard",)
         )
         self._symbols = _Gauge("shard_symbols", "Symbols this shard subscribes to.", ("shard",))
+        self._dedup_window = _Gauge(
+            "shard_dedup_window_seconds",
+            "Age of the oldest dedup key: how far back redeliveries are recognised now.",
+            ("shard",),
+        )
+        self._dedup_keys = _Gauge("shard_dedup_keys", "Keys in the dedup cache.", ("shard",))
         self._overflowing = _Gauge(
             "shard_overflowing",
             "1 while the shard's buffer is full and records are dropped (see status events).",
@@ -292,6 +308,8 @@ class ShardMetrics:
         self._spooled.update(stats.get("spooled") or 0, shard)
         self._spooled_bytes.update(stats.get("spooled_bytes") or 0, shard)
         self._symbols.update(stats.get("symbols") or 0, shard)
+        self._dedup_window.update(stats.get("dedup_window_s") or 0, shard)
+        self._dedup_keys.update(stats.get("dedup_keys") or 0, shard)
         self._overflowing.update(1.0 if stats.get("overflowing") else 0.0, shard)
         latency = stats.get("last_ack_latency_s")
         if latency is not None:

@@ -349,6 +349,10 @@ class Lane:
         return self.stats
 
 
+#: Record keys (symbols) whose lane is memoised; beyond it the memo starts over.
+_ROUTE_CACHE_MAX = 100_000
+
+
 class Outbox:
     """Routes records to per-producer lanes by a stable hash of the record key."""
 
@@ -372,6 +376,8 @@ class Outbox:
         lane = self._route.get(key)
         if lane is None:
             lane = self._lanes[stable_slot(key, len(self._lanes))]
+            if len(self._route) >= _ROUTE_CACHE_MAX:  # a pure cache of stable_slot: bounded
+                self._route.clear()
             self._route[key] = lane
         return lane
 

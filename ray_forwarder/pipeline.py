@@ -3,18 +3,37 @@
 The shard actor feeds every decoded frame through one `EventPipeline`; what comes out is a
 list of `OutRecord`s ready for a producer. Counters live here so they can be tested and
 exported without the actor.
+
+Each item is handled on its own and validated before it touches any state: its payload is
+serialised first (the bytes feed both the dedup digest and the envelope), so an item that
+cannot become JSON (`unencodable`: msgpack bin/ext values, maps with non-string keys,
+nesting beyond orjson's 254 levels) or holds NaN/±Inf (`non_finite_number`; orjson would
+write `null`) is skipped and counted before it is marked seen or consumes a seq number.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from ray_forwarder.bars import BarFinalizer, PendingBar
 from ray_forwarder.dedup import DedupCache
-from ray_forwarder.envelope import dedup_key, encode_envelope, final_bar_key, utc_now_iso
-from ray_forwarder.protocol.events import DataItem
+from ray_forwarder.envelope import (
+    encode_envelope,
+    final_bar_key,
+    item_dedup_key,
+    serialise_payload,
+    utc_now_iso,
+)
+from ray_forwarder.protocol.events import DataItem, Skipped
+
+log = logging.getLogger(__name__)
 
 #: Channels whose records are not final when emitted (they may still be revised).
 REVISABLE_CHANNELS = frozenset({"bars", "updatedBars", "dailyBars"})
@@ -38,6 +57,7 @@ class PipelineCounters:
     emitted: Counter[str] = field(default_factory=Counter)
     deduplicated: Counter[str] = field(default_factory=Counter)
     unrouted: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)  # by reason, decode skips included
     finals: int = 0
 
 
@@ -46,17 +66,40 @@ class PipelineCounters:
 SEQ_EPOCH_BITS = 40
 
 
-class Sequencer:
-    """Strictly increasing numbers per (channel, symbol)."""
+#: Sequencer bound for a `*` subscription: the US equity universe (~12k symbols) times the
+#: channels, with room to spare. An explicit symbol list needs no bound (see EventPipeline).
+SEQ_MAX_KEYS_WILDCARD = 250_000
 
-    def __init__(self, start: dict[tuple[str, str], int] | None = None) -> None:
+
+class Sequencer:
+    """Strictly increasing numbers per (channel, symbol).
+
+    With `max_keys`, the least recently used key is forgotten when a new one would exceed
+    the bound, and numbering continues from the highest number ever forgotten (`_base`), so
+    a forgotten key that comes back still gets numbers above everything it had: seq stays
+    strictly increasing per key but is no longer dense for that key (it jumps).
+    """
+
+    def __init__(
+        self, start: dict[tuple[str, str], int] | None = None, max_keys: int | None = None
+    ) -> None:
         self._last: dict[tuple[str, str], int] = dict(start or {})
         self._base = 0
+        self._max_keys = max_keys
+        self.evicted = 0  # keys forgotten because of max_keys
+
+    def __len__(self) -> int:
+        return len(self._last)
 
     def next(self, channel: str, symbol: str) -> int:
         key = (channel, symbol)
-        value = self._last.get(key, self._base) + 1
+        last = self._last.pop(key, None)  # pop + insert keeps the dict in LRU order
+        value = (self._base if last is None else last) + 1
         self._last[key] = value
+        if last is None and self._max_keys is not None and len(self._last) > self._max_keys:
+            oldest = next(iter(self._last))
+            self._base = max(self._base, self._last.pop(oldest))
+            self.evicted += 1
         return value
 
     def snapshot(self) -> dict[tuple[str, str], int]:
@@ -70,37 +113,97 @@ class Sequencer:
         self._base = epoch << SEQ_EPOCH_BITS
 
 
+def has_non_finite(value: object) -> bool:
+    """Whether a decoded JSON/msgpack value holds NaN or ±Inf anywhere (depth <= 254: only
+    called on values orjson already serialised)."""
+    value_type = type(value)
+    if value_type is float:
+        return not math.isfinite(value)  # type: ignore[arg-type]
+    if value_type is dict:
+        return any(has_non_finite(v) for v in value.values())  # type: ignore[attr-defined]
+    if value_type is list:
+        return any(has_non_finite(v) for v in value)  # type: ignore[attr-defined]
+    return False
+
+
+#: Skips are logged, but never one line per bad item: the first few, then every 1000th.
+_LOG_FIRST = 10
+_LOG_EVERY = 1000
+
+
 class EventPipeline:
+    """Items -> records. `allowed_symbols` (None = `*`) is the shard's subscription: items
+    for other symbols are skipped (`unsubscribed_symbol`), which bounds every per-symbol
+    table here by the subscribed universe."""
+
     def __init__(
         self,
         topics: dict[str, str],
         dedup: DedupCache,
         bars: BarFinalizer,
         sequencer: Sequencer | None = None,
+        *,
+        allowed_symbols: Collection[str] | None = None,
+        name: str = "pipeline",
     ) -> None:
         self._topics = topics
         self._dedup = dedup
         self._bars = bars
-        self._seq = sequencer or Sequencer()
+        self._allowed = frozenset(allowed_symbols) if allowed_symbols is not None else None
+        self._seq = sequencer or Sequencer(
+            max_keys=SEQ_MAX_KEYS_WILDCARD if self._allowed is None else None
+        )
         self.start_seq_epoch = self._seq.start_epoch
         self.counters = PipelineCounters()
+        self._name = name
 
     @property
     def late_revisions(self) -> int:
         return self._bars.late_revisions
 
+    @property
+    def dedup(self) -> DedupCache:
+        return self._dedup
+
+    @property
+    def sequencer(self) -> Sequencer:
+        return self._seq
+
+    def skip(self, skipped: Skipped) -> None:
+        """Count a skipped frame or item (decode's or ours) and log it, rate-limited."""
+        self.counters.skipped[skipped.reason] += 1
+        count = self.counters.skipped[skipped.reason]
+        if count <= _LOG_FIRST or count % _LOG_EVERY == 0:
+            detail = skipped.detail
+            log.warning("%s skipped %s (#%d): %s", self._name, skipped.reason, count, detail)
+
     def process(self, items: list[DataItem], ingest_ts: str, now: float) -> list[OutRecord]:
-        """Records for the items of one frame, in arrival order; duplicates are dropped."""
+        """Records for the items of one frame, in arrival order; duplicates are dropped.
+
+        Never raises for an item's content: an item that cannot be forwarded is skipped and
+        counted, before it is marked seen or numbered, and its frame-mates go on."""
         out: list[OutRecord] = []
         counters = self.counters
+        allowed = self._allowed
         for item in items:
             channel, symbol = item.channel, item.symbol
+            if allowed is not None and symbol not in allowed:
+                self.skip(Skipped("unsubscribed_symbol", f"{channel} item for {symbol[:40]!r}"))
+                continue
+            try:
+                body = serialise_payload(item.payload)
+            except TypeError as exc:  # orjson.JSONEncodeError: bin, ext, non-str keys, depth
+                self.skip(Skipped("unencodable", f"{channel} {symbol} item: {exc}"))
+                continue
+            if b"null" in body and has_non_finite(item.payload):  # orjson writes NaN as null
+                self.skip(Skipped("non_finite_number", f"{channel} {symbol} item: NaN or Inf"))
+                continue
             counters.received[channel] += 1
             topic = self._topics.get(channel)
             if topic is None:
                 counters.unrouted[channel] += 1
                 continue
-            key = dedup_key(channel, symbol, item.event_ts, item.payload)
+            key = item_dedup_key(channel, symbol, item.event_ts, body)
             if self._dedup.seen(key, now):
                 counters.deduplicated[channel] += 1
                 continue
@@ -113,7 +216,7 @@ class EventPipeline:
                     event_ts=item.event_ts,
                     channel=channel,
                     symbol=symbol,
-                    payload=item.payload,
+                    payload=orjson.Fragment(body),
                     is_final=channel not in REVISABLE_CHANNELS,
                     key=key,
                 )
@@ -141,7 +244,9 @@ class EventPipeline:
                 event_ts=bar.bar_ts,
                 channel="bars",
                 symbol=bar.symbol,
-                payload=bar.payload,
+                # validated when it arrived; serialised like every item (msgpack Timestamps
+                # outside `t` included), so the hot path's envelope needs no `default` hook
+                payload=orjson.Fragment(serialise_payload(bar.payload)),
                 is_final=True,
                 key=final_bar_key(bar.symbol, bar.bar_ts),
             )
@@ -174,7 +279,7 @@ class EventPipeline:
         event_ts: str,
         channel: str,
         symbol: str | None,
-        payload: dict[str, Any],
+        payload: dict[str, Any] | orjson.Fragment,
         is_final: bool,
         key: str,
         source: str = "alpaca",

@@ -217,37 +217,53 @@ class AlpacaSession:
         )
 
     async def _expect(self, ws: ClientConnection, wanted: type[_T]) -> _T:
-        """Read until a `wanted` control message; data that comes first is still handled."""
+        """Read until a `wanted` control message; data that comes first is still handled,
+        and a frame's data is handed over before its other control messages are acted on."""
         while True:
             frame = await ws.recv()
             received = time.monotonic()
             items: list[DataItem] = []
+            controls: list[object] = []
             found: _T | None = None
             for event in codec.decode_frame(frame):
                 if found is None and isinstance(event, wanted):
                     found = event
                 elif isinstance(event, DataItem):
                     items.append(event)
+                elif isinstance(event, Skipped):
+                    self._handler.on_skipped(event)
                 else:
-                    self._control(event)
+                    controls.append(event)
             if items:
                 self._handler.on_items(items, utc_now_iso(), received)
+            for event in controls:
+                self._control(event)
             if found is not None:
                 return found
 
     def _dispatch(self, frame: bytes | str) -> None:
-        """Hot path: one frame -> the handler, with one ingest timestamp per frame."""
+        """Hot path: one frame -> the handler, with one ingest timestamp per frame.
+
+        Every data item of the frame reaches the handler before any control message in it
+        is acted on, so `[trade, {"T":"error","code":500}]` forwards the trade and then
+        reconnects: a server error costs no data that already arrived."""
         received = time.monotonic()
         self._last_frame = received
         self._probe_sent = None  # any frame proves the stream alive
         items: list[DataItem] = []
+        controls: list[object] = []
         for event in codec.decode_frame(frame):
-            if type(event) is DataItem:
-                items.append(event)
+            kind = type(event)
+            if kind is DataItem:
+                items.append(event)  # type: ignore[arg-type]
+            elif kind is Skipped:
+                self._handler.on_skipped(event)  # type: ignore[arg-type]
             else:
-                self._control(event)
+                controls.append(event)
         if items:
             self._handler.on_items(items, utc_now_iso(), received)
+        for event in controls:
+            self._control(event)
 
     def _control(self, event: object) -> None:
         if isinstance(event, Skipped):

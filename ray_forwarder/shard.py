@@ -74,7 +74,6 @@ class ShardState:
     subscribed: bool = False
     fatal: str | None = None
     errors_by_code: Counter[int] = field(default_factory=Counter)
-    skipped: Counter[str] = field(default_factory=Counter)
     state_changes: int = 0
 
 
@@ -85,6 +84,10 @@ class ShardCore:
             topic_map(settings),
             DedupCache(settings.dedup_ttl_seconds, settings.dedup_max_keys),
             BarFinalizer(settings.bar_final_delay_seconds),
+            # The feed sends only subscribed symbols; anything else is skipped, which keeps
+            # per-symbol tables within the subscription (`*`: see Sequencer's bound).
+            allowed_symbols=None if "*" in spec.symbols else spec.symbols,
+            name=f"shard {spec.shard_id}",
         )
         self.outbox = Outbox(
             senders,
@@ -131,16 +134,8 @@ class ShardCore:
             self.outbox.put(records, received)
 
     def on_skipped(self, skipped: Skipped) -> None:
-        self.state.skipped[skipped.reason] += 1
-        count = self.state.skipped[skipped.reason]
-        if count <= 10 or count % 1000 == 0:  # logged, but never one line per bad item
-            log.warning(
-                "shard %s skipped %s (#%d): %s",
-                self.spec.shard_id,
-                skipped.reason,
-                count,
-                skipped.detail,
-            )
+        """Decode's skips and the pipeline's share one counter and one rate-limited log."""
+        self.pipeline.skip(skipped)
 
     def on_state(self, state: str, info: dict[str, object]) -> None:
         st = self.state
@@ -263,6 +258,7 @@ class ShardCore:
     def stats(self) -> dict[str, Any]:
         """A plain-data snapshot for the driver (health, metrics, summaries)."""
         counters = self.pipeline.counters
+        dedup = self.pipeline.dedup
         outbox = self.outbox.snapshot()
         return {
             "shard_id": self.spec.shard_id,
@@ -275,11 +271,16 @@ class ShardCore:
             "stale_reconnects": self.session.stale_reconnects,
             "epoch": self.epoch,
             "errors_by_code": dict(self.state.errors_by_code),
-            "skipped": dict(self.state.skipped),
+            "skipped": dict(counters.skipped),
             "received": dict(counters.received),
             "emitted": dict(counters.emitted),
             "deduplicated": dict(counters.deduplicated),
             "finals": counters.finals,
+            "dedup_keys": len(dedup),
+            "dedup_evicted": dedup.evicted,
+            "dedup_window_s": round(dedup.window(time.monotonic()), 3),
+            "seq_keys": len(self.pipeline.sequencer),
+            "seq_evicted": self.pipeline.sequencer.evicted,
             "late_bar_revisions": self.pipeline.late_revisions,
             "buffered": outbox.buffered,
             "buffered_bytes": outbox.buffered_bytes,

@@ -132,7 +132,7 @@ def test_malformed_frames_are_skipped_not_raised(frame) -> None:
         ("just a string", "invalid_item"),
         ({"T": "t", "t": TS}, "invalid_item"),  # no symbol
         ({"T": "q", "S": "SPY"}, "invalid_item"),  # no timestamp
-        ({"T": "b", "S": "SPY", "t": "yesterday"}, "invalid_item"),
+        ({"T": "b", "S": "SPY", "t": "yesterday"}, "bad_timestamp"),
         ({"T": "error", "msg": "no code"}, "invalid_item"),
     ],
 )

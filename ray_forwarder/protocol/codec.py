@@ -1,12 +1,15 @@
 """Encode client actions and decode server frames. Pure functions: no sockets here.
 
 Every server message is an array of maps. A frame that cannot be parsed, an item of an
-unknown type or an item without the fields the forwarder needs becomes a `Skipped` event
-instead of an exception, so one bad frame never takes the session down.
+unknown type, an item without the fields the forwarder needs, with a symbol that is not a
+feed symbol (`bad_symbol`), a `t` that is not a real instant (`bad_timestamp`) or a
+documented field of the wrong type (`bad_field_type`) becomes a `Skipped` event instead of
+an exception: one bad item costs only itself, never its frame-mates or the session.
 """
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -25,9 +28,13 @@ from ray_forwarder.protocol.events import (
     Subscription,
     Success,
 )
+from ray_forwarder.protocol.items import field_type_error, is_symbol
 
 MSGPACK_CONTENT_TYPE = "application/msgpack"
 _DETAIL_LIMIT = 120
+#: Bounded repr for skip details: a 2 MiB string or 1000 nested arrays cost nothing here.
+_REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 60, 8, 12
 
 
 # --- client -> server ------------------------------------------------------------------
@@ -73,7 +80,13 @@ def decode_frame(frame: bytes | str) -> list[Event]:
         return [Skipped("malformed_frame", f"{type(exc).__name__}: {_clip(frame)}")]
     if not isinstance(messages, list):
         return [Skipped("malformed_frame", f"top level is not an array: {_clip(frame)}")]
-    return [decode_message(message) for message in messages]
+    events: list[Event] = []
+    for message in messages:
+        try:
+            events.append(decode_message(message))
+        except Exception as exc:  # a defect here must cost one item, not the session
+            events.append(Skipped("invalid_item", f"{type(exc).__name__}: {_clip(message)}"))
+    return events
 
 
 def decode_message(message: object) -> Event:
@@ -83,7 +96,7 @@ def decode_message(message: object) -> Event:
     kind = message.get("T")
     channel = CHANNEL_BY_TYPE.get(kind) if isinstance(kind, str) else None
     if channel is not None:
-        return _decode_item(channel, message)
+        return _decode_item(channel, kind, message)
     if kind == "success":
         msg = str(message.get("msg", ""))
         if msg == "connected":
@@ -107,22 +120,32 @@ def decode_message(message: object) -> Event:
     return Skipped("unknown_type", f"T={kind!r}")
 
 
-def _decode_item(channel: str, item: dict[str, Any]) -> Event:
+def _decode_item(channel: str, kind: str, item: dict[Any, Any]) -> Event:
     symbol = item.get("S")
     raw_ts = item.get("t")
-    if not isinstance(symbol, str) or not symbol or raw_ts is None:
+    if symbol is None or raw_ts is None:
         return Skipped("invalid_item", f"{channel} item without S or t: {_clip(item)}")
+    if not is_symbol(symbol):
+        return Skipped("bad_symbol", f"{channel} item with S={_clip(symbol)}")
     try:
         event_ts = timestamps.canonical(raw_ts)
-    except ValueError:
-        return Skipped("invalid_item", f"{channel} item with a bad t: {_clip(item)}")
-    if not isinstance(raw_ts, str):
+    except ValueError as exc:
+        return Skipped("bad_timestamp", f"{channel} item with t={_clip(raw_ts)}: {exc}")
+    wrong = field_type_error(kind, item)
+    if wrong is not None:
+        return Skipped(
+            "bad_field_type", f"{channel} item with {wrong}={_clip(item[wrong])}: {_clip(item)}"
+        )
+    if type(raw_ts) is not str:
         item["t"] = event_ts  # msgpack Timestamp -> the string JSON consumers expect
     return DataItem(channel, symbol, event_ts, item)
 
 
 def _clip(value: object) -> str:
-    text = repr(value)
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a repr that fails must not turn a skip into a crash
+        text = f"<unprintable {type(value).__name__}>"
     return text if len(text) <= _DETAIL_LIMIT else text[:_DETAIL_LIMIT] + "..."
 
 

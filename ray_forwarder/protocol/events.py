@@ -52,7 +52,10 @@ class ServerError:
 class Skipped:
     """Something in a frame that could not be used; counted and logged by the caller."""
 
-    reason: str  # "malformed_frame" | "unknown_type" | "invalid_item"
+    #: decode: "malformed_frame" | "unknown_type" | "invalid_item" | "bad_symbol" |
+    #: "bad_timestamp" | "bad_field_type"; pipeline: "unencodable" | "non_finite_number" |
+    #: "unsubscribed_symbol"
+    reason: str
     detail: str
 
 

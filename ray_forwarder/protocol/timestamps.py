@@ -1,22 +1,44 @@
-"""Timestamp rendering: Alpaca's RFC 3339 nanosecond times, from JSON strings or msgpack."""
+"""Timestamp rendering: Alpaca's RFC 3339 nanosecond times, from JSON strings or msgpack.
+
+`canonical()` accepts only real instants: ASCII digits in the RFC 3339 layout, a calendar
+date that exists and a time of day that does (month 99, second 99 and Arabic-Indic digits
+are refused), and a msgpack Timestamp that a calendar can show (years 1..9999). Anything
+else raises ValueError, so the caller can skip the item instead of forwarding a bad
+`event_ts`.
+"""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import msgpack
 
 _EPOCH_CACHE: dict[int, str] = {}
+_VALID_HEADS: set[str] = set()  # `YYYY-MM-DDTHH:MM:SS` strings already proven real
 _CACHE_LIMIT = 4096
+
+#: date, time, optional fraction (1-9 digits), optional zone; [0-9], never `\d`, which
+#: would accept every Unicode digit.
+_RFC3339 = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ]([0-9]{2}:[0-9]{2}:[0-9]{2})"
+    r"(?:\.([0-9]{1,9}))?(Z|z|[+-][0-9]{2}:[0-9]{2})?"
+)
 
 
 def _second_prefix(seconds: int) -> str:
     """`YYYY-MM-DDTHH:MM:SS` for a Unix second, memoised: items cluster in time."""
     prefix = _EPOCH_CACHE.get(seconds)
     if prefix is None:
+        try:
+            moment = datetime.fromtimestamp(seconds, UTC)
+        except (OverflowError, OSError, ValueError) as exc:  # beyond what a calendar shows
+            raise ValueError(f"not a representable instant: {seconds} s") from exc
         if len(_EPOCH_CACHE) >= _CACHE_LIMIT:
             _EPOCH_CACHE.clear()
-        prefix = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        prefix = moment.strftime("%Y-%m-%dT%H:%M:%S")
+        if len(prefix) != 19:  # years before 1000 render without padding on some libcs
+            raise ValueError(f"not a representable instant: {seconds} s")
         _EPOCH_CACHE[seconds] = prefix
     return prefix
 
@@ -30,35 +52,42 @@ def from_msgpack(value: msgpack.Timestamp) -> str:
     return from_unix_nanos(value.seconds, value.nanoseconds)
 
 
+def _check_head(date: str, time: str) -> None:
+    """Raise ValueError unless `date`/`time` name a real calendar second (memoised)."""
+    head = date + time
+    if head in _VALID_HEADS:
+        return
+    datetime(  # raises ValueError for month 99, Feb 30, hour 24, second 60, year 0 ...
+        int(date[:4]), int(date[5:7]), int(date[8:10]),
+        int(time[:2]), int(time[3:5]), int(time[6:8]),
+    )  # fmt: skip
+    if len(_VALID_HEADS) >= _CACHE_LIMIT:
+        _VALID_HEADS.clear()
+    _VALID_HEADS.add(head)
+
+
 def canonical(value: object) -> str:
     """Render an item's `t` (string or msgpack Timestamp) canonically.
 
     Strings in Alpaca's usual `...Z` form are re-padded without a datetime round trip;
-    anything with an offset goes through `datetime` but keeps its nanoseconds.
-    Raises ValueError for values that are not timestamps.
+    anything with an offset goes through `datetime` but keeps its nanoseconds; a string
+    without a zone is read as UTC. Raises ValueError for values that are not real instants.
     """
-    if isinstance(value, msgpack.Timestamp):
+    if type(value) is msgpack.Timestamp:
         return from_msgpack(value)
-    if (
-        not isinstance(value, str)
-        or len(value) < 19
-        or value[10] not in "Tt "
-        or not (value[:4].isdigit() and value[11:13].isdigit())
-    ):
-        raise ValueError(f"not a timestamp: {value!r}")
-    head, frac, zone = value[:19], "", ""
-    rest = value[19:]
-    if rest.startswith("."):
-        end = 1
-        while end < len(rest) and rest[end].isdigit():
-            end += 1
-        frac, zone = rest[1:end], rest[end:]
-    else:
-        zone = rest
-    if len(frac) > 9 or (frac and not frac.isdigit()):
-        raise ValueError(f"not a timestamp: {value!r}")
-    if zone in ("Z", "z", "+00:00"):
-        return f"{head[:10]}T{head[11:]}.{frac.ljust(9, '0')}Z"
-    moment = datetime.fromisoformat(head + (zone or "+00:00"))
-    seconds = int(moment.timestamp())
-    return from_unix_nanos(seconds, int(frac.ljust(9, "0") or 0))
+    if type(value) is not str:
+        raise ValueError(f"not a timestamp: {type(value).__name__}")
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise ValueError("not an RFC 3339 timestamp")
+    date, time, frac, zone = match.groups()
+    _check_head(date, time)
+    nanos = (frac or "").ljust(9, "0")
+    if zone is None or zone in ("Z", "z", "+00:00"):
+        return f"{date}T{time}.{nanos}Z"
+    try:
+        moment = datetime.fromisoformat(f"{date}T{time}{zone}")
+        seconds = int(moment.timestamp())
+    except (OverflowError, OSError, ValueError) as exc:  # e.g. offset +99:00
+        raise ValueError("not a representable instant") from exc
+    return from_unix_nanos(seconds, int(nanos))
