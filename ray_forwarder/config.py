@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     alpaca_symbols: CommaList = Field(default_factory=lambda: ["SPY", "QQQ"])
     alpaca_channels: CommaList = Field(default_factory=lambda: list(DEFAULT_CHANNELS))
     alpaca_stream_url: str | None = None
+    # Trading API for the market clock/calendar (unset: Alpaca's live API, or the simulator
+    # when the stream URL is a loopback ws:// URL); paper keys need paper-api.alpaca.markets.
+    alpaca_trading_url: str | None = None
     alpaca_wire_format: Literal["json", "msgpack"] = "msgpack"
     alpaca_credentials: SecretStr | None = None  # more key pairs: "KEY1:SECRET1,KEY2:SECRET2"
     alpaca_connections_per_key: int = Field(default=1, gt=0)
@@ -86,6 +89,10 @@ class Settings(BaseSettings):
     # Silence on a subscribed socket before a probe (a re-sent subscribe whose reply
     # proves the stream alive); no reply within as long again = stale, reconnect. 0 = off.
     stale_stream_seconds: float = Field(default=30.0, ge=0)
+    # No data item on a trades/quotes subscription for this long while the market is open
+    # (Alpaca's clock) = stale data, reconnect. 0 = off (and the clock is not fetched).
+    data_stale_seconds: float = Field(default=60.0, ge=0)
+    market_clock_refresh_seconds: float = Field(default=300.0, gt=0)
     log_level: str = "INFO"
 
     _split = field_validator("alpaca_symbols", "alpaca_channels", mode="before")(
