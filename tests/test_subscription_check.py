@@ -5,6 +5,7 @@ and its data arrives; one the feed never serves is reported unserved."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from ray_forwarder.session import AlpacaSession, SessionConfig
@@ -21,7 +22,7 @@ class Recorder:
     def __init__(self) -> None:
         self.symbols: dict[str, int] = {}
         self.states: list[tuple[str, dict[str, Any]]] = []
-        self._waiters: list[tuple[Any, asyncio.Event]] = []
+        self._arrival = asyncio.Event()
 
     def on_items(self, items: list[Any], ingest_ts: str, received: float) -> None:
         for item in items:
@@ -39,15 +40,19 @@ class Recorder:
         return [info for name, info in self.states if name == state]
 
     async def until(self, check: Any, timeout: float = 10.0) -> None:
-        event = asyncio.Event()
-        self._waiters.append((check, event))
-        self._wake()
-        await asyncio.wait_for(event.wait(), timeout)
+        """Wait for `check()`: re-checked at every arrival, and every 50 ms for conditions
+        that no arrival signals (a counter of the session's)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not check():
+            if loop.time() > deadline:
+                raise AssertionError(f"timed out after {timeout}s; states: {self.states}")
+            self._arrival.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrival.wait(), 0.05)
 
     def _wake(self) -> None:
-        for check, event in self._waiters:
-            if check():
-                event.set()
+        self._arrival.set()
 
 
 def _session(url: str, subscriptions: dict[str, list[str]], handler: Recorder) -> AlpacaSession:
