@@ -146,3 +146,39 @@ async def test_a_shard_without_a_reachable_clock_says_so_in_one_status_event() -
     assert clock_events[0]["reason"] == "GET /v2/clock: ClientConnectorError"
     assert all(SECRET.encode() not in value for _t, _k, value in delivered)
     assert "secret" not in repr(core.session._config).lower().replace("key=<masked>", "")
+
+
+async def test_the_forwarder_reconnects_a_starved_shard_and_data_resumes(
+    kafka_broker, kafka_topics, ray_session
+) -> None:
+    """The real forwarder (local Ray, real Kafka): the simulator starves the shard's
+    connection while still answering it; the shard reconnects with reason `stale data`, and
+    data flows into Kafka again on the new connection."""
+    from tests.forwarder_harness import forwarder_settings
+    from tests.kafka_fixture import consume_all
+    from tests.test_observability import Running, _sim, _until
+
+    with _sim(rate=500) as sim:
+        settings = forwarder_settings(
+            kafka_broker, kafka_topics, sim, alpaca_symbols="SPY,QQQ",
+            alpaca_channels="trades,quotes", data_stale_seconds=1.0,
+        )  # fmt: skip
+        async with Running(settings) as run:
+
+            def shard() -> dict:
+                shards = run.forwarder.snapshot.shards
+                return shards[0] if shards else {}
+
+            await _until(lambda: sum(shard().get("acked", {}).values()) > 50, 60, "data")
+            assert shard()["market_clock"] == "alpaca" and shard()["market_open"] is True
+            assert sim.starve_connection() is not None
+            await _until(lambda: shard().get("stale_data_reconnects", 0) >= 1, 60, "reconnect")
+            acked = sum(shard()["acked"].values())
+            await _until(lambda: sum(shard()["acked"].values()) > acked + 50, 60, "data again")
+            assert shard()["stale_reconnects"] == 0  # the socket itself never went silent
+    records = await consume_all(kafka_broker.bootstrap_servers, settings.topic_status)
+    payloads = [orjson.loads(record.value)["payload"] for record in records]
+    reasons = [p["reason"] for p in payloads if p["event"] == "disconnected"]
+    assert reasons and reasons[0].startswith("stale data"), reasons
+    assert [p["event"] for p in payloads].count("subscribed") >= 2  # subscribed again
+    assert not [p for p in payloads if p["event"] == "market_clock"]  # the clock answered
