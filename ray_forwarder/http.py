@@ -64,6 +64,17 @@ _SHARD_GAUGES: list[tuple[str, str, Callable[[dict[str, Any]], float]]] = [
         lambda shard: shard.get("dedup_keys", 0),
     ),
     (
+        "ray_forwarder_shard_unserved_subscriptions",
+        "(channel, symbol) pairs the shard asked for that the feed's subscription reply still "
+        "lacks after every re-send (see the subscription_mismatch status event).",
+        lambda shard: shard.get("unserved", 0),
+    ),
+    (
+        "ray_forwarder_shard_market_open",
+        "1 while the shard considers the market open (Alpaca's clock, or assumed), else 0.",
+        lambda shard: 1.0 if shard.get("market_open", True) else 0.0,
+    ),
+    (
         "ray_forwarder_last_ack_latency_seconds",
         "Receipt-to-Kafka-ack latency of the shard's latest acknowledged batch.",
         lambda shard: shard.get("last_ack_latency_s", 0.0),
@@ -118,6 +129,17 @@ class SnapshotCollector(Collector):
             "stale_reconnects": CounterMetricFamily(
                 "ray_forwarder_stale_reconnects",
                 "Reconnects of a shard whose stream went silent (STALE_STREAM_SECONDS).",
+                labels=["shard"],
+            ),
+            "stale_data_reconnects": CounterMetricFamily(
+                "ray_forwarder_stale_data_reconnects",
+                "Reconnects of a shard that received no data item for DATA_STALE_SECONDS "
+                "while the market was open.",
+                labels=["shard"],
+            ),
+            "resubscribes": CounterMetricFamily(
+                "ray_forwarder_resubscribes",
+                "Re-sent subscribe messages for pairs a subscription reply left out.",
                 labels=["shard"],
             ),
             "restarts": CounterMetricFamily(
@@ -178,8 +200,15 @@ class SnapshotCollector(Collector):
         healthy = GaugeMetricFamily(
             "ray_forwarder_healthy", "1 when /healthz answers 200 (see docs/observability.md)."
         )
-        healthy.add_metric([], 1.0 if snap.health()[0] else 0.0)
+        ok, body = snap.health()
+        healthy.add_metric([], 1.0 if ok else 0.0)
         yield healthy
+        degraded = GaugeMetricFamily(
+            "ray_forwarder_degraded",
+            "1 when /healthz answers 200 but degraded (a shard's subscription is incomplete).",
+        )
+        degraded.add_metric([], 1.0 if body["status"] == "degraded" else 0.0)
+        yield degraded
 
 
 def _latency_histograms(snap: ForwarderSnapshot) -> Iterator[Metric]:
@@ -240,10 +269,14 @@ class HealthServer:
             headers={"X-Content-Type": CONTENT_TYPE},
         )
 
-    async def _healthz(self, _request: web.Request) -> web.Response:
+    async def _healthz(self, request: web.Request) -> web.Response:
         """Ready: 200 only once every producer has a working Kafka connection and every
-        shard has an acknowledged subscription; else 503 with the problems as JSON."""
+        shard has an acknowledged subscription; else 503 with the problems as JSON.
+        Degraded (a subscription the feed serves only in part) is 200 with
+        ``"status": "degraded"``, or 503 with ``?strict`` for those who gate on it."""
         ok, body = self._snapshot().health()
+        if "strict" in request.query and body["status"] == "degraded":
+            ok = False
         return web.json_response(body, status=200 if ok else 503)
 
     async def _livez(self, _request: web.Request) -> web.Response:

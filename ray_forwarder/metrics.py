@@ -217,6 +217,12 @@ class ShardMetrics:
                 ("connects", "shard_connects", "WebSocket connections opened."),
                 ("reconnects", "shard_reconnects", "Reconnects after a lost or refused session."),
                 ("stale_reconnects", "shard_stale_reconnects", "Reconnects of a silent stream."),
+                (
+                    "stale_data_reconnects",
+                    "shard_stale_data_reconnects",
+                    "Reconnects of a stream without data while the market was open.",
+                ),
+                ("resubscribes", "shard_resubscribes", "Re-sends of a subscription's gaps."),
                 ("batches_failed", "shard_batches_failed", "Batches a producer failed to ack."),
                 ("batches_resent", "shard_batches_resent", "Batches re-sent after a failure."),
                 ("finals", "shard_final_bars", "Final minute-bar records emitted."),
@@ -258,6 +264,14 @@ class ShardMetrics:
             ("shard",),
         )
         self._dedup_keys = _Gauge("shard_dedup_keys", "Keys in the dedup cache.", ("shard",))
+        self._unserved = _Gauge(
+            "shard_unserved_subscriptions",
+            "(channel, symbol) pairs the feed left out of the subscription after every re-send.",
+            ("shard",),
+        )
+        self._market_open = _Gauge(
+            "shard_market_open", "1 while the market is open (or assumed open).", ("shard",)
+        )
         self._overflowing = _Gauge(
             "shard_overflowing",
             "1 while the shard's buffer is full and records are dropped (see status events).",
@@ -310,6 +324,8 @@ class ShardMetrics:
         self._symbols.update(stats.get("symbols") or 0, shard)
         self._dedup_window.update(stats.get("dedup_window_s") or 0, shard)
         self._dedup_keys.update(stats.get("dedup_keys") or 0, shard)
+        self._unserved.update(stats.get("unserved") or 0, shard)
+        self._market_open.update(1.0 if stats.get("market_open", True) else 0.0, shard)
         self._overflowing.update(1.0 if stats.get("overflowing") else 0.0, shard)
         latency = stats.get("last_ack_latency_s")
         if latency is not None:

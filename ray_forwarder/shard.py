@@ -22,6 +22,13 @@ from typing import Any
 from ray_forwarder.bars import BarFinalizer
 from ray_forwarder.config import Settings
 from ray_forwarder.dedup import DedupCache
+from ray_forwarder.market_clock import (
+    ALWAYS_OPEN_FEEDS,
+    FetchHours,
+    MarketClock,
+    alpaca_fetcher,
+    trading_base_url,
+)
 from ray_forwarder.outbox import BatchLimits, Outbox, SendBatch
 from ray_forwarder.pipeline import EventPipeline, OutRecord
 from ray_forwarder.protocol.events import DataItem, Skipped
@@ -50,6 +57,10 @@ _FINALIZE_INTERVAL_S = 0.1
 _STATUS_PENDING_MAX = 1000
 #: `recovered` needs this long without a new drop (so a slow drain does not flap).
 _RECOVERED_AFTER_S = 1.0
+#: Session reports that are events, not connection states (the state stays as it was).
+_EVENTS_NOT_STATES = frozenset(
+    {"error", "subscription_mismatch", "subscription_repaired", "market_clock"}
+)
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,10 @@ class ShardCore:
                 max_in_flight=settings.batch_max_in_flight,
             ),
         )
+        self.market_clock = MarketClock(
+            market_fetcher(settings, spec), self._put_market_status,
+            refresh_s=settings.market_clock_refresh_seconds,
+        )  # fmt: skip
         self.session = AlpacaSession(
             SessionConfig(
                 url=spec.url,
@@ -112,8 +127,10 @@ class ShardCore:
                 reconnect_max=settings.reconnect_max,
                 connection_limit_backoff=settings.connection_limit_backoff,
                 stale_stream_seconds=settings.stale_stream_seconds,
+                data_stale_seconds=settings.data_stale_seconds,
             ),
             self,
+            market_open=self.market_clock.is_open,
         )
         self.state = ShardState()
         self.epoch = 0
@@ -144,7 +161,7 @@ class ShardCore:
             code = info.get("code")
             if isinstance(code, int):
                 st.errors_by_code[code] += 1
-        else:
+        elif state not in _EVENTS_NOT_STATES:
             st.state = state
         st.subscribed = self.session.subscribed or state == "subscribed"
         if state in ("disconnected", "reconnecting"):
@@ -153,6 +170,10 @@ class ShardCore:
         self._put_status(state, info)
 
     # --- status events ------------------------------------------------------------------
+
+    def _put_market_status(self, event: str, info: dict[str, object]) -> None:
+        log.info("shard %s %s %s", self.spec.shard_id, event, _safe(info))
+        self._put_status(event, info)
 
     def _put_status(self, event: str, info: dict[str, object]) -> None:
         self._status_pending.append(self.pipeline.status_record(self.spec.shard_id, event, info))
@@ -218,6 +239,7 @@ class ShardCore:
         self.pipeline.start_seq_epoch(epoch)
         sender = asyncio.create_task(self.outbox.run(), name="outbox")
         finalizer = asyncio.create_task(self._finalize_loop(), name="bar-finalizer")
+        clock = asyncio.create_task(self.market_clock.run(), name="market-clock")
         try:
             await self.session.run()
         except FatalSessionError as exc:
@@ -226,7 +248,10 @@ class ShardCore:
             log.error("shard %s stopped: %s", self.spec.shard_id, exc)
             raise
         finally:
+            clock.cancel()
             finalizer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await clock
             with contextlib.suppress(asyncio.CancelledError):
                 await finalizer
             self._emit(self.pipeline.finalize_all())
@@ -269,6 +294,12 @@ class ShardCore:
             "connects": self.session.connects,
             "reconnects": self.session.reconnects,
             "stale_reconnects": self.session.stale_reconnects,
+            "stale_data_reconnects": self.session.stale_data_reconnects,
+            "resubscribes": self.session.resubscribes,
+            "unserved": len(self.session.unserved),
+            "unserved_sample": _sample(self.session.unserved),
+            "market_open": self.market_clock.is_open(),
+            "market_clock": self.market_clock.source,
             "epoch": self.epoch,
             "errors_by_code": dict(self.state.errors_by_code),
             "skipped": dict(counters.skipped),
@@ -295,6 +326,20 @@ class ShardCore:
             "batches_resent": outbox.batches_resent,
             "last_ack_latency_s": outbox.last_ack_latency_s,
         }
+
+
+def market_fetcher(settings: Settings, spec: ShardSpec) -> FetchHours | None:
+    """The shard's market-hours source: none (always open) for feeds that stream around
+    the clock or when data staleness is off, else Alpaca's clock with the shard's key."""
+    if settings.data_stale_seconds <= 0 or settings.alpaca_feed in ALWAYS_OPEN_FEEDS:
+        return None
+    base = trading_base_url(settings.alpaca_trading_url, spec.url)
+    return alpaca_fetcher(base, spec.key_id, spec.secret)
+
+
+def _sample(pairs: set[tuple[str, str]], limit: int = 10) -> list[str]:
+    """A few unserved pairs as ``channel:symbol``, for /healthz (the count is the metric)."""
+    return [f"{channel}:{symbol}" for channel, symbol in sorted(pairs)[:limit]]
 
 
 def _safe(info: dict[str, object]) -> str:
