@@ -18,7 +18,7 @@ from ray_forwarder.config import Settings, load_settings
 from ray_forwarder.devtools.local_kafka import kafka_for_tools
 from ray_forwarder.protocol.channels import MARKET_DATA_CHANNELS
 from ray_forwarder.stats import ForwarderSnapshot
-from ray_forwarder.topics import ensure_topics, topic_map
+from ray_forwarder.topics import ensure_topics, routed_topics
 
 SIM_KEY, SIM_SECRET = "sim-key", "sim-secret"
 
@@ -68,7 +68,7 @@ def run_demo(options: DemoOptions) -> int:
             print(f"demo: running the forwarder on a local Ray for {options.duration:g}s ...")
             from ray_forwarder.driver import ensure_ray, run_forwarder
 
-            asyncio.run(ensure_topics(bootstrap, topic_map(settings).values()))
+            asyncio.run(ensure_topics(bootstrap, routed_topics(settings)))
             ensure_ray(include_dashboard=False)
             result = asyncio.run(
                 run_forwarder(settings, duration=options.duration, progress=_progress)

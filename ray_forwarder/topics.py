@@ -30,6 +30,11 @@ def topic_map(settings: Settings) -> dict[str, str]:
     }
 
 
+def routed_topics(settings: Settings) -> list[str]:
+    """Every topic the forwarder may write to: the channels' and the dead-letter topic."""
+    return sorted({*topic_map(settings).values(), settings.topic_deadletter})
+
+
 async def ensure_topics(
     bootstrap: str,
     names: Iterable[str],
