@@ -325,6 +325,7 @@ class ShardCore:
             "dropped": dict(outbox.dropped_by_channel),
             "dead_lettered": dict(outbox.dead_lettered),
             "dead_letter_dropped": dict(outbox.dead_letter_dropped),
+            "dead_lettering": self._last_dead_letter is not None,  # an episode is open
             "spool_lost": outbox.spool_lost,
             "batches_failed": outbox.batches_failed,
             "batches_resent": outbox.batches_resent,

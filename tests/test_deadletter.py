@@ -287,3 +287,77 @@ def test_the_producer_request_limit_leaves_room_for_the_largest_record() -> None
     options = request_options(load_settings(max_record_bytes=4 * 1024 * 1024))
     assert options["max_request_size"] > 4 * 1024 * 1024
     assert request_options(load_settings())["max_request_size"] > 1024 * 1024
+
+
+async def test_one_dead_letter_status_event_per_episode_and_counted_in_metrics(
+    monkeypatch,
+) -> None:
+    """A ShardCore reading the real simulator (no Ray, no Kafka): oversized records put
+    among its traffic are counted per reason in its stats and the driver's /metrics, with
+    one `dead_letter` status event per episode, never one per record."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ray_forwarder import shard as shard_module
+    from ray_forwarder.driver import plan_shards
+    from ray_forwarder.http import SnapshotCollector
+    from ray_forwarder.shard import ShardCore
+    from ray_forwarder.sim import SimConfig, SimulatorThread
+    from ray_forwarder.stats import ForwarderSnapshot
+    from tests.forwarder_harness import SIM_KEY, SIM_SECRET
+
+    monkeypatch.setattr(shard_module, "_DEAD_LETTER_EPISODE_S", 0.5)
+    receiver = Receiver()
+
+    def oversized() -> OutRecord:
+        return OutRecord("alpaca.trades.v1", b"SPY", b"x" * 4096, "trades")
+
+    async def until(check, what: str) -> None:
+        for _ in range(400):
+            if check():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    config = SimConfig(symbols=list(SYMBOLS), rate=500, time_scale=600, total_events=1500,
+                       keys={SIM_KEY: SIM_SECRET}, seed=5)  # fmt: skip
+    with SimulatorThread(config) as sim:
+        settings = load_settings(
+            alpaca_api_key_id=SIM_KEY, alpaca_secret_key=SIM_SECRET, alpaca_stream_url=sim.url,
+            alpaca_symbols=",".join(SYMBOLS), kafka_bootstrap_servers="127.0.0.1:9",
+            max_record_bytes=2048, spool_max_bytes=0,
+        )  # fmt: skip
+        [spec] = plan_shards(settings)
+        core = ShardCore(settings, spec, [receiver.send])
+        runner = asyncio.create_task(core.run())
+        try:
+            await until(lambda: core.stats()["subscribed"], "the subscription")
+            for _ in range(3):  # one episode, three records
+                core.outbox.put([oversized()], received=0.0)
+                await asyncio.sleep(0)
+            await until(lambda: core.stats()["dead_lettering"], "the episode to open")
+            core.outbox.put([oversized()], received=0.0)  # still the same episode
+            await until(lambda: not core.stats()["dead_lettering"], "the episode to close")
+            core.outbox.put([oversized()], received=0.0)  # a new episode
+            await until(lambda: core.stats()["dead_lettering"], "the second episode")
+        finally:
+            assert await core.stop(10)
+            await asyncio.wait_for(runner, 10)
+    stats = core.stats()
+    assert stats["dead_lettered"] == {"over_max_record_bytes": 5}
+    status = [
+        orjson.loads(value)["payload"]
+        for topic, _key, value in receiver.delivered
+        if topic == settings.topic_status
+    ]
+    episodes = [event for event in status if event["event"] == "dead_letter"]
+    assert len(episodes) == 2, [event["event"] for event in status]
+    assert episodes[0]["topic"] == settings.topic_deadletter
+    assert episodes[0]["dead_lettered"]["over_max_record_bytes"] >= 1
+    letters = [v for t, _k, v in receiver.delivered if t == settings.topic_deadletter]
+    assert len(letters) == 5
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: ForwarderSnapshot(shards=[stats])))
+    text = generate_latest(registry).decode()
+    assert 'ray_forwarder_records_dead_lettered_total{reason="over_max_record_bytes"} 5.0' in text
+    assert 'ray_forwarder_spool_lost_records_total{shard="' in text
