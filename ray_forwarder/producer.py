@@ -165,6 +165,7 @@ class KafkaSink:
         self._order = asyncio.Lock()
         self._lanes = LaneOrder()
         self._closing: set[asyncio.Task[None]] = set()
+        self._max_request_size = DEFAULT_MAX_REQUEST_SIZE
         self.stats = SinkStats()
 
     @property
@@ -178,7 +179,8 @@ class KafkaSink:
 
     async def start(self) -> None:
         """Connect (once); raise KafkaStartError with a clear, secret-free message."""
-        request_options(self._settings)  # a record limit the producer cannot take: now
+        # A record limit the producer cannot take fails here, before connecting.
+        self._max_request_size = request_options(self._settings)["max_request_size"]
         async with self._starting:
             if self._current is None:
                 self._current = await self._connect()
@@ -328,7 +330,7 @@ class KafkaSink:
         aiokafka queues the batch behind the partition's earlier ones and, since it is
         closed, starts a new one for later records: the partition's order holds."""
         size = len(key) + len(value)
-        if size + RECORD_OVERHEAD_BYTES > producer._max_request_size:
+        if size + RECORD_OVERHEAD_BYTES > self._max_request_size:
             raise MessageSizeTooLargeError(f"the record is {size} bytes, above max_request_size")
         partitions = sorted(await producer.partitions_for(topic))
         partition = _PARTITIONER(key, partitions, partitions)
