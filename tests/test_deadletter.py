@@ -361,3 +361,17 @@ async def test_one_dead_letter_status_event_per_episode_and_counted_in_metrics(
     text = generate_latest(registry).decode()
     assert 'ray_forwarder_records_dead_lettered_total{reason="over_max_record_bytes"} 5.0' in text
     assert 'ray_forwarder_spool_lost_records_total{shard="' in text
+
+
+def test_a_refusal_survives_the_trip_through_ray_from_the_producer_actor() -> None:
+    """The lane tells a refusal from an outage by type and reads which records: both must
+    survive pickling and Ray's wrapping of an actor's exception."""
+    import pickle
+
+    from ray.exceptions import RayTaskError
+
+    sent = RecordsRefused({3: "message_too_large"}, "MessageSizeTooLargeError: [Error 10]")
+    received = RayTaskError("send_batch", "traceback", pickle.loads(pickle.dumps(sent)))
+    wrapped = received.as_instanceof_cause()
+    assert isinstance(wrapped, RecordsRefused)
+    assert wrapped.refused == {3: "message_too_large"} and "Error 10" in wrapped.detail
