@@ -117,6 +117,7 @@ class Settings(BaseSettings):
     topic_lulds: str = "alpaca.lulds.v1"
     topic_imbalances: str = "alpaca.imbalances.v1"
     topic_trade_updates: str = "alpaca.trade_updates.v1"
+    topic_deadletter: str = "alpaca.deadletter.v1"  # records Kafka refused for good
 
     # Pipeline
     producer_linger_ms: int = Field(default=50, ge=0, le=10_000)
@@ -130,6 +131,8 @@ class Settings(BaseSettings):
     buffer_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0, le=64 * 1024**3)
     spool_dir: str = ""  # empty: <system temp dir>/ray-forwarder-spool
     spool_max_bytes: int = Field(default=1024**3, ge=0, le=1024**4)  # 0: no disk spool
+    # Key + value bytes above which a record goes to TOPIC_DEADLETTER instead of its topic.
+    max_record_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
     # Operations
     metrics_port: int = Field(default=8080, ge=0, le=65535)

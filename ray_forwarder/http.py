@@ -112,6 +112,23 @@ class SnapshotCollector(Collector):
         for reason, value in sorted(snap.total("skipped").items()):
             skipped.add_metric([reason], value)
         yield skipped
+        for name, key, doc in (
+            (
+                "records_dead_lettered",
+                "dead_lettered",
+                "Records Kafka refused for good (or above MAX_RECORD_BYTES), diverted to the "
+                "dead-letter topic, by reason.",
+            ),
+            (
+                "dead_letters_dropped",
+                "dead_letter_dropped",
+                "Refused records dropped because the dead-letter topic refused them too.",
+            ),
+        ):
+            family = CounterMetricFamily(f"ray_forwarder_{name}", doc, labels=["reason"])
+            for reason, value in sorted(snap.total(key).items()):
+                family.add_metric([reason], value)
+            yield family
         errors = CounterMetricFamily(
             "ray_forwarder_feed_errors", "Alpaca error messages, by error code.", labels=["code"]
         )
@@ -155,6 +172,11 @@ class SnapshotCollector(Collector):
             "batches_failed": CounterMetricFamily(
                 "ray_forwarder_batches_failed",
                 "Batches a producer failed to acknowledge (they are re-sent).",
+                labels=["shard"],
+            ),
+            "spool_lost": CounterMetricFamily(
+                "ray_forwarder_spool_lost_records",
+                "Spooled records that could not be read back (a segment cut by a full disk).",
                 labels=["shard"],
             ),
         }

@@ -211,6 +211,21 @@ class ShardMetrics:
         self._errors = _DeltaCounter(
             "shard_feed_errors", "Alpaca error messages by code.", ("shard", "code")
         )
+        self._by_reason = [
+            (key, _DeltaCounter(name, doc, ("shard", "reason")))
+            for key, name, doc in (
+                (
+                    "dead_lettered",
+                    "shard_records_dead_lettered",
+                    "Records Kafka refused for good, diverted to the dead-letter topic.",
+                ),
+                (
+                    "dead_letter_dropped",
+                    "shard_dead_letters_dropped",
+                    "Refused records dropped: the dead-letter topic refused them too.",
+                ),
+            )
+        ]
         self._plain = [
             (key, _DeltaCounter(name, doc, ("shard",)))
             for key, name, doc in (
@@ -237,6 +252,7 @@ class ShardMetrics:
                     "shard_seq_evictions",
                     "(channel, symbol) seq counters forgotten at the `*` bound (seq jumps).",
                 ),
+                ("spool_lost", "shard_spool_lost_records", "Spooled records unreadable on disk."),
             )
         ]
         self._subscribed = _Gauge(
@@ -311,6 +327,9 @@ class ShardMetrics:
             self._skipped.update(value, {**shard, "reason": str(reason)})
         for code, value in (stats.get("errors_by_code") or {}).items():
             self._errors.update(value, {**shard, "code": str(code)})
+        for key, counter in self._by_reason:
+            for reason, value in (stats.get(key) or {}).items():
+                counter.update(value, {**shard, "reason": str(reason)})
         for key, counter in self._plain:
             counter.update(stats.get(key) or 0, shard)
         self._subscribed.update(1.0 if stats.get("subscribed") else 0.0, shard)
@@ -345,6 +364,7 @@ class ProducerMetrics:
                 ("batches", "producer_batches", "Batches fully acknowledged by Kafka."),
                 ("records", "producer_records", "Records acknowledged by Kafka."),
                 ("errors", "producer_kafka_errors", "Failed Kafka deliveries."),
+                ("refused", "producer_records_refused", "Records Kafka refused for good."),
                 ("probe_failures", "producer_probe_failures", "Failed Kafka liveness probes."),
             )
         ]

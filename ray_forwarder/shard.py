@@ -61,6 +61,9 @@ _RECOVERED_AFTER_S = 1.0
 _EVENTS_NOT_STATES = frozenset(
     {"error", "subscription_mismatch", "subscription_repaired", "market_clock"}
 )
+#: A dead-letter episode ends after this long without a new diversion; the next one
+#: starts a new episode (one `dead_letter` status event each, never one per record).
+_DEAD_LETTER_EPISODE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ class ShardCore:
                 batch_max_events=settings.batch_max_events,
                 batch_max_ms=settings.batch_max_ms,
                 max_in_flight=settings.batch_max_in_flight,
+                max_record_bytes=settings.max_record_bytes,
+                dead_letter_topic=settings.topic_deadletter,
             ),
         )
         self.market_clock = MarketClock(
@@ -134,6 +139,7 @@ class ShardCore:
         )
         self.state = ShardState()
         self.epoch = 0
+        self._dead_letter_topic = settings.topic_deadletter
         self._stopped = asyncio.Event()
         # Status events never compete with data for a full buffer: they wait here, in
         # order, until their lane has room (so `overflow` itself is not dropped).
@@ -142,6 +148,8 @@ class ShardCore:
         self._status_pending: deque[OutRecord] = deque(maxlen=_STATUS_PENDING_MAX)
         self._dropped_seen: Counter[str] = Counter()  # drops already reported
         self._overflow: tuple[float, Counter[str]] | None = None  # (since, drops at start)
+        self._dead_letters_seen: Counter[str] = Counter()  # diversions already reported
+        self._last_dead_letter: float | None = None  # open episode: latest diversion
 
     # --- SessionHandler -----------------------------------------------------------------
 
@@ -228,6 +236,30 @@ class ShardCore:
             self._put_status("recovered", info)
         self._flush_status()
 
+    def _check_dead_letters(self) -> None:
+        """One `dead_letter` status event when records start being diverted to the
+        dead-letter topic (or dropped, the dead-letter topic refusing them too), per
+        episode: a new one starts after `_DEAD_LETTER_EPISODE_S` without a diversion."""
+        outbox = self.outbox.snapshot()
+        diverted = outbox.dead_lettered + outbox.dead_letter_dropped
+        new = diverted - self._dead_letters_seen
+        self._dead_letters_seen = diverted
+        now = time.monotonic()
+        if not new:
+            if self._last_dead_letter and now - self._last_dead_letter > _DEAD_LETTER_EPISODE_S:
+                self._last_dead_letter = None
+            return
+        opened = self._last_dead_letter is None
+        self._last_dead_letter = now
+        if opened:
+            info: dict[str, object] = {
+                "dead_lettered": dict(outbox.dead_lettered),
+                "dropped": dict(outbox.dead_letter_dropped),
+                "topic": self._dead_letter_topic,
+            }
+            log.warning("shard %s dead_letter %s", self.spec.shard_id, _safe(info))
+            self._put_status("dead_letter", info)
+
     # --- lifecycle ----------------------------------------------------------------------
 
     async def run(self, epoch: int = 0) -> None:
@@ -275,6 +307,7 @@ class ShardCore:
             await asyncio.sleep(_FINALIZE_INTERVAL_S)
             self._emit(self.pipeline.finalize_due(time.monotonic()))
             self._check_overflow()
+            self._check_dead_letters()
 
     def _emit(self, records: list[Any]) -> None:
         if records:
@@ -322,6 +355,10 @@ class ShardCore:
             "overflowing": self._overflow is not None,
             "acked": dict(outbox.acked_by_channel),
             "dropped": dict(outbox.dropped_by_channel),
+            "dead_lettered": dict(outbox.dead_lettered),
+            "dead_letter_dropped": dict(outbox.dead_letter_dropped),
+            "dead_lettering": self._last_dead_letter is not None,  # an episode is open
+            "spool_lost": outbox.spool_lost,
             "batches_failed": outbox.batches_failed,
             "batches_resent": outbox.batches_resent,
             "last_ack_latency_s": outbox.last_ack_latency_s,
