@@ -1,0 +1,148 @@
+"""CPU time and memory of every process of a system under test, grouped by role.
+
+A system is a root process and everything under it: the baseline is one process; the Ray
+forwarder is its driver plus what `ray.init()` started under it (gcs_server, raylet, the
+dashboard and its agents, workers with the shard and producer actors). The sampler walks
+the tree each time it samples, so processes that appear during the run are counted too.
+CPU is user + system time between `mark_start()` and `mark_end()`; a process first seen
+after the start counts from zero, one that died counts up to its last sample. Memory is the
+peak RSS seen over all samples (sampling can miss a short spike).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass
+
+try:
+    import psutil
+except ImportError:  # ray[default] ships psutil inside ray/thirdparty_files
+    importlib.import_module("ray")  # puts its third-party dir on sys.path
+    psutil = importlib.import_module("psutil")
+
+
+#: (cmdline fragment, role) in the order they are tried.
+_RAY_ROLES = (
+    ("ray::ShardActor", "shard actor"),
+    ("ray::ProducerActor", "producer actor"),
+    ("ray::IDLE", "idle worker"),
+    ("default_worker.py", "idle worker"),
+    ("gcs_server", "gcs_server"),
+    ("raylet", "raylet"),
+    ("dashboard/agent.py", "dashboard agent"),
+    ("runtime_env/agent", "runtime env agent"),
+    ("dashboard", "dashboard"),
+    ("log_monitor", "log monitor"),
+    ("monitor.py", "monitor"),
+)
+
+
+#: Roles looked at again on each sample.
+_PROVISIONAL = frozenset({"", "idle worker", "other"})
+
+
+def ray_role(cmdline: str) -> str:
+    for fragment, role in _RAY_ROLES:
+        if fragment in cmdline:
+            return role
+    return "other"
+
+
+@dataclass
+class ProcessUsage:
+    pid: int
+    role: str
+    cmdline: str
+    cpu_start: float = 0.0  # cpu seconds at mark_start (0 if it started later)
+    cpu_last: float = 0.0
+    cpu_end: float | None = None
+    peak_rss: int = 0
+
+    @property
+    def cpu_seconds(self) -> float:
+        end = self.cpu_last if self.cpu_end is None else self.cpu_end
+        return max(0.0, end - self.cpu_start)
+
+
+class ProcessSampler:
+    """Samples the tree under `root` (its own role is `root_role`)."""
+
+    def __init__(self, root: int, root_role: str, *, classify=ray_role) -> None:
+        self.root = root
+        self._root_role = root_role
+        self._classify = classify
+        self._procs: dict[int, psutil.Process] = {}
+        self.usage: dict[int, ProcessUsage] = {}
+        self._started = False
+        self._ended = False
+
+    def sample(self) -> None:
+        try:
+            root = psutil.Process(self.root)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for proc in tree:
+            known = self._procs.get(proc.pid)
+            if known is None or known.create_time() != proc.create_time():
+                self._procs[proc.pid] = known = proc
+            try:
+                with known.oneshot():
+                    times = known.cpu_times()
+                    rss = known.memory_info().rss
+                    cmdline = " ".join(known.cmdline()) or known.name()
+            except psutil.Error:
+                continue
+            cpu = times.user + times.system
+            usage = self.usage.get(proc.pid)
+            if usage is None:
+                usage = self.usage[proc.pid] = ProcessUsage(proc.pid, "", cmdline)
+            if usage.role in _PROVISIONAL:  # a worker becomes an actor, a title is set
+                role = self._root_role if proc.pid == self.root else self._classify(cmdline)
+                usage.role, usage.cmdline = role, cmdline
+            if not self._ended:
+                usage.cpu_last = cpu
+            usage.peak_rss = max(usage.peak_rss, rss)
+
+    def mark_start(self) -> None:
+        self.sample()
+        for usage in self.usage.values():
+            usage.cpu_start = usage.cpu_last
+        self._started = True
+
+    def mark_end(self) -> None:
+        self.sample()
+        for usage in self.usage.values():
+            usage.cpu_end = usage.cpu_last
+        self._ended = True
+
+    def pids(self) -> list[int]:
+        return list(self._procs)
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Processes of this system still alive (same pid and start time as sampled)."""
+        alive = []
+        for proc in self._procs.values():
+            try:
+                if proc.is_running():
+                    alive.append(proc)
+            except psutil.Error:
+                continue
+        return alive
+
+
+def terminate(procs: list[psutil.Process], grace: float = 5.0, timeout: float = 10.0) -> int:
+    """Stop processes this bench started (and only those) that did not exit within
+    `grace` seconds by themselves: TERM, then KILL. Returns how many had to be stopped."""
+    _, procs = psutil.wait_procs(procs, timeout=grace)
+    if not procs:
+        return 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return len(procs)
