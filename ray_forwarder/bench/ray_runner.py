@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 #: A loaded machine can miss Ray's fixed 30 s wait for the raylet to register.
-RAY_START_ATTEMPTS = 3
+RAY_START_ATTEMPTS = 2
 
 
 def _data_total(counter) -> int:

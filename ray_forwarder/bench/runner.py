@@ -38,6 +38,15 @@ SAMPLE_INTERVAL_S = 0.2
 STARTUP_TIMEOUT_S = 180.0  # a fresh local Ray on a loaded machine can be slow
 
 
+#: Ray's raylet dies if its dashboard agent has not registered within 30 s, and reaps
+#: workers that take over 60 s to start: both happen on a loaded machine (seen here with a
+#: load average of 15 on 2 cores). They only delay a failure; the run itself is unchanged.
+RAY_STARTUP_PATIENCE = {
+    "RAY_agent_register_timeout_ms": "180000",
+    "RAY_worker_register_timeout_seconds": "180",
+}
+
+
 @dataclass(frozen=True)
 class BenchOptions:
     events: int = 60_000
@@ -159,6 +168,8 @@ async def run_system(
         else:
             ray_dir = Path(tempfile.mkdtemp(prefix="rfb-", dir="/tmp"))  # short: unix sockets
             args += ["--temp-dir", str(ray_dir)]
+            patience = {k: v for k, v in RAY_STARTUP_PATIENCE.items() if k not in os.environ}
+            env = patience | env
             sut = await Child.start(slug, "ray_forwarder.bench.ray_runner", args, workdir, env)
             sampler = ProcessSampler(sut.pid, "driver")
         gen_sampler = ProcessSampler(gen.pid, "load generator")
