@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from ray_forwarder.bench.accounting import envelope_key, match_deliveries, percentiles
-from ray_forwarder.bench.procstats import psutil
+from ray_forwarder.bench.procstats import psutil, ray_role
 from ray_forwarder.bench.report import format_report
 from ray_forwarder.bench.runner import BenchOptions, SystemSpec, run_all
 from ray_forwarder.envelope import dedup_key, encode_envelope, final_bar_key
@@ -90,6 +90,33 @@ def test_system_names(text: str, expected: SystemSpec) -> None:
 def test_bad_system_names_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="not a system"):
         SystemSpec.parse(text)
+
+
+_PY = "/venv/bin/python"
+_RAY = "/venv/lib/python3.11/site-packages/ray"
+
+
+@pytest.mark.parametrize(
+    ("argv", "role"),
+    [
+        (["ray::ShardActor.run", "", ""], "shard actor"),
+        (["ray::ProducerActor"], "producer actor"),
+        (["ray::IDLE"], "idle worker"),
+        ([f"{_RAY}/core/src/ray/raylet/raylet", "--raylet_socket_name=/tmp/x",
+          f"--python_worker_command={_PY} {_RAY}/_private/workers/default_worker.py"], "raylet"),
+        ([f"{_RAY}/core/src/ray/gcs/gcs_server", "--log_dir=/tmp/x"], "gcs_server"),
+        ([_PY, "-u", f"{_RAY}/dashboard/agent.py", "--raylet-name=/tmp/x/raylet"],
+         "dashboard agent"),
+        ([_PY, f"{_RAY}/dashboard/dashboard.py", "--host=127.0.0.1"], "dashboard"),
+        (["ray-dashboard-NodeHead-0 (python -B -c ...)"], "dashboard"),
+        ([_PY, "-u", f"{_RAY}/_private/runtime_env/agent/main.py"], "runtime env agent"),
+        ([_PY, "-u", f"{_RAY}/_private/log_monitor.py"], "log monitor"),
+        ([_PY, "-u", f"{_RAY}/autoscaler/_private/monitor.py"], "monitor"),
+        ([_PY, "-B", "-c", "from multiprocessing.forkserver import main"], None),
+    ],
+)  # fmt: skip
+def test_ray_processes_are_told_apart_by_program_not_by_arguments(argv, role) -> None:
+    assert ray_role(argv) == role
 
 
 # --- the load generator's feed -----------------------------------------------------------

@@ -22,31 +22,47 @@ except ImportError:  # ray[default] ships psutil inside ray/thirdparty_files
     psutil = importlib.import_module("psutil")
 
 
-#: (cmdline fragment, role) in the order they are tried.
-_RAY_ROLES = (
+#: Ray worker titles (set by Ray: `ray::ShardActor.run`) -> role.
+_WORKER_TITLES = (
     ("ray::ShardActor", "shard actor"),
     ("ray::ProducerActor", "producer actor"),
     ("ray::IDLE", "idle worker"),
-    ("default_worker.py", "idle worker"),
-    ("gcs_server", "gcs_server"),
-    ("raylet", "raylet"),
-    ("dashboard/agent.py", "dashboard agent"),
-    ("runtime_env/agent", "runtime env agent"),
-    ("dashboard", "dashboard"),
-    ("log_monitor", "log monitor"),
-    ("monitor.py", "monitor"),
 )
+#: Programs (binary name, or the tail of a Python script's path) -> role.
+_PROGRAMS = (
+    ("raylet", "raylet"),
+    ("gcs_server", "gcs_server"),
+    ("dashboard/dashboard.py", "dashboard"),
+    ("dashboard/agent.py", "dashboard agent"),
+    ("runtime_env/agent/main.py", "runtime env agent"),
+    ("log_monitor.py", "log monitor"),
+    ("autoscaler/_private/monitor.py", "monitor"),
+    ("workers/default_worker.py", "idle worker"),
+)
+#: Roles looked at again on each sample (a worker becomes an actor, a title is set).
+_PROVISIONAL = frozenset({"", "idle worker", "worker", "other"})
 
 
-#: Roles looked at again on each sample.
-_PROVISIONAL = frozenset({"", "idle worker", "other"})
-
-
-def ray_role(cmdline: str) -> str:
-    for fragment, role in _RAY_ROLES:
-        if fragment in cmdline:
+def ray_role(argv: list[str]) -> str | None:
+    """The role of a process of a local Ray from its command line; None if it is not one
+    of Ray's own programs (a helper, which then takes its parent's role)."""
+    if not argv:
+        return None
+    head = argv[0].strip()
+    if head.startswith("ray::"):
+        for title, role in _WORKER_TITLES:
+            if head.startswith(title):
+                return role
+        return "worker"
+    if head.startswith("ray-dashboard-"):  # the dashboard's module processes
+        return "dashboard"
+    program = head if not head.rsplit("/", 1)[-1].startswith("python") else ""
+    if not program:  # python [-u|-B ...] script.py ...: the first argument not an option
+        program = next((a for a in argv[1:] if not a.startswith("-")), "")
+    for tail, role in _PROGRAMS:
+        if program.endswith(tail):
             return role
-    return "other"
+    return None
 
 
 @dataclass
@@ -91,19 +107,28 @@ class ProcessSampler:
                 with known.oneshot():
                     times = known.cpu_times()
                     rss = known.memory_info().rss
-                    cmdline = " ".join(known.cmdline()) or known.name()
+                    argv = known.cmdline() or [known.name()]
+                    parent = known.ppid()
             except psutil.Error:
                 continue
             cpu = times.user + times.system
             usage = self.usage.get(proc.pid)
             if usage is None:
-                usage = self.usage[proc.pid] = ProcessUsage(proc.pid, "", cmdline)
-            if usage.role in _PROVISIONAL:  # a worker becomes an actor, a title is set
-                role = self._root_role if proc.pid == self.root else self._classify(cmdline)
-                usage.role, usage.cmdline = role, cmdline
+                usage = self.usage[proc.pid] = ProcessUsage(proc.pid, "", "")
+            if usage.role in _PROVISIONAL:
+                usage.role = self._role(proc.pid, argv, parent)
+                usage.cmdline = " ".join(a for a in argv if a)
             if not self._ended:
                 usage.cpu_last = cpu
             usage.peak_rss = max(usage.peak_rss, rss)
+
+    def _role(self, pid: int, argv: list[str], parent: int) -> str:
+        if pid == self.root:
+            return self._root_role
+        role = self._classify(argv)
+        if role is None and parent in self.usage:  # a helper of its parent (forkservers)
+            role = self.usage[parent].role
+        return role or "other"
 
     def mark_start(self) -> None:
         self.sample()

@@ -20,12 +20,13 @@ import asyncio
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 #: A loaded machine can miss Ray's fixed 30 s wait for the raylet to register.
-RAY_START_ATTEMPTS = 2
+RAY_START_ATTEMPTS = 3
 
 
 def _data_total(counter) -> int:
@@ -66,6 +67,17 @@ async def run(expect: int, idle_timeout: float) -> dict[str, Any]:
     }
 
 
+def _raylet_failure(temp_dir: str) -> str:
+    """The raylet's fatal log line, if it left one (the usual cause on a loaded machine)."""
+    log = Path(temp_dir) / "session_latest" / "logs" / "raylet.out"
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no raylet log"
+    fatal = [line for line in lines if "Check failed" in line]
+    return fatal[0][-300:] if fatal else "the raylet logged no fatal error"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ray_forwarder.bench.ray_runner")
     parser.add_argument("--expect", type=int, required=True)
@@ -87,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
             ray.shutdown()
             if attempt == RAY_START_ATTEMPTS:
                 raise
-            print(f"ray did not start ({exc}); trying again", file=sys.stderr, flush=True)
+            why = _raylet_failure(args.temp_dir)
+            print(f"ray did not start ({exc}; {why}); trying again", file=sys.stderr, flush=True)
     try:
         stats = asyncio.run(run(args.expect, args.idle_timeout))
         print(orjson.dumps({"event": "done", **stats}).decode(), flush=True)
