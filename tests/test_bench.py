@@ -170,6 +170,7 @@ async def test_small_real_run_reports_consistent_counts(kafka_broker, tmp_path) 
 
     assert [s.label for s in report.systems] == ["baseline", "ray S=1 P=1"]
     test_pid = os.getpid()
+    placements: list[dict[tuple[str, str], int]] = []
     for system in report.systems:
         # nothing lost, nothing doubled, every redelivery dropped by the system itself
         assert system.sent == 3000 and system.delivered == 3000
@@ -190,8 +191,10 @@ async def test_small_real_run_reports_consistent_counts(kafka_broker, tmp_path) 
         )
         assert all(p.peak_rss_mb > 0 for p in system.processes)
         assert not any(psutil.pid_exists(pid) and _started_by(pid, system) for pid in pids)
-        await _check_envelopes(kafka_broker.bootstrap_servers, system.topics)
+        placements.append(await _check_envelopes(kafka_broker.bootstrap_servers, system.topics))
 
+    # the same symbol lands on the same partition (the product's murmur2 partitioner)
+    assert placements[0] == placements[1]
     baseline, on_ray = report.systems
     assert [p.role for p in baseline.processes] == ["baseline"]
     roles = {r.role for r in on_ray.roles}
@@ -216,11 +219,16 @@ def _started_by(pid: int, system) -> bool:
     return any(p.pid == pid and p.command and p.command == cmdline[:160] for p in system.processes)
 
 
-async def _check_envelopes(bootstrap: str, topics: list[str]) -> None:
-    """Baseline and product write the same contract: dedup key, seq per (channel, symbol)."""
+async def _check_envelopes(bootstrap: str, topics: list[str]) -> dict[tuple[str, str], int]:
+    """Baseline and product write the same contract: dedup key, seq per (channel, symbol).
+    Returns the partition of each (topic kind, symbol)."""
     records = await consume_all(bootstrap, topics, idle_timeout=3.0, timeout=60.0)
     last_seq: dict[tuple[str, str], int] = defaultdict(int)
+    placement: dict[tuple[str, str], int] = {}
     for record in records:
+        kind = record.topic.rsplit(".", 1)[-1]
+        where = placement.setdefault((kind, record.key.decode()), record.partition)
+        assert where == record.partition
         envelope = orjson.loads(record.value)
         assert record.key == envelope["symbol"].encode()
         channel, symbol = envelope["channel"], envelope["symbol"]
@@ -231,3 +239,4 @@ async def _check_envelopes(bootstrap: str, topics: list[str]) -> None:
         else:
             expected = dedup_key(channel, symbol, envelope["event_ts"], envelope["payload"])
             assert envelope["key"] == expected
+    return placement

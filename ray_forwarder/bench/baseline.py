@@ -2,12 +2,21 @@
 `python -m ray_forwarder.bench.baseline --expect N` in a process of its own.
 
 One asyncio loop (uvloop when installed), one WebSocket connection, orjson/msgpack, and one
-aiokafka producer fed with `send()` whose acknowledgements arrive as callbacks: nothing
-waits for Kafka per record. It does the product's work per item: the same envelope, the same
-dedup key (`channel:symbol:event_ts:digest`, BLAKE2b of the item with sorted keys) kept for
+aiokafka producer fed whole batches: records go straight into a `BatchBuilder` per
+partition (`create_batch()`; the partition from aiokafka's default murmur2 partitioner, as
+the product's `send()` picks it, cached per key), and each batch is handed over with
+`send_batch()` once full or `PRODUCER_LINGER_MS` old; its acknowledgement arrives as a
+callback. Nothing waits for Kafka per record, and no future is made per record: aiokafka's
+per-record `send()` costs about ten times the CPU of appending to a batch (measured here:
+21-32 against 2-4 µs per record). aiokafka queues at most one batch per partition behind
+the one in flight, which is the backpressure.
+
+It does the product's work per item: the same envelope, the same dedup key
+(`channel:symbol:event_ts:digest`, BLAKE2b of the item with sorted keys) kept for
 DEDUP_TTL_SECONDS / DEDUP_MAX_KEYS, the same seq per (channel, symbol), minute-bar
-finalisation, the same topics and record keys, and the same producer settings (acks=all,
-idempotence, linger, compression). It configures itself from the same environment variables.
+finalisation, the same topics, record keys and partitions, and the same producer settings
+(acks=all, idempotence, linger, compression, batch size). It configures itself from the
+same environment variables.
 
 What it leaves out on purpose, because the bench does not exercise it: reconnects, the disk
 spool, re-sends after a failed delivery (a failure is counted, and the bench reports the
@@ -33,6 +42,7 @@ from typing import Any
 import msgpack
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 from websockets.asyncio.client import connect
 
 from ray_forwarder.bars import BarFinalizer
@@ -46,8 +56,6 @@ from ray_forwarder.topics import topic_map
 _REVISABLE = frozenset({"bars", "updatedBars", "dailyBars"})
 _MINUTE_BARS = frozenset({"bars", "updatedBars"})
 _SORT_KEYS = orjson.OPT_SORT_KEYS
-_MAX_IN_FLIGHT = 200_000  # records handed to aiokafka and not yet acknowledged
-_RESUME_AT = _MAX_IN_FLIGHT // 2
 
 
 def _event_ts(raw: object) -> str:
@@ -74,10 +82,15 @@ class Baseline:
         self.acked = 0
         self.failed = 0
         self.skipped: Counter[str] = Counter()
-        self._in_flight = 0
-        self._room = asyncio.Event()
-        self._room.set()
+        self._linger = settings.producer_linger_ms / 1000
+        self._partitions: dict[str, list[int]] = {}  # topic -> partitions, from warm-up
+        self._partition_of: dict[tuple[str, bytes], int] = {}
+        self._partitioner = DefaultPartitioner()
+        # (topic, partition) -> open batch and when its first record went in
+        self._open: dict[tuple[str, int], tuple[Any, float]] = {}
+        self._in_flight = 0  # records in batches handed over, not yet acknowledged
         self._all_acked = asyncio.Event()
+        self._all_acked.set()
 
     # --- per frame ----------------------------------------------------------------------
 
@@ -98,7 +111,7 @@ class Baseline:
             if seen[oldest] > now:
                 break
             del seen[oldest]
-        send = self._send
+        send = self._append
         for item in messages:
             channel = CHANNEL_BY_TYPE.get(item.get("T")) if isinstance(item, dict) else None
             if channel is None:
@@ -144,8 +157,7 @@ class Baseline:
                     "key": key,
                 }
             )
-            await send(topic, symbol.encode(), value)
-        await self._room.wait()
+            await send(topic, symbol.encode(), value, now)
 
     def finalize(self, bars) -> list[tuple[str, bytes, bytes]]:
         ingest_ts = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -170,35 +182,64 @@ class Baseline:
         return out
 
     async def send_finals(self, drain: bool = False) -> None:
-        bars = self._bars.drain() if drain else self._bars.due(time.monotonic())
+        now = time.monotonic()
+        bars = self._bars.drain() if drain else self._bars.due(now)
         for topic, key, value in self.finalize(bars):
-            await self._send(topic, key, value)
+            await self._append(topic, key, value, now)
 
     # --- Kafka --------------------------------------------------------------------------
 
-    async def _send(self, topic: str, key: bytes, value: bytes) -> None:
-        future = await self._producer.send(topic, value, key=key)
-        self.emitted += 1
-        self._in_flight += 1
-        if self._in_flight >= _MAX_IN_FLIGHT:
-            self._room.clear()
-        self._all_acked.clear()
-        future.add_done_callback(self._on_ack)
+    async def warm_up(self) -> None:
+        """Learn every topic's partitions before the first record, as the product does."""
+        for topic in sorted(set(self._topics.values())):
+            self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
 
-    def _on_ack(self, future: asyncio.Future[Any]) -> None:
+    async def _append(self, topic: str, key: bytes, value: bytes, now: float) -> None:
+        partition = self._partition_of.get((topic, key))
+        if partition is None:
+            partitions = self._partitions[topic]
+            partition = self._partitioner(key, partitions, partitions)
+            self._partition_of[(topic, key)] = partition
+        self.emitted += 1
+        slot = (topic, partition)
+        entry = self._open.get(slot)
+        if entry is None:
+            entry = self._open[slot] = (self._producer.create_batch(), now)
+        if entry[0].append(key=key, value=value, timestamp=None) is None:  # full
+            await self._hand_over(slot)
+            entry = self._open[slot] = (self._producer.create_batch(), now)
+            entry[0].append(key=key, value=value, timestamp=None)
+
+    async def _hand_over(self, slot: tuple[str, int]) -> None:
+        batch, _ = self._open.pop(slot)
+        count = batch.record_count()
+        self._in_flight += count
+        self._all_acked.clear()
+        future = await self._producer.send_batch(batch, slot[0], partition=slot[1])
+        future.add_done_callback(lambda f: self._on_ack(f, count))
+
+    async def flush_due(self, now: float, everything: bool = False) -> float | None:
+        """Hand over the batches whose linger passed (or all); the next deadline, if any."""
+        deadline = None
+        for slot, (_, since) in list(self._open.items()):
+            due = since + self._linger
+            if everything or due <= now:
+                await self._hand_over(slot)
+            elif deadline is None or due < deadline:
+                deadline = due
+        return deadline
+
+    def _on_ack(self, future: asyncio.Future[Any], count: int) -> None:
         if future.cancelled() or future.exception() is not None:
-            self.failed += 1
+            self.failed += count
         else:
-            self.acked += 1
-        self._in_flight -= 1
-        if self._in_flight <= _RESUME_AT:
-            self._room.set()
+            self.acked += count
+        self._in_flight -= count
         if self._in_flight == 0:
             self._all_acked.set()
 
     async def wait_acked(self) -> None:
-        if self._in_flight:
-            await self._all_acked.wait()
+        await self._all_acked.wait()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -215,12 +256,11 @@ class Baseline:
 async def run(settings: Settings, expect: int, idle_timeout: float) -> dict[str, Any]:
     producer = AIOKafkaProducer(**producer_options(settings))
     await producer.start()
-    for topic in sorted(set(topic_map(settings).values())):  # as the product does at start
-        await producer.partitions_for(topic)
     key, secret = settings.require_credentials()
     subscriptions = dict.fromkeys(settings.alpaca_channels, settings.alpaca_symbols)
     forwarder = Baseline(settings, producer)
     try:
+        await forwarder.warm_up()
         async with connect(
             settings.stream_url,
             additional_headers=connection_headers(settings.alpaca_wire_format),
@@ -233,18 +273,28 @@ async def run(settings: Settings, expect: int, idle_timeout: float) -> dict[str,
             await ws.send(encode_subscribe(subscriptions))
             await ws.recv()  # subscription
             is_json = settings.alpaca_wire_format == "json"
-            last_finals = time.monotonic()
+            last_frame = last_finals = time.monotonic()
+            deadline: float | None = None
             while forwarder.received < expect:
+                now = time.monotonic()
+                wait = idle_timeout - (now - last_frame)
+                if deadline is not None:
+                    wait = min(wait, max(0.0, deadline - now))
                 try:
-                    frame = await asyncio.wait_for(ws.recv(decode=False), idle_timeout)
+                    frame = await asyncio.wait_for(ws.recv(decode=False), wait)
                 except TimeoutError:
-                    break
-                await forwarder.on_frame(frame, is_json)
-                if time.monotonic() - last_finals > 0.25:
-                    last_finals = time.monotonic()
+                    if time.monotonic() - last_frame >= idle_timeout:
+                        break
+                else:
+                    last_frame = time.monotonic()
+                    await forwarder.on_frame(frame, is_json)
+                now = time.monotonic()
+                if now - last_finals > 0.25:
+                    last_finals = now
                     await forwarder.send_finals()
+                deadline = await forwarder.flush_due(now)
             await forwarder.send_finals(drain=True)
-            await producer.flush()
+            await forwarder.flush_due(time.monotonic(), everything=True)
             await forwarder.wait_acked()
     finally:
         await producer.stop()
