@@ -212,6 +212,7 @@ class Baseline:
 
     async def _hand_over(self, slot: tuple[str, int]) -> None:
         batch, _ = self._open.pop(slot)
+        batch.close()  # an open batch would linger once more inside aiokafka
         count = batch.record_count()
         self._in_flight += count
         self._all_acked.clear()
