@@ -5,13 +5,16 @@ structure and consistent counts, not for speed."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from collections import defaultdict
 
 import orjson
 import pytest
 
 from ray_forwarder.bench.accounting import envelope_key, match_deliveries, percentiles
-from ray_forwarder.bench.procstats import psutil, ray_role
+from ray_forwarder.bench.procstats import ProcessSampler, psutil, ray_role, terminate
 from ray_forwarder.bench.report import format_report
 from ray_forwarder.bench.runner import BenchOptions, SystemSpec, run_all
 from ray_forwarder.envelope import dedup_key, encode_envelope, final_bar_key
@@ -117,6 +120,42 @@ _RAY = "/venv/lib/python3.11/site-packages/ray"
 )  # fmt: skip
 def test_ray_processes_are_told_apart_by_program_not_by_arguments(argv, role) -> None:
     assert ray_role(argv) == role
+
+
+_TREE = """
+import pathlib, subprocess, sys, time
+flag = pathlib.Path(sys.argv[1])
+wait = "import pathlib, sys, time\\nwhile not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.01)"
+early = subprocess.Popen([sys.executable, "-c", wait, str(flag), "early"])
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "late"])
+early.wait()
+time.sleep(60)
+"""
+
+
+def test_sampler_follows_the_tree_and_counts_only_processes_of_the_window(tmp_path) -> None:
+    flag = tmp_path / "flag"
+    root = subprocess.Popen([sys.executable, "-c", _TREE, str(flag)])
+    try:
+        sampler = ProcessSampler(root.pid, "root", classify=lambda argv: argv[-1])
+        deadline = time.monotonic() + 30
+        while len(sampler.usage) < 3 and time.monotonic() < deadline:
+            sampler.sample()
+            time.sleep(0.05)
+        assert sorted(u.role for u in sampler.usage.values()) == ["early", "late", "root"]
+        early = next(u.pid for u in sampler.usage.values() if u.role == "early")
+        flag.touch()
+        psutil.wait_procs([psutil.Process(early)], timeout=30)
+        sampler.mark_start()
+        sampler.mark_end()
+        assert sorted(u.role for u in sampler.in_window()) == ["late", "root"]
+        assert all(u.peak_rss > 0 and u.cpu_seconds >= 0 for u in sampler.in_window())
+        assert {p.pid for p in sampler.leftovers()} == {u.pid for u in sampler.in_window()}
+    finally:
+        leftovers = sampler.leftovers()
+        assert terminate(leftovers, grace=0.1) == 2
+        root.wait(10)
+    assert not any(p.is_running() for p in leftovers)
 
 
 # --- the load generator's feed -----------------------------------------------------------

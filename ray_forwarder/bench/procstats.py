@@ -74,6 +74,7 @@ class ProcessUsage:
     cpu_last: float = 0.0
     cpu_end: float | None = None
     peak_rss: int = 0
+    in_window: bool = False  # alive at some point between mark_start() and mark_end()
 
     @property
     def cpu_seconds(self) -> float:
@@ -105,6 +106,8 @@ class ProcessSampler:
                 self._procs[proc.pid] = known = proc
             try:
                 with known.oneshot():
+                    if known.status() == psutil.STATUS_ZOMBIE:
+                        continue  # exited, not yet reaped by its parent
                     times = known.cpu_times()
                     rss = known.memory_info().rss
                     argv = known.cmdline() or [known.name()]
@@ -120,6 +123,7 @@ class ProcessSampler:
                 usage.cmdline = " ".join(a for a in argv if a)
             if not self._ended:
                 usage.cpu_last = cpu
+                usage.in_window = usage.in_window or self._started
             usage.peak_rss = max(usage.peak_rss, rss)
 
     def _role(self, pid: int, argv: list[str], parent: int) -> str:
@@ -131,10 +135,15 @@ class ProcessSampler:
         return role or "other"
 
     def mark_start(self) -> None:
+        self._started = True
         self.sample()
         for usage in self.usage.values():
             usage.cpu_start = usage.cpu_last
-        self._started = True
+
+    def in_window(self) -> list[ProcessUsage]:
+        """The processes that took part in the measured run (not those that had already
+        exited, such as the remains of a failed start)."""
+        return [u for u in self.usage.values() if u.in_window]
 
     def mark_end(self) -> None:
         self.sample()
@@ -150,7 +159,7 @@ class ProcessSampler:
         alive = []
         for proc in self._procs.values():
             try:
-                if proc.is_running():
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
                     alive.append(proc)
             except psutil.Error:
                 continue

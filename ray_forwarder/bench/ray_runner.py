@@ -67,6 +67,14 @@ async def run(expect: int, idle_timeout: float) -> dict[str, Any]:
     }
 
 
+def _stop_remains() -> None:
+    """What a failed `ray.init()` started and `ray.shutdown()` left running: every process
+    under this one (they are all this driver's own)."""
+    from ray_forwarder.bench.procstats import psutil, terminate
+
+    terminate(psutil.Process().children(recursive=True), grace=2.0)
+
+
 def _raylet_failure(temp_dir: str) -> str:
     """The raylet's fatal log line, if it left one (the usual cause on a loaded machine)."""
     log = Path(temp_dir) / "session_latest" / "logs" / "raylet.out"
@@ -97,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             break
         except Exception as exc:  # Ray gives its raylet a fixed 30 s to register
             ray.shutdown()
+            _stop_remains()
             if attempt == RAY_START_ATTEMPTS:
                 raise
             why = _raylet_failure(args.temp_dir)

@@ -207,7 +207,7 @@ async def run_system(
     report.stats = {k: v for k, v in done.items() if k != "event"}
     report.deduplicated = int(done.get("deduplicated", 0))
     fill_delivery(report, match_deliveries(sent, acked))
-    fill_processes(report, list(sampler.usage.values()), report.delivered)
+    fill_processes(report, sampler.in_window(), report.delivered)
     gen_cpu = sum(u.cpu_seconds for u in gen_sampler.usage.values())
     report.generator_cpu_us_per_event = gen_cpu * 1e6 / report.delivered if report.delivered else 0
     if create_time:
