@@ -15,7 +15,7 @@ import pytest
 
 from ray_forwarder.bench.accounting import envelope_key, match_deliveries, percentiles
 from ray_forwarder.bench.procstats import ProcessSampler, psutil, ray_role, terminate
-from ray_forwarder.bench.report import format_report
+from ray_forwarder.bench.report import BenchReport, CeilingReport, SystemReport, format_report
 from ray_forwarder.bench.runner import BenchOptions, SystemSpec, run_all
 from ray_forwarder.envelope import dedup_key, encode_envelope, final_bar_key
 from ray_forwarder.loadgen.feed import FeedSpec, build_feed, frames_for, item_key
@@ -78,6 +78,25 @@ def test_forwarder_made_records_are_not_feed_items() -> None:
     status = orjson.loads(_envelope(bar, "bars", is_final=False))
     status.update(channel="status", symbol=None, source="forwarder")
     assert envelope_key(orjson.dumps(status)) is None
+
+
+@pytest.mark.parametrize(("ceiling", "verdict"), [(90_000, "TOO LOW"), (300_000, "(ok)")])
+def test_report_says_whether_the_generator_outran_the_systems(ceiling, verdict) -> None:
+    fast = SystemReport("ray S=2 P=1", "ray", pid=10, generator_pid=11, e2e_items_per_s=40_000,
+                        stats={"shards": [{"shard_id": "a", "received": 7},
+                                          {"shard_id": "b", "received": 9}]})  # fmt: skip
+    slow = SystemReport("baseline", "baseline", pid=12, generator_pid=13, e2e_items_per_s=30_000)
+    slow.notes.append("1 records matched no sent item")
+    report = BenchReport(
+        {"events": 9, "symbols": 2, "wire_format": "json", "rate": 0, "linger_ms": 50},
+        CeilingReport(100, 0.001, ceiling, 1, 2),
+        [slow, fast],
+    )
+    text = format_report(report)
+    assert report.ceiling_factor == pytest.approx(ceiling / 40_000)
+    assert verdict in text.splitlines()[-1]
+    assert "! 1 records matched no sent item" in text
+    assert "items received per shard: a 7, b 9" in text
 
 
 @pytest.mark.parametrize(

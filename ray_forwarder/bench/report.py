@@ -156,6 +156,12 @@ def format_roles(s: SystemReport) -> list[str]:
             f"{role.peak_rss_mb:8.0f}"
         )
     lines.append(f"    {'(load generator)':<18} {1:>3} {s.generator_cpu_us_per_event:9.1f}")
+    shards = s.stats.get("shards") or []
+    if len(shards) > 1:
+        lines.append(
+            "    items received per shard: "
+            + ", ".join(f"{sh['shard_id']} {sh['received']}" for sh in shards)
+        )
     lines.extend(f"    ! {note}" for note in s.notes)
     return lines
 
