@@ -298,3 +298,67 @@ async def _check_envelopes(bootstrap: str, topics: list[str]) -> dict[tuple[str,
             expected = dedup_key(channel, symbol, envelope["event_ts"], envelope["payload"])
             assert envelope["key"] == expected
     return placement
+
+
+# --- the baseline writes what the product writes ------------------------------------------
+
+
+async def test_baseline_writes_the_products_records(kafka_broker, kafka_topics) -> None:
+    """Same frames through the baseline (into real Kafka) and through the product's
+    pipeline: the same topic, record key and envelope, ingest time aside - for JSON with
+    Alpaca's short time form (kept as sent) and msgpack Timestamps (rendered), and a
+    redelivery dropped by both."""
+    import msgpack
+    from aiokafka import AIOKafkaProducer
+
+    from ray_forwarder.bars import BarFinalizer
+    from ray_forwarder.bench.baseline import Baseline
+    from ray_forwarder.bench.kafka_io import create_topics, topic_env
+    from ray_forwarder.config import load_settings
+    from ray_forwarder.dedup import DedupCache
+    from ray_forwarder.pipeline import EventPipeline
+    from ray_forwarder.producer import producer_options
+    from ray_forwarder.topics import topic_map
+
+    bootstrap = kafka_broker.bootstrap_servers
+    prefix = kafka_topics("baseline")
+    await create_topics(bootstrap, prefix)
+    settings = load_settings(
+        kafka_bootstrap_servers=bootstrap,
+        **{k.lower(): v for k, v in topic_env(prefix).items()},
+    )
+    trade = {"T": "t", "S": "SPY", "i": 1, "p": 590.1, "s": 100, "t": "2026-01-05T14:30:01Z"}
+    quote = {"T": "q", "S": "QQQ", "bp": 1.0, "ap": 1.01, "t": "2026-01-05T14:30:02.5Z"}
+    bar = {"T": "b", "S": "SPY", "o": 1, "h": 2, "l": 1, "c": 2, "v": 9, "vw": 1.5, "n": 3,
+           "t": msgpack.Timestamp(1767623400, 0)}  # fmt: skip
+    frames = [
+        (orjson.dumps([trade, quote, trade]), True),  # the second trade: a redelivery
+        (msgpack.packb([bar], datetime=False), False),
+    ]
+
+    producer = AIOKafkaProducer(**producer_options(settings))
+    await producer.start()
+    try:
+        baseline = Baseline(settings, producer)
+        await baseline.warm_up()
+        for frame, is_json in frames:
+            await baseline.on_frame(frame, is_json)
+        await baseline.flush_due(0.0, everything=True)
+        await baseline.wait_acked()
+    finally:
+        await producer.stop()
+    assert (baseline.received, baseline.deduplicated, baseline.acked) == (4, 1, 3)
+
+    pipeline = EventPipeline(topic_map(settings), DedupCache(900, 1000), BarFinalizer(35), None)
+    expected = []
+    for frame, is_json in frames:
+        items = decode_frame(frame.decode() if is_json else frame)
+        for record in pipeline.process(items, "ingest", 0.0):
+            envelope = orjson.loads(record.value)
+            expected.append((record.topic, record.key, {**envelope, "ingest_ts": None}))
+
+    records = await consume_all(bootstrap, sorted(set(topic_env(prefix).values())), 3)
+    got = [(r.topic, r.key, {**orjson.loads(r.value), "ingest_ts": None}) for r in records]
+    assert sorted(got, key=repr) == sorted(expected, key=repr)
+    json_trade = next(e for _, _, e in got if e["channel"] == "trades")
+    assert json_trade["payload"]["t"] == "2026-01-05T14:30:01Z"  # as Alpaca sent it

@@ -117,16 +117,17 @@ class Baseline:
             if channel is None:
                 self.skipped["not_data"] += 1  # control replies, unknown types
                 continue
-            symbol = item.get("S")
+            symbol, raw_ts = item.get("S"), item.get("t")
             try:
-                event_ts = _event_ts(item.get("t"))
+                event_ts = _event_ts(raw_ts)
             except ValueError:
                 self.skipped["invalid_item"] += 1
                 continue
             if not isinstance(symbol, str) or not symbol:
                 self.skipped["invalid_item"] += 1
                 continue
-            item["t"] = event_ts
+            if not isinstance(raw_ts, str):  # msgpack Timestamp; JSON keeps Alpaca's string
+                item["t"] = event_ts
             self.received += 1
             topic = topics.get(channel)
             if topic is None:
