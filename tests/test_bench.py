@@ -349,7 +349,7 @@ async def test_baseline_writes_the_products_records(kafka_broker, kafka_topics) 
         await producer.stop()
     assert (baseline.received, baseline.deduplicated, baseline.acked) == (4, 1, 3)
 
-    pipeline = EventPipeline(topic_map(settings), DedupCache(900, 1000), BarFinalizer(35), None)
+    pipeline = EventPipeline(topic_map(settings), DedupCache(900, 1000), BarFinalizer(35))
     expected = []
     for frame, is_json in frames:
         items = decode_frame(frame.decode() if is_json else frame)
