@@ -16,7 +16,11 @@ from dataclasses import dataclass, field
 import orjson
 
 from ray_forwarder.sim.generator import Item, Market, MarketConfig
-from ray_forwarder.sim.server import SUBSCRIPTION_BY_TYPE, encode_msgpack_item
+from ray_forwarder.sim.server import (
+    SUBSCRIPTION_BY_TYPE,
+    encode_msgpack_item,
+    msgpack_array_header,
+)
 
 #: Channels the benchmark subscribes to (the forwarder's defaults).
 BENCH_CHANNELS = ("trades", "quotes", "bars", "updatedBars")
@@ -150,16 +154,8 @@ def frames_for(
                 encoded[first] = data
             parts.append(data)
         if use_msgpack:
-            payloads.append(_msgpack_array_header(len(parts)) + b"".join(parts))
+            payloads.append(msgpack_array_header(len(parts)) + b"".join(parts))
         else:
             payloads.append(b"[" + b",".join(parts) + b"]")
         members.append(chunk)
     return Frames(payloads, members, text=not use_msgpack)
-
-
-def _msgpack_array_header(n: int) -> bytes:
-    if n < 16:
-        return bytes((0x90 | n,))
-    if n < 65536:
-        return b"\xdc" + n.to_bytes(2, "big")
-    return b"\xdd" + n.to_bytes(4, "big")

@@ -256,7 +256,7 @@ def _second_of(prefix: str) -> int:
     return seconds
 
 
-def _msgpack_array_header(n: int) -> bytes:
+def msgpack_array_header(n: int) -> bytes:
     if n < 16:
         return bytes((0x90 | n,))
     if n < 65536:
@@ -731,7 +731,7 @@ class Simulator:
             chunk = pending[start : start + size]
             parts = [p.encoded(conn.use_msgpack) for p, _ in chunk]
             if conn.use_msgpack:
-                data = _msgpack_array_header(len(parts)) + b"".join(parts)
+                data = msgpack_array_header(len(parts)) + b"".join(parts)
             else:
                 data = b"[" + b",".join(parts) + b"]"
             self._enqueue(conn, _Frame(data, not conn.use_msgpack, "data", chunk))
