@@ -29,7 +29,7 @@ import pytest
 
 from ray_forwarder.config import load_settings
 from ray_forwarder.sim import SimConfig, SimulatorThread
-from ray_forwarder.topics import topic_map
+from ray_forwarder.topics import routed_topics, topic_map
 from tests.forwarder_harness import ALL_CHANNELS, SIM_KEY, SIM_SECRET
 from tests.kafka_fixture import consume_all, create_topics
 from tests.stream_checks import (
@@ -191,7 +191,7 @@ async def test_ray_job_submit_then_stop_drains_to_kafka(kafka_broker, kafka_topi
     topics = {
         f"TOPIC_{name.upper()}": kafka_topics(name)
         for name in ("trades", "quotes", "bars", "status", "daily_bars", "statuses", "lulds",
-                     "imbalances", "trade_updates")
+                     "imbalances", "trade_updates", "deadletter")
     }  # fmt: skip
     sim_config = SimConfig(
         symbols=SYMBOLS, rate=500, time_scale=600, total_events=3000,
@@ -217,9 +217,7 @@ async def test_ray_job_submit_then_stop_drains_to_kafka(kafka_broker, kafka_topi
         settings = load_settings(
             **{k.lower(): v for k, v in env_vars.items() if k != "RAY_JOB_STOP_WAIT_TIME_S"}
         )
-        await create_topics(
-            sorted(set(topic_map(settings).values())), **kafka_broker.client_kwargs()
-        )
+        await create_topics(routed_topics(settings), **kafka_broker.client_kwargs())
         job_id = f"rf-test-{os.getpid()}-{int(time.time())}"
         runtime_env = {"env_vars": env_vars, "excludes": EXCLUDES}
         submit = node.ray(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ray_forwarder.config import load_settings
 from ray_forwarder.sim import SimConfig, SimulatorThread
-from ray_forwarder.topics import topic_map
+from ray_forwarder.topics import routed_topics, topic_map
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET
 from tests.kafka_fixture import consume_all, create_topics
 from tests.stream_checks import canonical, decode_and_check
@@ -30,7 +30,7 @@ async def test_sigterm_under_load_flushes_everything_read(kafka_broker, kafka_to
     topics = {
         f"TOPIC_{name.upper()}": kafka_topics(name)
         for name in ("trades", "quotes", "bars", "status", "daily_bars", "statuses", "lulds",
-                     "imbalances", "trade_updates")
+                     "imbalances", "trade_updates", "deadletter")
     }  # fmt: skip
     # No total: the feed is still sending at full rate when the signal arrives.
     sim_config = SimConfig(symbols=SYMBOLS, rate=1500, time_scale=600,
@@ -47,9 +47,7 @@ async def test_sigterm_under_load_flushes_everything_read(kafka_broker, kafka_to
         settings = load_settings(
             **{k.lower(): v for k, v in env.items() if k in topics or k.startswith("KAFKA_")}
         )
-        await create_topics(
-            sorted(set(topic_map(settings).values())), **kafka_broker.client_kwargs()
-        )
+        await create_topics(routed_topics(settings), **kafka_broker.client_kwargs())
         proc = subprocess.Popen(
             [sys.executable, "-m", "ray_forwarder"], cwd=REPO, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
