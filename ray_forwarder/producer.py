@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import uuid
 from asyncio import FIRST_COMPLETED
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from pydantic import SecretStr
 
 from ray_forwarder.config import Settings
+from ray_forwarder.kafka_tls import KafkaTlsError, ssl_context
 from ray_forwarder.outbox import StaleProducerError, Ticket
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,32 @@ class SinkStats:
     last_error: str | None = None
 
 
-def producer_options(settings: Settings) -> dict[str, Any]:
-    """aiokafka keyword arguments for the settings (idempotent, acks=all, compression)."""
+@dataclass(frozen=True)
+class ProducerOptions:
+    """aiokafka producer settings that are safe to log: the SASL password is kept apart (a
+    SecretStr, masked in every repr) and joins the keyword arguments only inside
+    `create_producer`, so no plain dict holding it is ever returned or kept.
+
+    Deliberately not a Mapping: `AIOKafkaProducer(**options)` would silently drop the
+    password; use `create_producer()`.
+    """
+
+    kwargs: Mapping[str, Any]
+    sasl_password: SecretStr | None = field(default=None, repr=False)
+
+    def create_producer(self) -> AIOKafkaProducer:
+        secret: dict[str, Any] = {}
+        if self.sasl_password is not None:
+            secret["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        return AIOKafkaProducer(**self.kwargs, **secret)
+
+
+def producer_options(settings: Settings) -> ProducerOptions:
+    """aiokafka settings (idempotent, acks=all, compression, SASL and TLS) for `settings`.
+
+    Raises KafkaTlsError (one line naming the variable) when a TLS file cannot be loaded
+    here, e.g. not mounted on this node.
+    """
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap_servers,
         "client_id": "ray-forwarder",
@@ -56,14 +82,15 @@ def producer_options(settings: Settings) -> dict[str, Any]:
     }
     protocol = settings.kafka_auth_protocol
     options["security_protocol"] = protocol
+    password: SecretStr | None = None
     if settings.kafka_username:
         assert settings.kafka_password is not None
         options["sasl_mechanism"] = settings.kafka_mechanism
         options["sasl_plain_username"] = settings.kafka_username
-        options["sasl_plain_password"] = settings.kafka_password.get_secret_value()
+        password = settings.kafka_password
     if protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = ssl.create_default_context()
-    return options
+        options["ssl_context"] = ssl_context(settings.kafka_tls)
+    return ProducerOptions(MappingProxyType(options), password)
 
 
 class LaneOrder:
@@ -145,7 +172,11 @@ class KafkaSink:
                 self.stats.ready = True
 
     async def _connect(self) -> _Incarnation:
-        producer = AIOKafkaProducer(**producer_options(self._settings))
+        try:
+            producer = producer_options(self._settings).create_producer()
+        except KafkaTlsError as exc:  # e.g. the CA file is not mounted on this node
+            self.stats.last_error = str(exc)
+            raise KafkaStartError(f"{self._describe_target()}: {exc}") from None
         try:
             with _ClientErrors() as client_errors:
                 await producer.start()
@@ -154,16 +185,13 @@ class KafkaSink:
             # aiokafka reports SASL failures only in its log and then raises a generic
             # "unable to bootstrap"; surface the real cause.
             self.stats.last_error = client_errors.most_telling() or describe_kafka_error(exc)
-            raise KafkaStartError(
-                f"cannot connect to Kafka at {self._settings.kafka_bootstrap_servers} "
-                f"({self._settings.kafka_auth_protocol}"
-                + (
-                    f", user {self._settings.kafka_username}"
-                    if self._settings.kafka_username
-                    else ""
+            if _maybe_wants_client_certificate(self._settings, client_errors.messages):
+                self.stats.last_error += (
+                    "; the broker closed the TLS connection: if its listener requires a client "
+                    "certificate (Strimzi `authentication: tls`), set KAFKA_SSL_CERTFILE and "
+                    "KAFKA_SSL_KEYFILE"
                 )
-                + f"): {self.stats.last_error}"
-            ) from None
+            raise KafkaStartError(f"{self._describe_target()}: {self.stats.last_error}") from None
         try:
             await self._warm_up(producer)
         except Exception:
@@ -172,6 +200,15 @@ class KafkaSink:
         log.info("kafka producer connected to %s", self._settings.kafka_bootstrap_servers)
         dead = asyncio.get_running_loop().create_future()
         return _Incarnation(producer, self.token, dead)
+
+    def _describe_target(self) -> str:
+        """`cannot connect to Kafka at HOSTS (PROTOCOL, user U)`: no password, ever."""
+        settings = self._settings
+        user = f", user {settings.kafka_username}" if settings.kafka_username else ""
+        return (
+            f"cannot connect to Kafka at {settings.kafka_bootstrap_servers} "
+            f"({settings.kafka_auth_protocol}{user})"
+        )
 
     async def _warm_up(self, producer: AIOKafkaProducer) -> None:
         """Learn every topic's partitions before the first record.
@@ -353,7 +390,42 @@ class _ClientErrors(logging.Handler):
         for message in self.messages:
             if "Authentication" in message or "SaslAuthenticationFailed" in message:
                 return "SASL authentication failed: " + message.split(": ", 1)[-1][:300]
+            if tls := describe_tls_failure(message):
+                return tls
         return None
+
+
+#: (what OpenSSL says, what to tell the operator), first match wins.
+_TLS_HINTS = (
+    ("mismatch, certificate is not valid for",
+     "the broker's certificate does not name the host in KAFKA_BOOTSTRAP_SERVERS"),
+    ("CERTIFICATE_VERIFY_FAILED",
+     "the broker's certificate is not trusted; KAFKA_SSL_CAFILE must hold the CA that "
+     "signed it (Strimzi: ca.crt of the <cluster>-cluster-ca-cert Secret)"),
+    ("CERTIFICATE_REQUIRED",
+     "the broker requires a client certificate (KAFKA_SSL_CERTFILE / KAFKA_SSL_KEYFILE)"),
+    ("WRONG_VERSION_NUMBER",
+     "the listener does not speak TLS (check the port and KAFKA_SECURITY_PROTOCOL)"),
+)  # fmt: skip
+
+
+def _maybe_wants_client_certificate(settings: Settings, messages: Sequence[str]) -> bool:
+    """An mTLS listener refuses a client without a certificate after the handshake (TLS
+    1.3), which aiokafka only reports as a closed connection."""
+    return (
+        settings.kafka_auth_protocol == "SSL"
+        and not settings.kafka_ssl_certfile
+        and any("closed" in message for message in messages)
+    )
+
+
+def describe_tls_failure(message: str) -> str | None:
+    """An operator's reading of an aiokafka log line about a failed TLS handshake."""
+    for marker, hint in _TLS_HINTS:
+        if marker in message:
+            detail = message.split(": ", 1)[-1].strip()[:300]
+            return f"TLS handshake failed: {hint} ({detail})"
+    return None
 
 
 async def _stop_within(producer: AIOKafkaProducer, seconds: float) -> None:
