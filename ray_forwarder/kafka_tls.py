@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,3 +123,39 @@ def _reason(exc: ssl.SSLError) -> str:
     if exc.library and exc.reason:
         return f"{exc.library}: {exc.reason}"
     return (str(exc) or type(exc).__name__).splitlines()[0][:200]
+
+
+#: (what OpenSSL says, what to tell the operator), first match wins.
+_HANDSHAKE_HINTS = (
+    ("mismatch, certificate is not valid for",
+     "the broker's certificate does not name the host in KAFKA_BOOTSTRAP_SERVERS"),
+    ("CERTIFICATE_VERIFY_FAILED",
+     "the broker's certificate is not trusted; KAFKA_SSL_CAFILE must hold the CA that "
+     "signed it (Strimzi: ca.crt of the <cluster>-cluster-ca-cert Secret)"),
+    ("CERTIFICATE_REQUIRED",
+     "the broker requires a client certificate (KAFKA_SSL_CERTFILE / KAFKA_SSL_KEYFILE)"),
+    ("WRONG_VERSION_NUMBER",
+     "the listener does not speak TLS (check the port and KAFKA_SECURITY_PROTOCOL)"),
+)  # fmt: skip
+
+
+def describe_handshake_failure(message: str) -> str | None:
+    """An operator's reading of a Kafka client's log line about a failed TLS handshake
+    (aiokafka logs the cause, then raises a generic "unable to bootstrap")."""
+    for marker, hint in _HANDSHAKE_HINTS:
+        if marker in message:
+            detail = message.split(": ", 1)[-1].strip()[:300]
+            return f"TLS handshake failed: {hint} ({detail})"
+    return None
+
+
+def client_certificate_hint(tls: KafkaTls, messages: Sequence[str]) -> str | None:
+    """A listener that requires a client certificate refuses one without it after the TLS
+    1.3 handshake, which the client sees only as a closed connection: say what may help."""
+    if tls.certfile or not any("closed" in message for message in messages):
+        return None
+    return (
+        "; the broker closed the TLS connection: if its listener requires a client "
+        "certificate (Strimzi `authentication: tls`), set KAFKA_SSL_CERTFILE and "
+        "KAFKA_SSL_KEYFILE"
+    )

@@ -21,7 +21,12 @@ from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
 from ray_forwarder.config import Settings
-from ray_forwarder.kafka_tls import KafkaTlsError, ssl_context
+from ray_forwarder.kafka_tls import (
+    KafkaTlsError,
+    client_certificate_hint,
+    describe_handshake_failure,
+    ssl_context,
+)
 from ray_forwarder.outbox import StaleProducerError, Ticket
 
 log = logging.getLogger(__name__)
@@ -185,12 +190,9 @@ class KafkaSink:
             # aiokafka reports SASL failures only in its log and then raises a generic
             # "unable to bootstrap"; surface the real cause.
             self.stats.last_error = client_errors.most_telling() or describe_kafka_error(exc)
-            if _maybe_wants_client_certificate(self._settings, client_errors.messages):
-                self.stats.last_error += (
-                    "; the broker closed the TLS connection: if its listener requires a client "
-                    "certificate (Strimzi `authentication: tls`), set KAFKA_SSL_CERTFILE and "
-                    "KAFKA_SSL_KEYFILE"
-                )
+            if self._settings.kafka_auth_protocol == "SSL":
+                hint = client_certificate_hint(self._settings.kafka_tls, client_errors.messages)
+                self.stats.last_error += hint or ""
             raise KafkaStartError(f"{self._describe_target()}: {self.stats.last_error}") from None
         try:
             await self._warm_up(producer)
@@ -390,42 +392,9 @@ class _ClientErrors(logging.Handler):
         for message in self.messages:
             if "Authentication" in message or "SaslAuthenticationFailed" in message:
                 return "SASL authentication failed: " + message.split(": ", 1)[-1][:300]
-            if tls := describe_tls_failure(message):
+            if tls := describe_handshake_failure(message):
                 return tls
         return None
-
-
-#: (what OpenSSL says, what to tell the operator), first match wins.
-_TLS_HINTS = (
-    ("mismatch, certificate is not valid for",
-     "the broker's certificate does not name the host in KAFKA_BOOTSTRAP_SERVERS"),
-    ("CERTIFICATE_VERIFY_FAILED",
-     "the broker's certificate is not trusted; KAFKA_SSL_CAFILE must hold the CA that "
-     "signed it (Strimzi: ca.crt of the <cluster>-cluster-ca-cert Secret)"),
-    ("CERTIFICATE_REQUIRED",
-     "the broker requires a client certificate (KAFKA_SSL_CERTFILE / KAFKA_SSL_KEYFILE)"),
-    ("WRONG_VERSION_NUMBER",
-     "the listener does not speak TLS (check the port and KAFKA_SECURITY_PROTOCOL)"),
-)  # fmt: skip
-
-
-def _maybe_wants_client_certificate(settings: Settings, messages: Sequence[str]) -> bool:
-    """An mTLS listener refuses a client without a certificate after the handshake (TLS
-    1.3), which aiokafka only reports as a closed connection."""
-    return (
-        settings.kafka_auth_protocol == "SSL"
-        and not settings.kafka_ssl_certfile
-        and any("closed" in message for message in messages)
-    )
-
-
-def describe_tls_failure(message: str) -> str | None:
-    """An operator's reading of an aiokafka log line about a failed TLS handshake."""
-    for marker, hint in _TLS_HINTS:
-        if marker in message:
-            detail = message.split(": ", 1)[-1].strip()[:300]
-            return f"TLS handshake failed: {hint} ({detail})"
-    return None
 
 
 async def _stop_within(producer: AIOKafkaProducer, seconds: float) -> None:
