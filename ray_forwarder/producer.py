@@ -8,6 +8,7 @@ returns only when Kafka has all of them (acks=all), so the caller may forget the
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import uuid
 from asyncio import FIRST_COMPLETED
@@ -17,6 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
@@ -61,10 +63,19 @@ class ProducerOptions:
     sasl_password: SecretStr | None = field(default=None, repr=False)
 
     def create_producer(self) -> AIOKafkaProducer:
-        secret: dict[str, Any] = {}
-        if self.sasl_password is not None:
-            secret["sasl_plain_password"] = self.sasl_password.get_secret_value()
-        return AIOKafkaProducer(**self.kwargs, **secret)
+        return AIOKafkaProducer(**self.kwargs, **self._secret())
+
+    def create_admin(self) -> AIOKafkaAdminClient:
+        """An admin client that connects exactly as the producers will (bootstrap,
+        security, SASL, TLS): the options an admin client accepts, and the password."""
+        accepted = inspect.signature(AIOKafkaAdminClient.__init__).parameters
+        options = {k: v for k, v in self.kwargs.items() if k in accepted}
+        return AIOKafkaAdminClient(**options, **self._secret())
+
+    def _secret(self) -> dict[str, Any]:
+        if self.sasl_password is None:
+            return {}
+        return {"sasl_plain_password": self.sasl_password.get_secret_value()}
 
 
 def producer_options(settings: Settings) -> ProducerOptions:
@@ -183,7 +194,7 @@ class KafkaSink:
             self.stats.last_error = str(exc)
             raise KafkaStartError(f"{self._describe_target()}: {exc}") from None
         try:
-            with _ClientErrors() as client_errors:
+            with ClientErrors() as client_errors:
                 await producer.start()
         except Exception as exc:
             await _quietly_stop(producer)
@@ -371,8 +382,9 @@ def describe_kafka_error(exc: BaseException) -> str:
     return text if text.startswith(name) else f"{name}: {text}"
 
 
-class _ClientErrors(logging.Handler):
-    """Collects aiokafka's own error log lines while the producer starts."""
+class ClientErrors(logging.Handler):
+    """Collects aiokafka's own error log lines while a client starts: aiokafka logs why it
+    could not connect (SASL, TLS) and then raises a generic "unable to bootstrap"."""
 
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
@@ -381,7 +393,7 @@ class _ClientErrors(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
 
-    def __enter__(self) -> _ClientErrors:
+    def __enter__(self) -> ClientErrors:
         logging.getLogger("aiokafka").addHandler(self)
         return self
 

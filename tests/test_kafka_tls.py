@@ -329,3 +329,49 @@ def test_producer_options_never_show_the_password(tls_files) -> None:
     assert "sasl_plain_password" not in options.kwargs
     with pytest.raises(TypeError):  # not a mapping: `**options` cannot drop the password
         AIOKafkaProducer(**options)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ the start-up topic check
+
+
+async def test_the_topic_check_connects_over_tls_like_the_producers(kafka_broker, kafka_topics):
+    from ray_forwarder.topics import prepare_topics, routed_topics
+
+    broker = _tls_broker(kafka_broker)
+    names = ("trades", "quotes", "bars", "status", "daily_bars", "statuses", "lulds",
+             "imbalances", "trade_updates")  # fmt: skip
+    topics = {f"topic_{name}": kafka_topics(name) for name in names}
+    settings = load_settings(**_sasl_ssl(broker), **topics, kafka_create_topics=True)
+    created = await prepare_topics(settings)
+    assert sorted(created) == routed_topics(settings)
+
+
+def test_the_cli_refuses_to_start_when_the_ca_does_not_match(kafka_broker, tmp_path) -> None:
+    """`python -m ray_forwarder` (what the RayJob runs) stops before Ray starts, in one
+    line saying why, without the password and without hanging."""
+    broker = _tls_broker(kafka_broker)
+    other_ca = generate_ca(tmp_path, "not the cluster CA")
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "ALPACA_API_KEY_ID": "key",
+        "ALPACA_SECRET_KEY": "secret-value-123",
+        "KAFKA_BOOTSTRAP_SERVERS": str(broker.sasl_ssl_bootstrap_servers),
+        "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "KAFKA_USERNAME": str(broker.username),
+        "KAFKA_PASSWORD": str(broker.password),
+        "KAFKA_SSL_CAFILE": str(other_ca),
+        "KAFKA_REQUEST_TIMEOUT_MS": "5000",
+        "SPOOL_DIR": str(tmp_path / "spool"),
+    }
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "ray_forwarder"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert time.monotonic() - started < 60
+    assert result.returncode == 1, result.stderr
+    [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("ray-forwarder:")]
+    assert "TLS handshake failed" in line and "KAFKA_SSL_CAFILE" in line, line
+    assert str(broker.password) not in result.stderr + result.stdout
+    assert "Started a local Ray instance" not in result.stderr  # refused before Ray
