@@ -382,15 +382,21 @@ async def test_dashboard_panels_evaluate_against_real_scrapes(kafka_broker, kafk
             await _until(lambda: snap().shards[0]["reconnects"] >= 1
                          and snap().shards[0]["skipped"] and snap().shards[0]["subscribed"],
                          60, "the reconnect after the feed error")  # fmt: skip
+
+            def outage() -> dict[str, int]:
+                return {
+                    "dropped": sum(snap().total("dropped").values()),
+                    "batches_failed": snap().shards[0]["batches_failed"],
+                    "kafka_errors": sum(p["errors"] for p in snap().producers),
+                    "probe_failures": sum(p["probe_failures"] for p in snap().producers),
+                }
+
             await asyncio.to_thread(local.stop_broker)
             try:
-                await _until(
-                    lambda: sum(snap().total("dropped").values()) > 0
-                    and snap().shards[0]["batches_failed"] > 0
-                    and sum(p["errors"] for p in snap().producers) > 0
-                    and sum(p["probe_failures"] for p in snap().producers) > 0,
-                    90, "drops, failed batches and failed probes while Kafka is down",
-                )  # fmt: skip
+                what = "drops, failed batches and failed probes while Kafka is down"
+                await _until(lambda: all(outage().values()), 90, what)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: {outage()}") from None
             finally:
                 await asyncio.to_thread(local.start_broker)
             await _until(lambda: snap().shards[0]["batches_resent"] > 0, 90, "re-sent batches")
