@@ -18,8 +18,9 @@ import ray
 
 from ray_forwarder import logs
 from ray_forwarder.config import Settings
+from ray_forwarder.deadletter import refusal_reason
 from ray_forwarder.metrics import LatencyRecorder, ProducerMetrics, ShardMetrics, StatsExporter
-from ray_forwarder.outbox import SendBatch, StaleProducerError, Ticket, WireRecord
+from ray_forwarder.outbox import RecordsRefused, SendBatch, StaleProducerError, Ticket, WireRecord
 from ray_forwarder.producer import KafkaSink
 from ray_forwarder.shard import ShardCore, ShardSpec
 
@@ -93,10 +94,11 @@ class ProducerActor:
         """
         try:
             count, token = await self._sink.send_batch(records, ticket)
-        except StaleProducerError:
+        except (StaleProducerError, RecordsRefused):
             raise
-        except Exception:
-            self._kafka_ok = False
+        except Exception as exc:
+            if refusal_reason(exc) is None:  # not another batch's refused record: Kafka
+                self._kafka_ok = False
             raise
         self._kafka_ok, self._probe_error, self._last_ok = True, None, time.monotonic()
         return count, token
@@ -111,6 +113,7 @@ class ProducerActor:
             "batches": s.batches,
             "records": s.records,
             "errors": s.errors,
+            "refused": s.refused,
             "probe_failures": self._probe_failures,
             "last_ok_age_s": round(time.monotonic() - self._last_ok, 3),
             "last_error": self._probe_error or s.last_error,

@@ -38,11 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         if command == "bench":
-            from ray_forwarder.bench import run_bench
+            from ray_forwarder.bench import run_from_args
 
-            shard_counts = [int(n) for n in args.shards.split(",")]
-            return run_bench(args.events, args.symbols, shard_counts, args.producers,
-                             args.rate or None)  # fmt: skip
+            return run_from_args(args)
         if command == "plan":
             return _plan()
         if command == "schema":
@@ -81,11 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         description=bench_module.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.add_argument("--events", type=int, default=50_000)
-    bench.add_argument("--symbols", type=int, default=100)
-    bench.add_argument("--shards", default="1,2,4", help="comma-separated shard counts")
-    bench.add_argument("--producers", type=int, default=2)
-    bench.add_argument("--rate", type=float, default=0.0, help="items/s; 0 = flat out")
+    bench_module.add_arguments(bench)
     sub.add_parser("plan", help="print the shard plan (key ids masked) without connecting")
     schema = sub.add_parser("schema", help="print (or write) the envelope JSON Schema")
     schema.add_argument("--output", type=Path, default=None)

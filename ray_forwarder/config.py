@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     # ws:// to anything but loopback sends the secret in clear: only with this opt-in
     alpaca_allow_insecure_stream: bool = False
     alpaca_stream_url: str | None = None
+    # Trading API for the market clock/calendar (unset: Alpaca's live API, or the simulator
+    # when the stream URL is a loopback ws:// URL); paper keys need paper-api.alpaca.markets.
+    alpaca_trading_url: str | None = None
     alpaca_wire_format: Literal["json", "msgpack"] = "msgpack"
     alpaca_credentials: SecretStr | None = None  # more key pairs: "KEY1:SECRET1,KEY2:SECRET2"
     alpaca_connections_per_key: int = Field(default=1, gt=0, le=MAX_CONNECTIONS_PER_KEY)
@@ -124,6 +127,7 @@ class Settings(BaseSettings):
     topic_lulds: str = "alpaca.lulds.v1"
     topic_imbalances: str = "alpaca.imbalances.v1"
     topic_trade_updates: str = "alpaca.trade_updates.v1"
+    topic_deadletter: str = "alpaca.deadletter.v1"  # records Kafka refused for good
 
     # Pipeline
     producer_linger_ms: int = Field(default=50, ge=0, le=10_000)
@@ -137,6 +141,8 @@ class Settings(BaseSettings):
     buffer_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0, le=64 * 1024**3)
     spool_dir: str = ""  # empty: <system temp dir>/ray-forwarder-spool
     spool_max_bytes: int = Field(default=1024**3, ge=0, le=1024**4)  # 0: no disk spool
+    # Key + value bytes above which a record goes to TOPIC_DEADLETTER instead of its topic.
+    max_record_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
     # Operations
     metrics_port: int = Field(default=8080, ge=0, le=65535)
@@ -146,6 +152,10 @@ class Settings(BaseSettings):
     # Silence on a subscribed socket before a probe (a re-sent subscribe whose reply
     # proves the stream alive); no reply within as long again = stale, reconnect. 0 = off.
     stale_stream_seconds: float = Field(default=30.0, ge=0, le=HOUR)
+    # No data item on a trades/quotes subscription for this long while the market is open
+    # (Alpaca's clock) = stale data, reconnect. 0 = off (and the clock is not fetched).
+    data_stale_seconds: float = Field(default=60.0, ge=0, le=HOUR)
+    market_clock_refresh_seconds: float = Field(default=300.0, gt=0, le=HOUR)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     _split = field_validator("alpaca_symbols", "alpaca_channels", mode="before")(
@@ -214,7 +224,7 @@ class Settings(BaseSettings):
                 )
         return ",".join(entries)
 
-    @field_validator("alpaca_stream_url", "alpaca_credentials", mode="before")
+    @field_validator("alpaca_stream_url", "alpaca_trading_url", "alpaca_credentials", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -222,24 +232,12 @@ class Settings(BaseSettings):
     @field_validator("alpaca_stream_url")
     @classmethod
     def _websocket_url(cls, value: str | None) -> str | None:
-        """Never echoes the value: it may carry a password in its userinfo."""
-        if value is None:
-            return None
-        try:
-            parts = urlsplit(value.strip())
-            _ = parts.port  # raises on a port that is not a number in range
-        except ValueError:
-            raise ValueError("not a valid URL") from None
-        if parts.scheme not in ("ws", "wss"):
-            raise ValueError("must be a ws:// or wss:// URL")
-        if "@" in parts.netloc:
-            raise ValueError(
-                "must not carry credentials (user:password@); the key pair goes in "
-                "ALPACA_API_KEY_ID / ALPACA_SECRET_KEY"
-            )
-        if not parts.hostname:
-            raise ValueError("has no host")
-        return value.strip()
+        return _endpoint_url(value, ("ws", "wss"))
+
+    @field_validator("alpaca_trading_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        return _endpoint_url(value, ("http", "https"))
 
     @field_validator("alpaca_credentials")
     @classmethod
@@ -274,12 +272,18 @@ class Settings(BaseSettings):
                 f"KAFKA_USERNAME is set but KAFKA_SECURITY_PROTOCOL={protocol} does not use "
                 "it; choose SASL_PLAINTEXT or SASL_SSL"
             )
-        if self.alpaca_stream_url is not None and not self.alpaca_allow_insecure_stream:
-            parts = urlsplit(self.alpaca_stream_url)
-            if parts.scheme == "ws" and not _is_loopback(parts.hostname or ""):
+        for name, url in (
+            ("ALPACA_STREAM_URL", self.alpaca_stream_url),
+            ("ALPACA_TRADING_URL", self.alpaca_trading_url),
+        ):
+            if url is None or self.alpaca_allow_insecure_stream:
+                continue
+            parts = urlsplit(url)
+            if parts.scheme in ("ws", "http") and not _is_loopback(parts.hostname or ""):
                 raise ValueError(
-                    "ALPACA_STREAM_URL: ws:// sends the Alpaca secret in clear text; use "
-                    "wss://, a loopback host, or set ALPACA_ALLOW_INSECURE_STREAM=true"
+                    f"{name}: {parts.scheme}:// sends the Alpaca secret in clear text; use "
+                    f"{parts.scheme}s://, a loopback host, or set "
+                    "ALPACA_ALLOW_INSECURE_STREAM=true"
                 )
         keys = [key for key, _ in self._credential_pairs()]
         if len(set(keys)) != len(keys):
@@ -423,6 +427,28 @@ def _is_host_port(entry: str) -> bool:
             return False
         return True
     return re.fullmatch(r"[A-Za-z0-9._-]+", host) is not None
+
+
+def _endpoint_url(value: str | None, schemes: tuple[str, ...]) -> str | None:
+    """An Alpaca endpoint override. Never echoes the value: it may carry a password in its
+    userinfo."""
+    if value is None:
+        return None
+    try:
+        parts = urlsplit(value.strip())
+        _ = parts.port  # raises on a port that is not a number in range
+    except ValueError:
+        raise ValueError("not a valid URL") from None
+    if parts.scheme not in schemes:
+        raise ValueError(f"must be a {' or '.join(f'{s}://' for s in schemes)} URL")
+    if "@" in parts.netloc:
+        raise ValueError(
+            "must not carry credentials (user:password@); the key pair goes in "
+            "ALPACA_API_KEY_ID / ALPACA_SECRET_KEY"
+        )
+    if not parts.hostname:
+        raise ValueError("has no host")
+    return value.strip()
 
 
 def _is_loopback(host: str) -> bool:

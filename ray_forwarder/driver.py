@@ -86,7 +86,8 @@ class Forwarder:
     def __post_init__(self) -> None:
         self._producers: dict[str, Any] = {}
         self._shards: dict[str, Any] = {}
-        self._runs: dict[str, Any] = {}
+        self._runs: dict[str, Any] = {}  # shard id -> its run() (or readiness probe) ref
+        self._probing: set[str] = set()  # shards whose restarted actor is not answering yet
         self._specs: dict[str, ShardSpec] = {}
         # per shard: seq epoch of its current run(), restarts seen, failures in a row
         self._epochs: dict[str, int] = {}
@@ -150,7 +151,15 @@ class Forwarder:
                 ray.kill(self._shards[shard_id], no_restart=True)
             self._create_shard(self._specs[shard_id])
         else:
-            self._runs[shard_id] = self._shards[shard_id].run.remote(self._epochs[shard_id])
+            self._await_incarnation(shard_id)
+
+    def _await_incarnation(self, shard_id: str) -> None:
+        """Ask the restarting actor for its pid before calling `run()`: a `run()` sent while
+        Ray is still restarting the actor fails ("the actor is restarting") and would cost
+        another epoch and count as another restart, though no incarnation ever ran it. A
+        failed probe consumed no epoch, so it is simply sent again (see `poll`)."""
+        self._probing.add(shard_id)
+        self._runs[shard_id] = self._shards[shard_id].pid.remote()
 
     def actors(self) -> dict[str, Any]:
         """The current actor handles by name (shard ids and producer names): tests and
@@ -162,7 +171,18 @@ class Forwarder:
         with an error (a fatal feed error) is fatal."""
         for shard_id, ref in list(self._runs.items()):
             ready, _ = ray.wait([ref], timeout=0)
-            if ready:
+            if ready and shard_id in self._probing:
+                try:
+                    await ref
+                except ray.exceptions.ActorUnavailableError:  # still restarting: ask again
+                    self._runs[shard_id] = self._shards[shard_id].pid.remote()
+                except ray.exceptions.RayActorError as exc:  # died again, or for good
+                    self._probing.discard(shard_id)
+                    self._restart_shard(shard_id, exc)
+                else:
+                    self._probing.discard(shard_id)
+                    self._runs[shard_id] = self._shards[shard_id].run.remote(self._epochs[shard_id])
+            elif ready:
                 try:
                     await ref
                 except ray.exceptions.RayActorError as exc:

@@ -35,15 +35,25 @@ _SHARD_GAUGES: list[tuple[str, Callable[[dict[str, Any]], float]]] = [
     ("overflowing", lambda shard: 1.0 if shard.get("overflowing") else 0.0),
     ("dedup_window_seconds", lambda shard: shard.get("dedup_window_s", 0.0)),
     ("dedup_keys", lambda shard: shard.get("dedup_keys", 0)),
+    ("unserved_subscriptions", lambda shard: shard.get("unserved", 0)),
+    ("market_open", lambda shard: 1.0 if shard.get("market_open", True) else 0.0),
     ("last_ack_latency_seconds", lambda shard: shard.get("last_ack_latency_s", 0.0)),
 ]
 #: Per-shard counters: (stats key, catalogue key).
 _SHARD_COUNTERS = [
     ("reconnects", "reconnects"),
     ("stale_reconnects", "stale_reconnects"),
+    ("stale_data_reconnects", "stale_data_reconnects"),
+    ("resubscribes", "resubscribes"),
     ("restarts", "actor_restarts"),
     ("dedup_evicted", "dedup_evictions"),
     ("batches_failed", "batches_failed"),
+    ("spool_lost", "spool_lost_records"),
+]
+#: Per-reason sums over shards: (stats key, catalogue key).
+_REASON_COUNTERS = [
+    ("dead_lettered", "records_dead_lettered"),
+    ("dead_letter_dropped", "dead_letters_dropped"),
 ]
 #: Per-channel sums over shards: (stats key, catalogue key).
 _CHANNEL_COUNTERS = [
@@ -86,6 +96,11 @@ class SnapshotCollector(Collector):
         for reason, value in sorted(snap.total("skipped").items()):
             skipped.add_metric([reason], value)
         yield skipped
+        for stats_key, key in _REASON_COUNTERS:
+            by_reason = family(key)
+            for reason, value in sorted(snap.total(stats_key).items()):
+                by_reason.add_metric([reason], value)
+            yield by_reason
         errors = family("feed_errors")
         codes: Counter[str] = Counter()
         for shard in snap.shards:
@@ -118,9 +133,13 @@ class SnapshotCollector(Collector):
         unreachable = family("actors_unreachable")
         unreachable.add_metric([], len(snap.unreachable))
         yield unreachable
+        ok, body = snap.health()
         healthy = family("healthy")
-        healthy.add_metric([], 1.0 if snap.health()[0] else 0.0)
+        healthy.add_metric([], 1.0 if ok else 0.0)
         yield healthy
+        degraded = family("degraded")
+        degraded.add_metric([], 1.0 if body["status"] == "degraded" else 0.0)
+        yield degraded
 
 
 def _latency_histograms(snap: ForwarderSnapshot) -> Iterator[Metric]:
@@ -180,10 +199,14 @@ class HealthServer:
             headers={"X-Content-Type": CONTENT_TYPE},
         )
 
-    async def _healthz(self, _request: web.Request) -> web.Response:
+    async def _healthz(self, request: web.Request) -> web.Response:
         """Ready: 200 only once every producer has a working Kafka connection and every
-        shard has an acknowledged subscription; else 503 with the problems as JSON."""
+        shard has an acknowledged subscription; else 503 with the problems as JSON.
+        Degraded (a subscription the feed serves only in part) is 200 with
+        ``"status": "degraded"``, or 503 with ``?strict`` for those who gate on it."""
         ok, body = self._snapshot().health()
+        if "strict" in request.query and body["status"] == "degraded":
+            ok = False
         return web.json_response(body, status=200 if ok else 503)
 
     async def _livez(self, _request: web.Request) -> web.Response:

@@ -218,12 +218,20 @@ class ShardMetrics:
         ("connects", "shard_connects"),
         ("reconnects", "shard_reconnects"),
         ("stale_reconnects", "shard_stale_reconnects"),
+        ("stale_data_reconnects", "shard_stale_data_reconnects"),
+        ("resubscribes", "shard_resubscribes"),
         ("batches_failed", "shard_batches_failed"),
         ("batches_resent", "shard_batches_resent"),
         ("finals", "shard_final_bars"),
         ("late_bar_revisions", "shard_late_bar_revisions"),
         ("dedup_evicted", "shard_dedup_evictions"),
         ("seq_evicted", "shard_seq_evictions"),
+        ("spool_lost", "shard_spool_lost_records"),
+    )
+    #: stats() key -> catalogue key of the per-reason counters.
+    REASON_COUNTERS = (
+        ("dead_lettered", "shard_records_dead_lettered"),
+        ("dead_letter_dropped", "shard_dead_letters_dropped"),
     )
 
     def __init__(self, shard_id: str, recorder: LatencyRecorder | None = None) -> None:
@@ -231,6 +239,7 @@ class ShardMetrics:
         self._by_channel = [(key, _DeltaCounter(name)) for key, name in self.SHARD_COUNTERS]
         self._skipped = _DeltaCounter("shard_items_skipped")
         self._errors = _DeltaCounter("shard_feed_errors")
+        self._by_reason = [(key, _DeltaCounter(name)) for key, name in self.REASON_COUNTERS]
         self._plain = [(key, _DeltaCounter(name)) for key, name in self.PLAIN_COUNTERS]
         self._subscribed = _Gauge("shard_subscribed")
         self._state = _Gauge("shard_state")
@@ -241,6 +250,8 @@ class ShardMetrics:
         self._symbols = _Gauge("shard_symbols")
         self._dedup_window = _Gauge("shard_dedup_window_seconds")
         self._dedup_keys = _Gauge("shard_dedup_keys")
+        self._unserved = _Gauge("shard_unserved_subscriptions")
+        self._market_open = _Gauge("shard_market_open")
         self._overflowing = _Gauge("shard_overflowing")
         self._last_latency = _Gauge("shard_last_ack_latency_seconds")
         self._histograms: dict[str, Any] = {}
@@ -272,6 +283,9 @@ class ShardMetrics:
             self._skipped.update(value, {**shard, "reason": str(reason)})
         for code, value in (stats.get("errors_by_code") or {}).items():
             self._errors.update(value, {**shard, "code": str(code)})
+        for key, counter in self._by_reason:
+            for reason, value in (stats.get(key) or {}).items():
+                counter.update(value, {**shard, "reason": str(reason)})
         for key, counter in self._plain:
             counter.update(stats.get(key) or 0, shard)
         self._subscribed.update(1.0 if stats.get("subscribed") else 0.0, shard)
@@ -285,6 +299,8 @@ class ShardMetrics:
         self._symbols.update(stats.get("symbols") or 0, shard)
         self._dedup_window.update(stats.get("dedup_window_s") or 0, shard)
         self._dedup_keys.update(stats.get("dedup_keys") or 0, shard)
+        self._unserved.update(stats.get("unserved") or 0, shard)
+        self._market_open.update(1.0 if stats.get("market_open", True) else 0.0, shard)
         self._overflowing.update(1.0 if stats.get("overflowing") else 0.0, shard)
         latency = stats.get("last_ack_latency_s")
         if latency is not None:
@@ -303,6 +319,7 @@ class ProducerMetrics:
                 ("batches", "producer_batches"),
                 ("records", "producer_records"),
                 ("errors", "producer_kafka_errors"),
+                ("refused", "producer_records_refused"),
                 ("probe_failures", "producer_probe_failures"),
             )
         ]

@@ -12,6 +12,12 @@ newer: at-least-once, in order.
 A lane's memory buffer is bounded in records and bytes. Beyond it, records go to a disk
 spool (`spool.py`) and come back in order once memory has room again; only when the spool
 is full too are records dropped, counted per channel.
+
+A record Kafka can never accept must not block its lane (`deadletter.py`): one above
+`max_record_bytes` is replaced by its dead letter before it is buffered, and one the broker
+refuses for good is, on the re-send, first sent alone (the broker's refusal names a whole
+Kafka batch, not a record) and, refused alone too, replaced by its dead letter in place, so
+the lane's order holds. A dead letter that is refused in turn is dropped and counted.
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ray_forwarder.deadletter import (
+    DEAD_LETTER_CHANNEL,
+    OVER_MAX_RECORD_BYTES,
+    dead_letter_value,
+    refusal_reason,
+)
 from ray_forwarder.pipeline import OutRecord
 from ray_forwarder.spool import DiskSpool, SpoolFull
 
@@ -48,6 +60,9 @@ class Ticket:
     number: int  # this submission's number; increases with every submission
     after: int | None  # the previous submission to the same producer, if any in flight
     token: str | None  # the producer the lane's unacknowledged batches went to
+    #: Records (indices) to send each in a Kafka batch of its own: they shared a batch
+    #: the broker refused for good, and only alone does a refusal name the culprit.
+    isolate: tuple[int, ...] = ()
 
 
 #: send(records, ticket) -> (acked count, token of the producer that acknowledged them)
@@ -59,6 +74,23 @@ AckObserver = Callable[[list[WireRecord], float, float, float], None]
 
 class StaleProducerError(RuntimeError):
     """The producer restarted since this lane last heard from it; nothing was sent."""
+
+
+class RecordsRefused(RuntimeError):
+    """Kafka refused records of a batch for good (`deadletter.refusal_reason`).
+
+    `refused` maps a record's index in the batch to the reason. The producer was discarded
+    (as after any failed record), so the lane re-sends in order: records that were sent
+    alone (`Ticket.isolate`) are diverted to the dead-letter topic, the others sent alone.
+    """
+
+    def __init__(self, refused: dict[int, str], detail: str) -> None:
+        super().__init__(refused, detail)  # args rebuild it when Ray pickles it
+        self.refused = refused
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"Kafka refused {len(self.refused)} record(s) for good: {self.detail}"
 
 
 MAX_RETRY_DELAY_S = 5.0
@@ -83,6 +115,9 @@ class OutboxStats:
     records_acked: int = 0
     acked_by_channel: Counter[str] = field(default_factory=Counter)
     dropped_by_channel: Counter[str] = field(default_factory=Counter)
+    dead_lettered: Counter[str] = field(default_factory=Counter)  # diverted, by reason
+    dead_letter_dropped: Counter[str] = field(default_factory=Counter)  # DLQ refused too
+    spool_lost: int = 0  # spooled records that could not be read back (a cut segment)
     last_ack_latency_s: float = 0.0
 
     def merge(self, other: OutboxStats) -> None:
@@ -98,6 +133,9 @@ class OutboxStats:
         self.records_acked += other.records_acked
         self.acked_by_channel.update(other.acked_by_channel)
         self.dropped_by_channel.update(other.dropped_by_channel)
+        self.dead_lettered.update(other.dead_lettered)
+        self.dead_letter_dropped.update(other.dead_letter_dropped)
+        self.spool_lost += other.spool_lost
         self.last_ack_latency_s = max(self.last_ack_latency_s, other.last_ack_latency_s)
 
 
@@ -106,6 +144,8 @@ class _Batch:
     records: list[WireRecord]
     channels: Counter[str]
     oldest_received: float
+    record_channels: list[str] = field(default_factory=list)  # per record, for diversions
+    isolate: tuple[int, ...] = ()  # see Ticket.isolate
     acked: bool = False
     attempts: int = 0
     submitted: float = 0.0  # monotonic time of the latest attempt (publish latency)
@@ -121,6 +161,8 @@ class BatchLimits:
     max_bytes: int = 1 << 62  # memory buffer bound per lane, in key + value bytes
     spool_dir: Path | None = None  # overflow to disk here (a directory per lane)
     spool_max_bytes: int = 0  # 0: no spool
+    max_record_bytes: int = 1 << 20  # key + value; larger records go to the dead letters
+    dead_letter_topic: str | None = None  # None: refused records are dropped, counted
 
 
 class Lane:
@@ -147,6 +189,7 @@ class Lane:
         if limits.spool_dir is not None and limits.spool_max_bytes > 0:
             self._spool = DiskSpool(limits.spool_dir / self._uid, limits.spool_max_bytes)
         self._submissions = 0
+        self._refused = False  # the latest failure was a refusal, not an outage
         self.stats = OutboxStats()
         self.observer: AckObserver | None = None
 
@@ -154,8 +197,20 @@ class Lane:
         """Buffer in memory; when that is full, spool to disk; when both are, drop (counted).
 
         Once anything is spooled, newer records go to the spool too, until it has drained
-        into memory: the memory buffer always holds the oldest records.
+        into memory: the memory buffer always holds the oldest records. A record above
+        `max_record_bytes` never enters: its dead letter takes its place.
         """
+        size = len(record.key) + len(record.value)
+        if size > self._limits.max_record_bytes and record.channel != DEAD_LETTER_CHANNEL:
+            detail = f"{size} bytes > MAX_RECORD_BYTES {self._limits.max_record_bytes}"
+            diverted = self._dead_letter(
+                (record.topic, record.key, record.value), OVER_MAX_RECORD_BYTES, detail
+            )
+            if diverted is None:
+                self._count_dead_letter_drop(OVER_MAX_RECORD_BYTES, record.topic)
+                return
+            self.stats.dead_lettered[OVER_MAX_RECORD_BYTES] += 1
+            record = OutRecord(*diverted, DEAD_LETTER_CHANNEL)
         if not self._spool and self._memory_has_room():
             self._buffer.append((record, received))
             self._buffered_bytes += len(record.key) + len(record.value)
@@ -176,6 +231,26 @@ class Lane:
         dropped = sum(self.stats.dropped_by_channel.values())
         if dropped == 1 or dropped % 10_000 == 0:
             log.warning("%s buffer full: %d records dropped so far", self._name, dropped)
+
+    def _dead_letter(self, record: WireRecord, reason: str, detail: str) -> WireRecord | None:
+        """The dead letter standing in for a refused record; None when it cannot have one
+        (it is a dead letter itself, or no dead-letter topic is configured)."""
+        topic, key, value = record
+        target = self._limits.dead_letter_topic
+        if target is None or topic == target:
+            return None
+        # The envelope's head is kept below the record limit the dead letter must obey too.
+        envelope_max = self._limits.max_record_bytes // 2
+        return (target, key, dead_letter_value(topic, key, value, reason, detail, envelope_max))
+
+    def _count_dead_letter_drop(self, reason: str, topic: str) -> None:
+        self.stats.dead_letter_dropped[reason] += 1
+        dropped = sum(self.stats.dead_letter_dropped.values())
+        if dropped <= 10 or dropped % 1000 == 0:  # logged, never one line per record
+            log.error(
+                "%s: a record for %s was refused (%s) and has no dead letter to go to: "
+                "dropped (%d so far)", self._name, topic, reason, dropped,
+            )  # fmt: skip
 
     def has_room(self) -> bool:
         """Whether a record put now would be kept (in memory or in the spool)."""
@@ -250,15 +325,15 @@ class Lane:
     def _take_batch(self) -> _Batch:
         count = min(self._limits.batch_max_events, len(self._buffer))
         records: list[WireRecord] = []
-        channels: Counter[str] = Counter()
+        record_channels: list[str] = []
         oldest = self._buffer[0][1]
         popleft = self._buffer.popleft
         for _ in range(count):
             record, _received = popleft()
             records.append((record.topic, record.key, record.value))
             self._buffered_bytes -= len(record.key) + len(record.value)
-            channels[record.channel] += 1
-        return _Batch(records, channels, oldest)
+            record_channels.append(record.channel)
+        return _Batch(records, Counter(record_channels), oldest, record_channels)
 
     def _submit(self, batch: _Batch) -> asyncio.Task[None]:
         """Start sending (the caller holds a window slot); calls start in submit order."""
@@ -267,7 +342,7 @@ class Lane:
         batch.submitted = time.monotonic()
         self._submissions += 1
         after = self._submissions - 1 if self._instance is not None else None
-        ticket = Ticket(self._uid, self._submissions, after, self._instance)
+        ticket = Ticket(self._uid, self._submissions, after, self._instance, batch.isolate)
         task = asyncio.create_task(self._deliver(batch, ticket))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
@@ -276,7 +351,15 @@ class Lane:
     async def _deliver(self, batch: _Batch, ticket: Ticket) -> None:
         try:
             acked, instance_now = await self._send(batch.records, ticket)
+        except RecordsRefused as exc:  # (Ray's wrapper is an instance of it too)
+            self.stats.batches_failed += 1
+            self._divert(batch, exc.refused, exc.detail)
+            self._refused = True
+            self._failed = True
+            return
         except Exception as exc:  # producer gone or Kafka unavailable: the lane re-sends
+            if refusal_reason(exc) is not None:  # failed with another batch's refused record
+                self._refused = True
             self.stats.batches_failed += 1
             if not self._failed:
                 log.warning(
@@ -305,16 +388,58 @@ class Lane:
         while self._unacked and self._unacked[0].acked:
             self._unacked.popleft()
 
+    def _divert(self, batch: _Batch, refused: dict[int, str], detail: str) -> None:
+        """Act on Kafka's refusal of some of a batch's records before it is re-sent.
+
+        A refused record that had been sent alone is the culprit: its dead letter takes
+        its place (or, a dead letter itself, it is dropped and counted). One that shared a
+        Kafka batch may be innocent: it is re-sent alone.
+        """
+        records: list[WireRecord] = []
+        record_channels: list[str] = []
+        isolate: list[int] = []
+        for index, (record, channel) in enumerate(
+            zip(batch.records, batch.record_channels, strict=True)
+        ):
+            reason = refused.get(index)
+            if reason is not None and index in batch.isolate:
+                diverted = self._dead_letter(record, reason, detail)
+                if diverted is None:
+                    self._count_dead_letter_drop(reason, record[0])
+                    continue
+                self.stats.dead_lettered[reason] += 1
+                if self.stats.dead_lettered.total() <= 10:
+                    log.warning(
+                        "%s: Kafka refused a record for %s for good (%s): dead-lettered",
+                        self._name, record[0], detail,
+                    )  # fmt: skip
+                record, channel = diverted, DEAD_LETTER_CHANNEL
+            elif reason is not None or index in batch.isolate:  # refused, or not yet tried
+                isolate.append(len(records))
+            records.append(record)
+            record_channels.append(channel)
+        batch.records, batch.record_channels = records, record_channels
+        batch.channels = Counter(record_channels)
+        batch.isolate = tuple(isolate)
+
     async def _recover(self) -> None:
-        """Wait for in-flight sends to settle, back off, then re-send the unacked in order."""
+        """Wait for in-flight sends to settle, back off, then re-send the unacked in order.
+
+        After a refusal (a poison record, not an outage) the delay stays at its minimum:
+        the re-send makes progress by itself, it need not wait for Kafka to come back."""
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         retry = [batch for batch in self._unacked if not batch.acked]
         self._unacked.clear()
-        self._consecutive_failures += 1
-        delay = min(
-            self._limits.retry_delay * 2 ** (self._consecutive_failures - 1), MAX_RETRY_DELAY_S
-        )
+        if self._refused:
+            self._refused = False
+            delay = self._limits.retry_delay
+        else:
+            self._consecutive_failures += 1
+            delay = min(
+                self._limits.retry_delay * 2 ** (self._consecutive_failures - 1),
+                MAX_RETRY_DELAY_S,
+            )
         await asyncio.sleep(delay)
         self._failed = False
         # Talk to whichever producer incarnation answers now: the oldest batch goes alone
@@ -345,6 +470,7 @@ class Lane:
             self.stats.spooled = self._spool.records
             self.stats.spooled_bytes = self._spool.bytes
             self.stats.spooled_total = self._spool.written_total
+            self.stats.spool_lost = self._spool.lost_total
         self.stats.in_flight = sum(len(b.records) for b in self._unacked if not b.acked)
         return self.stats
 
@@ -368,6 +494,8 @@ class Outbox:
             batch_max_ms=limits.batch_max_ms,
             max_in_flight=limits.max_in_flight,
             retry_delay=limits.retry_delay,
+            max_record_bytes=limits.max_record_bytes,
+            dead_letter_topic=limits.dead_letter_topic,
         )
         self._lanes = [Lane(send, per_lane, f"lane-{i}") for i, send in enumerate(senders)]
         self._route: dict[bytes, Lane] = {}

@@ -3,6 +3,8 @@
 `KafkaSink.send_batch` enqueues a batch's records under a lock (so batches from one shard
 land in the order they were submitted) and then waits for every acknowledgement; it
 returns only when Kafka has all of them (acks=all), so the caller may forget the batch.
+When Kafka refuses records for good (`deadletter.refusal_reason`), it says which ones
+(`RecordsRefused`), so that the lane can divert them instead of re-sending them forever.
 """
 
 from __future__ import annotations
@@ -19,21 +21,29 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.partitioner import DefaultPartitioner
 from pydantic import SecretStr
 
 from ray_forwarder.config import Settings
+from ray_forwarder.deadletter import refusal_reason
 from ray_forwarder.kafka_tls import (
     KafkaTlsError,
     client_certificate_hint,
     describe_handshake_failure,
     ssl_context,
 )
-from ray_forwarder.outbox import StaleProducerError, Ticket
+from ray_forwarder.outbox import RecordsRefused, StaleProducerError, Ticket
 
 log = logging.getLogger(__name__)
 
 WireRecord = tuple[str, bytes, bytes]
+
+#: aiokafka's own default `max_request_size`.
+DEFAULT_MAX_REQUEST_SIZE = 1024 * 1024
+#: What a record costs in a produce request besides its key and value (record and batch
+#: headers, varints); `MAX_RECORD_BYTES` + this must fit the producer's `max_request_size`.
+RECORD_OVERHEAD_BYTES = 1024
 
 
 class KafkaStartError(RuntimeError):
@@ -46,6 +56,7 @@ class SinkStats:
     batches: int = 0
     records: int = 0
     errors: int = 0
+    refused: int = 0  # records Kafka refused for good (reported to the shard to divert)
     last_error: str | None = None
 
 
@@ -72,10 +83,30 @@ class ProducerOptions:
         options = {k: v for k, v in self.kwargs.items() if k in accepted}
         return AIOKafkaAdminClient(**options, **self._secret())
 
+    def with_options(self, **options: Any) -> ProducerOptions:
+        return ProducerOptions(MappingProxyType({**self.kwargs, **options}), self.sasl_password)
+
     def _secret(self) -> dict[str, Any]:
         if self.sasl_password is None:
             return {}
         return {"sasl_plain_password": self.sasl_password.get_secret_value()}
+
+
+def request_options(settings: Settings) -> ProducerOptions:
+    """`producer_options` plus a `max_request_size` that fits `MAX_RECORD_BYTES`.
+
+    The record limit is checked before buffering, so that a record aiokafka would refuse
+    in `send()` never reaches it; raises KafkaStartError if the options set a smaller one.
+    """
+    options = producer_options(settings)
+    needed = settings.max_record_bytes + RECORD_OVERHEAD_BYTES
+    size = options.kwargs.get("max_request_size", max(DEFAULT_MAX_REQUEST_SIZE, needed))
+    if size < needed:
+        raise KafkaStartError(
+            f"MAX_RECORD_BYTES ({settings.max_record_bytes}) must stay below the producer's "
+            f"max_request_size ({size}) by {RECORD_OVERHEAD_BYTES}"
+        )
+    return options.with_options(max_request_size=size)
 
 
 def producer_options(settings: Settings) -> ProducerOptions:
@@ -146,6 +177,17 @@ class _Incarnation:
     token: str  # what shards address: a batch for another token is refused unsent
     dead: asyncio.Future[None]
     cause: BaseException | None = None
+    in_flight: set[_InFlight] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """One `send_batch` call's record futures, in batch order, while it waits for acks."""
+
+    futures: list[asyncio.Future[Any]] = field(default_factory=list)
+    #: Set when the producer is discarded: the records Kafka itself refused for good,
+    #: index -> (reason, detail); the rest failed only because the producer was discarded.
+    refused: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 class KafkaSink:
@@ -169,6 +211,7 @@ class KafkaSink:
         self._order = asyncio.Lock()
         self._lanes = LaneOrder()
         self._closing: set[asyncio.Task[None]] = set()
+        self._max_request_size = DEFAULT_MAX_REQUEST_SIZE
         self.stats = SinkStats()
 
     @property
@@ -182,6 +225,12 @@ class KafkaSink:
 
     async def start(self) -> None:
         """Connect (once); raise KafkaStartError with a clear, secret-free message."""
+        # A record limit the producer cannot take fails here, before connecting.
+        try:
+            self._max_request_size = request_options(self._settings).kwargs["max_request_size"]
+        except KafkaTlsError as exc:  # e.g. the CA file is not mounted on this node
+            self.stats.last_error = str(exc)
+            raise KafkaStartError(f"{self._describe_target()}: {exc}") from None
         async with self._starting:
             if self._current is None:
                 self._current = await self._connect()
@@ -189,7 +238,7 @@ class KafkaSink:
 
     async def _connect(self) -> _Incarnation:
         try:
-            producer = producer_options(self._settings).create_producer()
+            producer = request_options(self._settings).create_producer()
         except KafkaTlsError as exc:  # e.g. the CA file is not mounted on this node
             self.stats.last_error = str(exc)
             raise KafkaStartError(f"{self._describe_target()}: {exc}") from None
@@ -229,9 +278,9 @@ class KafkaSink:
         Besides failing early and clearly on a missing topic, this keeps a topic's first
         batches from racing its (auto-)creation, when partition leaders are still moving.
         """
-        from ray_forwarder.topics import topic_map
+        from ray_forwarder.topics import routed_topics
 
-        for topic in sorted(set(topic_map(self._settings).values())):
+        for topic in routed_topics(self._settings):
             try:
                 partitions = await asyncio.wait_for(
                     producer.partitions_for(topic), self._settings.kafka_request_timeout_ms / 1000
@@ -254,7 +303,7 @@ class KafkaSink:
         unsent (StaleProducerError), so that it cannot overtake the lane's earlier ones.
         """
         if ticket is None:
-            incarnation, delivered = await self._enqueue(records, None)
+            incarnation, delivered, flight = await self._enqueue(records, None, ())
         else:
             if ticket.token is not None and ticket.token != self.token:
                 # Addressed to a producer that is gone (or to an earlier actor process,
@@ -262,13 +311,22 @@ class KafkaSink:
                 raise StaleProducerError("the Kafka producer was replaced; re-send in order")
             await self._lanes.wait_turn(ticket, self._admission_timeout_s)
             try:
-                incarnation, delivered = await self._enqueue(records, ticket.token)
+                incarnation, delivered, flight = await self._enqueue(
+                    records, ticket.token, ticket.isolate
+                )
             finally:
                 await self._lanes.admitted(ticket)
-        if not incarnation.dead.done():
-            await asyncio.wait((delivered, incarnation.dead), return_when=FIRST_COMPLETED)
+        try:
+            if not incarnation.dead.done():
+                await asyncio.wait((delivered, incarnation.dead), return_when=FIRST_COMPLETED)
+        finally:
+            incarnation.in_flight.discard(flight)
         if incarnation.dead.done():
             assert incarnation.cause is not None
+            if flight.refused:
+                refused = {index: reason for index, (reason, _) in flight.refused.items()}
+                detail = next(iter(flight.refused.values()))[1]
+                raise RecordsRefused(refused, detail)
             raise incarnation.cause
         self.stats.batches += 1
         self.stats.records += len(records)
@@ -280,9 +338,12 @@ class KafkaSink:
         return self._settings.kafka_request_timeout_ms / 1000 + 30.0
 
     async def _enqueue(
-        self, records: Sequence[WireRecord], expected_token: str | None
-    ) -> tuple[_Incarnation, asyncio.Future[None]]:
-        """Hand the records to aiokafka; the future resolves once Kafka acknowledged all."""
+        self, records: Sequence[WireRecord], expected_token: str | None, isolate: Sequence[int]
+    ) -> tuple[_Incarnation, asyncio.Future[None], _InFlight]:
+        """Hand the records to aiokafka; the future resolves once Kafka acknowledged all.
+
+        Records named in `isolate` go in a Kafka batch of their own, so that a refusal of
+        that batch is theirs alone."""
         if expected_token is not None and expected_token != self.token:
             raise StaleProducerError("the Kafka producer was replaced; re-send in order")
         if self._current is None:
@@ -293,17 +354,47 @@ class KafkaSink:
                 expected_token is not None and expected_token != incarnation.token
             ):
                 raise StaleProducerError("the Kafka producer was replaced; re-send in order")
-            delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            delivered: asyncio.Future[None] = loop.create_future()
+            flight = _InFlight()
+            incarnation.in_flight.add(flight)
             on_done = self._watch(incarnation, delivered, len(records))
-            try:
-                for topic, key, value in records:
-                    future = await incarnation.producer.send(topic, value=value, key=key)
-                    future.add_done_callback(on_done)
-                    if incarnation.dead.done():
-                        break
-            except KafkaError as exc:
-                self._abort(incarnation, exc)
-        return incarnation, delivered
+            alone = set(isolate)
+            producer = incarnation.producer
+            for index, (topic, key, value) in enumerate(records):
+                try:
+                    if index in alone:
+                        future = await self._send_alone(producer, topic, key, value)
+                    else:
+                        future = await producer.send(topic, value=value, key=key)
+                except KafkaError as exc:  # e.g. above max_request_size: this record's fault
+                    future = loop.create_future()
+                    future.set_exception(exc)
+                    flight.futures.append(future)
+                    self._abort(incarnation, exc)
+                    break
+                flight.futures.append(future)
+                future.add_done_callback(on_done)
+                if incarnation.dead.done():
+                    break
+        return incarnation, delivered, flight
+
+    async def _send_alone(
+        self, producer: AIOKafkaProducer, topic: str, key: bytes, value: bytes
+    ) -> asyncio.Future[Any]:
+        """Send one record in a Kafka batch of its own, to the partition `send()` would use.
+
+        aiokafka queues the batch behind the partition's earlier ones and, since it is
+        closed, starts a new one for later records: the partition's order holds."""
+        size = len(key) + len(value)
+        if size + RECORD_OVERHEAD_BYTES > self._max_request_size:
+            raise MessageSizeTooLargeError(f"the record is {size} bytes, above max_request_size")
+        partitions = sorted(await producer.partitions_for(topic))
+        partition = _PARTITIONER(key, partitions, partitions)
+        batch = producer.create_batch()
+        batch.append(key=key, value=value, timestamp=None)
+        batch.close()
+        return await producer.send_batch(batch, topic, partition=partition)
 
     def _watch(
         self, incarnation: _Incarnation, delivered: asyncio.Future[None], count: int
@@ -340,13 +431,20 @@ class KafkaSink:
             return
         incarnation.cause = cause
         incarnation.dead.set_result(None)
+        refusals = self._note_refusals(incarnation)
         self.stats.errors += 1
         self.stats.last_error = describe_kafka_error(cause)
         if self._current is incarnation:
             self._current = None
             self._generation += 1
-            self.stats.ready = False
-        log.warning("kafka producer discarded after a failed delivery: %s", self.stats.last_error)
+            # A refused record says nothing about Kafka's health: the next batch starts a
+            # fresh producer at once, so `ready` stays (no /healthz flap per poison record).
+            self.stats.ready = self.stats.ready and refusals > 0
+        log.warning(
+            "kafka producer discarded after a failed delivery%s: %s",
+            f" ({refusals} record(s) refused for good)" if refusals else "",
+            self.stats.last_error,
+        )
         producer = incarnation.producer
         # aiokafka has no public abort; this reaches into it. Failing the accumulator
         # fails queued and in-flight batches alike; cancelling the sender keeps retried
@@ -359,6 +457,25 @@ class KafkaSink:
         task = asyncio.ensure_future(_stop_within(producer, 5.0))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+    def _note_refusals(self, incarnation: _Incarnation) -> int:
+        """Before the queue is failed wholesale: which records did Kafka itself refuse?
+
+        Runs first thing in `_abort`, so every record future that has failed by now failed
+        on Kafka's answer (aiokafka fails a refused Kafka batch's futures all at once,
+        before any callback runs); the later ones fail only because of the abort."""
+        count = 0
+        for flight in incarnation.in_flight:
+            for index, future in enumerate(flight.futures):
+                if not future.done() or future.cancelled():
+                    continue
+                exc = future.exception()
+                reason = refusal_reason(exc)
+                if reason is not None and exc is not None:
+                    flight.refused[index] = (reason, describe_kafka_error(exc))
+                    count += 1
+        self.stats.refused += count
+        return count
 
     async def probe(self, timeout_s: float) -> None:
         """Ask Kafka for cluster metadata, off the send path; raises if it does not answer."""
@@ -374,6 +491,9 @@ class KafkaSink:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         self.stats.ready = False
+
+
+_PARTITIONER = DefaultPartitioner()  # the producer's (producer_options sets no other)
 
 
 def describe_kafka_error(exc: BaseException) -> str:

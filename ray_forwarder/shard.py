@@ -22,6 +22,13 @@ from typing import Any
 from ray_forwarder.bars import BarFinalizer
 from ray_forwarder.config import Settings
 from ray_forwarder.dedup import DedupCache
+from ray_forwarder.market_clock import (
+    ALWAYS_OPEN_FEEDS,
+    FetchHours,
+    MarketClock,
+    alpaca_fetcher,
+    trading_base_url,
+)
 from ray_forwarder.outbox import BatchLimits, Outbox, SendBatch
 from ray_forwarder.pipeline import EventPipeline, OutRecord
 from ray_forwarder.protocol.events import DataItem, Skipped
@@ -50,6 +57,13 @@ _FINALIZE_INTERVAL_S = 0.1
 _STATUS_PENDING_MAX = 1000
 #: `recovered` needs this long without a new drop (so a slow drain does not flap).
 _RECOVERED_AFTER_S = 1.0
+#: Session reports that are events, not connection states (the state stays as it was).
+_EVENTS_NOT_STATES = frozenset(
+    {"error", "subscription_mismatch", "subscription_repaired", "market_clock"}
+)
+#: A dead-letter episode ends after this long without a new diversion; the next one
+#: starts a new episode (one `dead_letter` status event each, never one per record).
+_DEAD_LETTER_EPISODE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -99,8 +113,14 @@ class ShardCore:
                 batch_max_events=settings.batch_max_events,
                 batch_max_ms=settings.batch_max_ms,
                 max_in_flight=settings.batch_max_in_flight,
+                max_record_bytes=settings.max_record_bytes,
+                dead_letter_topic=settings.topic_deadletter,
             ),
         )
+        self.market_clock = MarketClock(
+            market_fetcher(settings, spec), self._put_market_status,
+            refresh_s=settings.market_clock_refresh_seconds,
+        )  # fmt: skip
         self.session = AlpacaSession(
             SessionConfig(
                 url=spec.url,
@@ -112,11 +132,14 @@ class ShardCore:
                 reconnect_max=settings.reconnect_max,
                 connection_limit_backoff=settings.connection_limit_backoff,
                 stale_stream_seconds=settings.stale_stream_seconds,
+                data_stale_seconds=settings.data_stale_seconds,
             ),
             self,
+            market_open=self.market_clock.is_open,
         )
         self.state = ShardState()
         self.epoch = 0
+        self._dead_letter_topic = settings.topic_deadletter
         self._stopped = asyncio.Event()
         # Status events never compete with data for a full buffer: they wait here, in
         # order, until their lane has room (so `overflow` itself is not dropped).
@@ -125,6 +148,8 @@ class ShardCore:
         self._status_pending: deque[OutRecord] = deque(maxlen=_STATUS_PENDING_MAX)
         self._dropped_seen: Counter[str] = Counter()  # drops already reported
         self._overflow: tuple[float, Counter[str]] | None = None  # (since, drops at start)
+        self._dead_letters_seen: Counter[str] = Counter()  # diversions already reported
+        self._last_dead_letter: float | None = None  # open episode: latest diversion
 
     # --- SessionHandler -----------------------------------------------------------------
 
@@ -144,7 +169,7 @@ class ShardCore:
             code = info.get("code")
             if isinstance(code, int):
                 st.errors_by_code[code] += 1
-        else:
+        elif state not in _EVENTS_NOT_STATES:
             st.state = state
         st.subscribed = self.session.subscribed or state == "subscribed"
         if state in ("disconnected", "reconnecting"):
@@ -153,6 +178,10 @@ class ShardCore:
         self._put_status(state, info)
 
     # --- status events ------------------------------------------------------------------
+
+    def _put_market_status(self, event: str, info: dict[str, object]) -> None:
+        log.info("shard %s %s %s", self.spec.shard_id, event, _safe(info))
+        self._put_status(event, info)
 
     def _put_status(self, event: str, info: dict[str, object]) -> None:
         self._status_pending.append(self.pipeline.status_record(self.spec.shard_id, event, info))
@@ -207,6 +236,30 @@ class ShardCore:
             self._put_status("recovered", info)
         self._flush_status()
 
+    def _check_dead_letters(self) -> None:
+        """One `dead_letter` status event when records start being diverted to the
+        dead-letter topic (or dropped, the dead-letter topic refusing them too), per
+        episode: a new one starts after `_DEAD_LETTER_EPISODE_S` without a diversion."""
+        outbox = self.outbox.snapshot()
+        diverted = outbox.dead_lettered + outbox.dead_letter_dropped
+        new = diverted - self._dead_letters_seen
+        self._dead_letters_seen = diverted
+        now = time.monotonic()
+        if not new:
+            if self._last_dead_letter and now - self._last_dead_letter > _DEAD_LETTER_EPISODE_S:
+                self._last_dead_letter = None
+            return
+        opened = self._last_dead_letter is None
+        self._last_dead_letter = now
+        if opened:
+            info: dict[str, object] = {
+                "dead_lettered": dict(outbox.dead_lettered),
+                "dropped": dict(outbox.dead_letter_dropped),
+                "topic": self._dead_letter_topic,
+            }
+            log.warning("shard %s dead_letter %s", self.spec.shard_id, _safe(info))
+            self._put_status("dead_letter", info)
+
     # --- lifecycle ----------------------------------------------------------------------
 
     async def run(self, epoch: int = 0) -> None:
@@ -218,6 +271,7 @@ class ShardCore:
         self.pipeline.start_seq_epoch(epoch)
         sender = asyncio.create_task(self.outbox.run(), name="outbox")
         finalizer = asyncio.create_task(self._finalize_loop(), name="bar-finalizer")
+        clock = asyncio.create_task(self.market_clock.run(), name="market-clock")
         try:
             await self.session.run()
         except FatalSessionError as exc:
@@ -226,7 +280,10 @@ class ShardCore:
             log.error("shard %s stopped: %s", self.spec.shard_id, exc)
             raise
         finally:
+            clock.cancel()
             finalizer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await clock
             with contextlib.suppress(asyncio.CancelledError):
                 await finalizer
             self._emit(self.pipeline.finalize_all())
@@ -250,6 +307,7 @@ class ShardCore:
             await asyncio.sleep(_FINALIZE_INTERVAL_S)
             self._emit(self.pipeline.finalize_due(time.monotonic()))
             self._check_overflow()
+            self._check_dead_letters()
 
     def _emit(self, records: list[Any]) -> None:
         if records:
@@ -269,6 +327,12 @@ class ShardCore:
             "connects": self.session.connects,
             "reconnects": self.session.reconnects,
             "stale_reconnects": self.session.stale_reconnects,
+            "stale_data_reconnects": self.session.stale_data_reconnects,
+            "resubscribes": self.session.resubscribes,
+            "unserved": len(self.session.unserved),
+            "unserved_sample": _sample(self.session.unserved),
+            "market_open": self.market_clock.is_open(),
+            "market_clock": self.market_clock.source,
             "epoch": self.epoch,
             "errors_by_code": dict(self.state.errors_by_code),
             "skipped": dict(counters.skipped),
@@ -291,10 +355,28 @@ class ShardCore:
             "overflowing": self._overflow is not None,
             "acked": dict(outbox.acked_by_channel),
             "dropped": dict(outbox.dropped_by_channel),
+            "dead_lettered": dict(outbox.dead_lettered),
+            "dead_letter_dropped": dict(outbox.dead_letter_dropped),
+            "dead_lettering": self._last_dead_letter is not None,  # an episode is open
+            "spool_lost": outbox.spool_lost,
             "batches_failed": outbox.batches_failed,
             "batches_resent": outbox.batches_resent,
             "last_ack_latency_s": outbox.last_ack_latency_s,
         }
+
+
+def market_fetcher(settings: Settings, spec: ShardSpec) -> FetchHours | None:
+    """The shard's market-hours source: none (always open) for feeds that stream around
+    the clock or when data staleness is off, else Alpaca's clock with the shard's key."""
+    if settings.data_stale_seconds <= 0 or settings.alpaca_feed in ALWAYS_OPEN_FEEDS:
+        return None
+    base = trading_base_url(settings.alpaca_trading_url, spec.url)
+    return alpaca_fetcher(base, spec.key_id, spec.secret)
+
+
+def _sample(pairs: set[tuple[str, str]], limit: int = 10) -> list[str]:
+    """A few unserved pairs as ``channel:symbol``, for /healthz (the count is the metric)."""
+    return [f"{channel}:{symbol}" for channel, symbol in sorted(pairs)[:limit]]
 
 
 def _safe(info: dict[str, object]) -> str:

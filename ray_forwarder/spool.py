@@ -37,6 +37,7 @@ class SpoolFull(Exception):
 class _Segment:
     path: Path
     records: int = 0
+    bytes: int = 0  # what the segment's records count against the bound (`cost`)
 
 
 class DiskSpool:
@@ -54,6 +55,7 @@ class DiskSpool:
         self.records = 0
         self.bytes = 0
         self.written_total = 0
+        self.lost_total = 0  # counted records that could not be read back (a cut segment)
 
     def __len__(self) -> int:
         return self.records
@@ -73,32 +75,64 @@ class DiskSpool:
             msgpack.packb((record.topic, record.key, record.value, record.channel, received))
         )
         self._segments[-1].records += 1
+        self._segments[-1].bytes += size
         self._writer_bytes += size
         self.records += 1
         self.bytes += size
         self.written_total += 1
 
     def pop_many(self, limit: int) -> list[tuple[OutRecord, float]]:
-        """Up to `limit` of the oldest records, removed from the spool."""
+        """Up to `limit` of the oldest records, removed from the spool.
+
+        A segment that holds fewer readable records than were written to it (cut
+        mid-record by a partial write on a full disk, or damaged) gives what it can; the
+        unreadable tail is counted in `lost_total`, logged, and skipped.
+        """
         out: list[tuple[OutRecord, float]] = []
         while len(out) < limit and self.records:
             head = self._segments[0]
-            if self._reader is None:
-                if self._writer is not None and len(self._segments) == 1:
-                    self._close_writer()  # reading the segment being written: seal it
-                self._reader_file = head.path.open("rb")
-                self._reader = msgpack.Unpacker(self._reader_file, raw=False)
-            for topic, key, value, channel, received in self._reader:
-                record = OutRecord(topic, key, value, channel)
-                out.append((record, received))
-                head.records -= 1
-                self.records -= 1
-                self.bytes -= self.cost(record)
-                if len(out) >= limit or not head.records:
-                    break
-            if not head.records:
+            try:
+                ended = self._read_head(head, out, limit)
+            except Exception as exc:  # unreadable or malformed: the rest of it is lost
+                self._lose_head(head, f"{type(exc).__name__}: {exc}")
+                continue
+            if ended and head.records:  # the file ended before the records counted into it
+                self._lose_head(head, "segment ends mid-record")
+            elif not head.records:
                 self._drop_head()
         return out
+
+    def _read_head(self, head: _Segment, out: list[tuple[OutRecord, float]], limit: int) -> bool:
+        """Read records of the oldest segment into `out`; True if its file ended first."""
+        if self._reader is None:
+            if self._writer is not None and len(self._segments) == 1:
+                self._close_writer()  # reading the segment being written: seal it
+            self._reader_file = head.path.open("rb")
+            self._reader = msgpack.Unpacker(self._reader_file, raw=False)
+        for topic, key, value, channel, received in self._reader:
+            record = OutRecord(topic, key, value, channel)
+            out.append((record, received))
+            cost = self.cost(record)
+            head.records -= 1
+            head.bytes -= cost
+            self.records -= 1
+            self.bytes -= cost
+            if len(out) >= limit or not head.records:
+                return False
+        return True
+
+    def _lose_head(self, head: _Segment, why: str) -> None:
+        """Give up the oldest segment's unread records (counted and logged), drop it."""
+        lost = head.records
+        self.lost_total += lost
+        self.records -= lost
+        self.bytes = max(0, self.bytes - head.bytes)
+        head.records = head.bytes = 0
+        log.error(
+            "spool segment %s lost %d unreadable records (%s); %d lost so far",
+            head.path, lost, why, self.lost_total,
+        )  # fmt: skip
+        self._drop_head()
 
     def close(self) -> None:
         """Forget everything and remove the directory."""

@@ -25,7 +25,12 @@ class ForwarderSnapshot:
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Ready (``/healthz`` 200) only when every producer has a working Kafka connection
         (`ready`: connected, and the last send or idle metadata probe succeeded) and every
-        shard has an acknowledged subscription; otherwise the body lists the problems."""
+        shard has an acknowledged subscription; otherwise the body lists the problems.
+
+        Ready but *degraded* (still 200, ``"status": "degraded"`` and a ``degraded`` list)
+        when a shard's subscription lacks (channel, symbol) pairs the feed would not serve
+        after every re-send: the forwarder does all it can, and neither taking it out of
+        service nor restarting it would serve them (see docs/observability.md)."""
         problems: list[str] = list(f"actor unreachable: {name}" for name in self.unreachable)
         for producer in self.producers:
             if not producer.get("ready"):
@@ -42,9 +47,17 @@ class ForwarderSnapshot:
             problems.append("no shards running")
         if not self.producers:
             problems.append("no producers running")
+        degraded = [
+            f"shard {shard['shard_id']}: {shard['unserved']} (channel, symbol) pair(s) "
+            f"not served by the feed: {', '.join(shard.get('unserved_sample', []))}"
+            + (" …" if shard["unserved"] > len(shard.get("unserved_sample", [])) else "")
+            for shard in self.shards
+            if shard.get("unserved")
+        ]
         body = {
-            "status": "ok" if not problems else "unavailable",
+            "status": "unavailable" if problems else "degraded" if degraded else "ok",
             "problems": problems,
+            "degraded": degraded,
             "shards": {s["shard_id"]: s.get("state") for s in self.shards},
             "producers": {p["name"]: p.get("ready") for p in self.producers},
         }

@@ -11,6 +11,9 @@ import os
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# The raylet gives up when its dashboard agent has not registered within 30 s, which a
+# loaded 2-core machine can exceed (ray-project/ray#65983): a slow start is not a failure.
+os.environ.setdefault("RAY_agent_register_timeout_ms", "90000")
 
 import pytest
 

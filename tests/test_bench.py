@@ -1,44 +1,37 @@
-"""The benchmark's latency accounting: percentiles, matching Kafka records to simulator
-sends, and the simulator's opt-in send times. No Ray, no Kafka."""
+"""`ray-forwarder bench`: its accounting (pure), the load generator's feed (pure), and one
+small real run - real broker, real Ray, every system in its own process - checked for
+structure and consistent counts, not for speed."""
 
 from __future__ import annotations
 
-import asyncio
+import os
+import subprocess
+import sys
 import time
+from collections import defaultdict
 
 import orjson
 import pytest
-from websockets.asyncio.client import connect
 
-from ray_forwarder.bench import (
-    BenchResult,
-    Delivery,
-    envelope_key,
-    format_row,
-    item_key,
-    match_deliveries,
-    percentiles,
-)
+from ray_forwarder.bench.accounting import envelope_key, match_deliveries, percentiles
+from ray_forwarder.bench.procstats import ProcessSampler, psutil, ray_role, terminate
+from ray_forwarder.bench.report import BenchReport, CeilingReport, SystemReport, format_report
+from ray_forwarder.bench.runner import BenchOptions, SystemSpec, run_all
 from ray_forwarder.envelope import dedup_key, encode_envelope, final_bar_key
-from ray_forwarder.sim import SimConfig, Simulator
+from ray_forwarder.loadgen.feed import FeedSpec, build_feed, frames_for, item_key
+from ray_forwarder.protocol.codec import decode_frame
+from ray_forwarder.protocol.events import DataItem
+from tests.kafka_fixture import consume_all
+
+# --- accounting --------------------------------------------------------------------------
 
 
 def test_percentiles_are_nearest_rank() -> None:
     assert percentiles([]) is None
-    one = percentiles([0.5])
-    assert one is not None and (one.min, one.p50, one.p99, one.max, one.count) == (
-        0.5,
-        0.5,
-        0.5,
-        0.5,
-        1,
-    )
     values = [i / 1000 for i in range(1000, 0, -1)]  # 1 ms .. 1000 ms, unsorted
     pct = percentiles(values)
     assert pct is not None
-    assert pct.min == 0.001 and pct.max == 1.0 and pct.count == 1000
-    assert pct.p50 == 0.5  # the 500th of 1000
-    assert pct.p99 == 0.99  # the 990th of 1000
+    assert (pct.min, pct.p50, pct.p99, pct.max, pct.count) == (0.001, 0.5, 0.99, 1.0, 1000)
     small = percentiles([3.0, 1.0, 2.0])
     assert small is not None and small.p50 == 2.0 and small.p99 == 3.0
 
@@ -53,11 +46,6 @@ def test_match_uses_first_send_and_first_append() -> None:
     assert sorted(round(x, 6) for x in got.latencies) == [0.2, 0.3]
     assert got.first_sent == 10.0 and got.last_acked == 10.8
     assert got.rate == pytest.approx(2 / 0.8)
-
-
-def test_match_of_nothing() -> None:
-    got = match_deliveries([], [])
-    assert (got.sent, got.delivered, got.lost, got.rate, got.latencies) == (0, 0, 0, 0.0, [])
 
 
 def _envelope(item: dict, channel: str, *, is_final: bool, key: str | None = None) -> bytes:
@@ -78,8 +66,7 @@ def test_envelope_matches_the_item_it_carries_whatever_the_key_order() -> None:
     trade = {"T": "t", "S": "SPY", "i": 7, "p": 590.1, "s": 100, "t": "2026-01-05T14:30:01Z"}
     reordered = dict(reversed(list(trade.items())))
     assert envelope_key(_envelope(reordered, "trades", is_final=True)) == item_key(trade)
-    other = {**trade, "i": 8}
-    assert envelope_key(_envelope(other, "trades", is_final=True)) != item_key(trade)
+    assert envelope_key(_envelope({**trade, "i": 8}, "trades", is_final=True)) != item_key(trade)
 
 
 def test_forwarder_made_records_are_not_feed_items() -> None:
@@ -93,38 +80,284 @@ def test_forwarder_made_records_are_not_feed_items() -> None:
     assert envelope_key(orjson.dumps(status)) is None
 
 
-def test_row_flags_suspicious_numbers() -> None:
-    result = BenchResult("ray S=1 P=1", events=10, seconds=1.0)
-    result.delivery = Delivery(latencies=[-0.01, 0.02], sent=3, delivered=2, lost=1,
-                               unexpected=1)  # fmt: skip
-    result.create_time_records = 4
-    row = format_row(result)
-    assert "ray S=1 P=1" in row
-    assert "1 records matched no sent item" in row
-    assert "clocks disagree" in row
-    assert "4 records lacked LogAppendTime" in row
-    assert "-" in format_row(BenchResult("empty")).splitlines()[0]
+@pytest.mark.parametrize(("ceiling", "verdict"), [(90_000, "TOO LOW"), (300_000, "(ok)")])
+def test_report_says_whether_the_generator_outran_the_systems(ceiling, verdict) -> None:
+    fast = SystemReport("ray S=2 P=1", "ray", pid=10, generator_pid=11, e2e_items_per_s=40_000,
+                        stats={"shards": [{"shard_id": "a", "received": 7},
+                                          {"shard_id": "b", "received": 9}]})  # fmt: skip
+    slow = SystemReport("baseline", "baseline", pid=12, generator_pid=13, e2e_items_per_s=30_000)
+    slow.notes.append("1 records matched no sent item")
+    report = BenchReport(
+        {"events": 9, "symbols": 2, "wire_format": "json", "rate": 0, "linger_ms": 50},
+        CeilingReport(100, 0.001, ceiling, 1, 2),
+        [slow, fast],
+    )
+    text = format_report(report)
+    assert report.ceiling_factor == pytest.approx(ceiling / 40_000)
+    assert verdict in text.splitlines()[-1]
+    assert "! 1 records matched no sent item" in text
+    assert "items received per shard: a 7, b 9" in text
 
 
-@pytest.mark.parametrize("stamped", [True, False])
-async def test_simulator_stamps_send_times_only_when_asked(stamped: bool) -> None:
-    config = SimConfig(symbols=["SPY", "QQQ"], rate=None, total_events=200,
-                       time_scale=600.0, record_send_times=stamped)  # fmt: skip
-    before = time.time()
-    async with Simulator(config) as sim:
-        async with connect(sim.url) as ws:
-            await ws.recv()  # connected
-            await ws.send(orjson.dumps({"action": "auth", "key": "sim-key",
-                                        "secret": "sim-secret"}).decode())  # fmt: skip
-            await ws.recv()  # authenticated
-            await ws.send(orjson.dumps({"action": "subscribe", "trades": ["*"]}).decode())
-            assert await sim.wait_finished(10)
-            await asyncio.sleep(0)
-        records = sim.sent
-    after = time.time()
-    assert records
-    if stamped:
-        assert all(before <= r.sent_at <= after for r in records)
-        assert [r.sent_at for r in records] == sorted(r.sent_at for r in records)
-    else:
-        assert all(r.sent_at == 0.0 for r in records)
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("baseline", SystemSpec("baseline")), ("ray:2:3", SystemSpec("ray", 2, 3)),
+     ("ray", SystemSpec("ray", 1, 1)), ("ray:4", SystemSpec("ray", 4, 1))],
+)  # fmt: skip
+def test_system_names(text: str, expected: SystemSpec) -> None:
+    assert SystemSpec.parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["rayy", "ray:0", "ray:1:2:3", "ray:x", "base"])
+def test_bad_system_names_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="not a system"):
+        SystemSpec.parse(text)
+
+
+_PY = "/venv/bin/python"
+_RAY = "/venv/lib/python3.11/site-packages/ray"
+
+
+@pytest.mark.parametrize(
+    ("argv", "role"),
+    [
+        (["ray::ShardActor.run", "", ""], "shard actor"),
+        (["ray::ProducerActor"], "producer actor"),
+        (["ray::IDLE"], "idle worker"),
+        ([f"{_RAY}/core/src/ray/raylet/raylet", "--raylet_socket_name=/tmp/x",
+          f"--python_worker_command={_PY} {_RAY}/_private/workers/default_worker.py"], "raylet"),
+        ([f"{_RAY}/core/src/ray/gcs/gcs_server", "--log_dir=/tmp/x"], "gcs_server"),
+        ([_PY, "-u", f"{_RAY}/dashboard/agent.py", "--raylet-name=/tmp/x/raylet"],
+         "dashboard agent"),
+        ([_PY, f"{_RAY}/dashboard/dashboard.py", "--host=127.0.0.1"], "dashboard"),
+        (["ray-dashboard-NodeHead-0 (python -B -c ...)"], "dashboard"),
+        ([_PY, "-u", f"{_RAY}/_private/runtime_env/agent/main.py"], "runtime env agent"),
+        ([_PY, "-u", f"{_RAY}/_private/log_monitor.py"], "log monitor"),
+        ([_PY, "-u", f"{_RAY}/autoscaler/_private/monitor.py"], "monitor"),
+        ([_PY, "-B", "-c", "from multiprocessing.forkserver import main"], None),
+    ],
+)  # fmt: skip
+def test_ray_processes_are_told_apart_by_program_not_by_arguments(argv, role) -> None:
+    assert ray_role(argv) == role
+
+
+_TREE = """
+import pathlib, subprocess, sys, time
+flag = pathlib.Path(sys.argv[1])
+wait = "import pathlib, sys, time\\nwhile not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.01)"
+early = subprocess.Popen([sys.executable, "-c", wait, str(flag), "early"])
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "late"])
+early.wait()
+time.sleep(60)
+"""
+
+
+def test_sampler_follows_the_tree_and_counts_only_processes_of_the_window(tmp_path) -> None:
+    flag = tmp_path / "flag"
+    root = subprocess.Popen([sys.executable, "-c", _TREE, str(flag)])
+    try:
+        sampler = ProcessSampler(root.pid, "root", classify=lambda argv: argv[-1])
+        deadline = time.monotonic() + 30
+        while len(sampler.usage) < 3 and time.monotonic() < deadline:
+            sampler.sample()
+            time.sleep(0.05)
+        assert sorted(u.role for u in sampler.usage.values()) == ["early", "late", "root"]
+        early = next(u.pid for u in sampler.usage.values() if u.role == "early")
+        flag.touch()
+        psutil.wait_procs([psutil.Process(early)], timeout=30)
+        sampler.mark_start()
+        sampler.mark_end()
+        assert sorted(u.role for u in sampler.in_window()) == ["late", "root"]
+        assert all(u.peak_rss > 0 and u.cpu_seconds >= 0 for u in sampler.in_window())
+        assert {p.pid for p in sampler.leftovers()} == {u.pid for u in sampler.in_window()}
+    finally:
+        leftovers = sampler.leftovers()
+        assert terminate(leftovers, grace=0.1) == 2
+        root.wait(10)
+    assert not any(p.is_running() for p in leftovers)
+
+
+# --- the load generator's feed -----------------------------------------------------------
+
+
+def test_feed_is_deterministic_and_redeliveries_repeat_an_earlier_item_of_the_symbol() -> None:
+    spec = FeedSpec(symbols=5, events=2000, duplicate_ratio=0.05, seed=3)
+    feed = build_feed(spec)
+    assert feed.items == build_feed(spec).items
+    assert feed.distinct == 2000
+    redeliveries = [i for i, o in enumerate(feed.origin) if o != i]
+    assert len(redeliveries) > 20
+    for i in redeliveries:
+        first = feed.origin[i]
+        assert first < i and feed.items[i] == feed.items[first]
+    assert {item["T"] for item in feed.items} <= {"t", "q", "b", "u", "c", "x"}
+
+
+@pytest.mark.parametrize("use_msgpack", [False, True])
+@pytest.mark.parametrize(("shards", "per_frame"), [(1, 50), (2, 1), (3, 7), (4, 60)])
+def test_frames_split_the_feed_by_subscription_and_decode_to_its_items(
+    shards: int, use_msgpack: bool, per_frame: int
+) -> None:
+    feed = build_feed(FeedSpec(symbols=7, events=300, duplicate_ratio=0.05))
+    symbols = sorted({item["S"] for item in feed.items})
+    channels = ("trades", "quotes", "bars", "updatedBars")
+    seen: list[int] = []
+    for shard in range(shards):
+        mine = symbols[shard::shards]
+        frames = frames_for(feed, dict.fromkeys(channels, mine), use_msgpack=use_msgpack,
+                            items_per_frame=per_frame)  # fmt: skip
+        assert frames.text is not use_msgpack
+        for payload, members in zip(frames.payloads, frames.members, strict=True):
+            assert 1 <= len(members) <= per_frame
+            events = decode_frame(payload if use_msgpack else payload.decode())
+            assert all(isinstance(e, DataItem) for e in events)
+            assert [e.payload for e in events] == [feed.items[i] for i in members]
+            assert all(e.symbol in mine for e in events)
+            seen.extend(members)
+    assert sorted(seen) == list(range(len(feed.items)))  # every item exactly once
+
+
+# --- a small real run --------------------------------------------------------------------
+
+
+@pytest.mark.timeout(900)
+async def test_small_real_run_reports_consistent_counts(kafka_broker, tmp_path) -> None:
+    options = BenchOptions(events=3000, symbols=20, wire_format="msgpack", linger_ms=5,
+                           systems=("baseline", "ray:1:1"), keep_topics=True)  # fmt: skip
+    report = await run_all(options, kafka_broker.bootstrap_servers, tmp_path)
+
+    assert [s.label for s in report.systems] == ["baseline", "ray S=1 P=1"]
+    test_pid = os.getpid()
+    placements: list[dict[tuple[str, str], int]] = []
+    for system in report.systems:
+        # nothing lost, nothing doubled, every redelivery dropped by the system itself
+        assert system.sent == 3000 and system.delivered == 3000
+        assert (system.lost, system.duplicates, system.unexpected) == (0, 0, 0)
+        assert system.items_written > system.sent
+        assert system.deduplicated == system.items_written - system.sent
+        assert system.stats["received"] == system.items_written
+        assert system.e2e_items_per_s > 0
+        lat = system.latency_ms
+        assert 0 <= lat["p50"] <= lat["p99"] <= lat["max"]
+        # honest process boundaries: the system, the generator and this test are apart
+        pids = {p.pid for p in system.processes}
+        assert system.pid in pids
+        assert test_pid not in pids and system.generator_pid not in pids
+        assert len({system.pid, system.generator_pid, test_pid}) == 3
+        assert system.cpu_us_per_event == pytest.approx(
+            sum(p.cpu_us_per_event for p in system.processes)
+        )
+        assert all(p.peak_rss_mb > 0 for p in system.processes)
+        assert not any(psutil.pid_exists(pid) and _started_by(pid, system) for pid in pids)
+        placements.append(await _check_envelopes(kafka_broker.bootstrap_servers, system.topics))
+
+    # the same symbol lands on the same partition (the product's murmur2 partitioner)
+    assert placements[0] == placements[1]
+    baseline, on_ray = report.systems
+    assert [p.role for p in baseline.processes] == ["baseline"]
+    roles = {r.role for r in on_ray.roles}
+    assert {"driver", "shard actor", "producer actor", "raylet", "gcs_server"} <= roles
+
+    assert report.ceiling is not None
+    assert report.ceiling.items == baseline.items_written
+    assert report.ceiling.items_per_s > 0
+    assert report.ceiling.generator_pid != report.ceiling.client_pid
+
+    text = format_report(report)
+    assert "baseline" in text and "ray S=1 P=1" in text and "ceiling" in text
+    assert orjson.loads(orjson.dumps(report.to_dict()))["systems"][1]["label"] == "ray S=1 P=1"
+
+
+def _started_by(pid: int, system) -> bool:
+    """Whether `pid` is still the process the bench sampled (not a reused pid)."""
+    try:
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
+    return any(p.pid == pid and p.command and p.command == cmdline[:160] for p in system.processes)
+
+
+async def _check_envelopes(bootstrap: str, topics: list[str]) -> dict[tuple[str, str], int]:
+    """Baseline and product write the same contract: dedup key, seq per (channel, symbol).
+    Returns the partition of each (topic kind, symbol)."""
+    records = await consume_all(bootstrap, topics, idle_timeout=3.0, timeout=60.0)
+    last_seq: dict[tuple[str, str], int] = defaultdict(int)
+    placement: dict[tuple[str, str], int] = {}
+    for record in records:
+        kind = record.topic.rsplit(".", 1)[-1]
+        where = placement.setdefault((kind, record.key.decode()), record.partition)
+        assert where == record.partition
+        envelope = orjson.loads(record.value)
+        assert record.key == envelope["symbol"].encode()
+        channel, symbol = envelope["channel"], envelope["symbol"]
+        assert envelope["seq"] > last_seq[(channel, symbol)]
+        last_seq[(channel, symbol)] = envelope["seq"]
+        if envelope["is_final"] and channel == "bars":
+            assert envelope["key"] == final_bar_key(symbol, envelope["event_ts"])
+        else:
+            expected = dedup_key(channel, symbol, envelope["event_ts"], envelope["payload"])
+            assert envelope["key"] == expected
+    return placement
+
+
+# --- the baseline writes what the product writes ------------------------------------------
+
+
+async def test_baseline_writes_the_products_records(kafka_broker, kafka_topics) -> None:
+    """Same frames through the baseline (into real Kafka) and through the product's
+    pipeline: the same topic, record key and envelope, ingest time aside - for JSON with
+    Alpaca's short time form (kept as sent) and msgpack Timestamps (rendered), and a
+    redelivery dropped by both."""
+    import msgpack
+
+    from ray_forwarder.bars import BarFinalizer
+    from ray_forwarder.bench.baseline import Baseline
+    from ray_forwarder.bench.kafka_io import create_topics, topic_env
+    from ray_forwarder.config import load_settings
+    from ray_forwarder.dedup import DedupCache
+    from ray_forwarder.pipeline import EventPipeline
+    from ray_forwarder.producer import producer_options
+    from ray_forwarder.topics import topic_map
+
+    bootstrap = kafka_broker.bootstrap_servers
+    prefix = kafka_topics("baseline")
+    await create_topics(bootstrap, prefix)
+    settings = load_settings(
+        kafka_bootstrap_servers=bootstrap,
+        **{k.lower(): v for k, v in topic_env(prefix).items()},
+    )
+    trade = {"T": "t", "S": "SPY", "i": 1, "p": 590.1, "s": 100, "t": "2026-01-05T14:30:01Z"}
+    quote = {"T": "q", "S": "QQQ", "bp": 1.0, "ap": 1.01, "t": "2026-01-05T14:30:02.5Z"}
+    bar = {"T": "b", "S": "SPY", "o": 1, "h": 2, "l": 1, "c": 2, "v": 9, "vw": 1.5, "n": 3,
+           "t": msgpack.Timestamp(1767623400, 0)}  # fmt: skip
+    frames = [
+        (orjson.dumps([trade, quote, trade]), True),  # the second trade: a redelivery
+        (msgpack.packb([bar], datetime=False), False),
+    ]
+
+    producer = producer_options(settings).create_producer()
+    await producer.start()
+    try:
+        baseline = Baseline(settings, producer)
+        await baseline.warm_up()
+        for frame, is_json in frames:
+            await baseline.on_frame(frame, is_json)
+        await baseline.flush_due(0.0, everything=True)
+        await baseline.wait_acked()
+    finally:
+        await producer.stop()
+    assert (baseline.received, baseline.deduplicated, baseline.acked) == (4, 1, 3)
+
+    pipeline = EventPipeline(topic_map(settings), DedupCache(900, 1000), BarFinalizer(35))
+    expected = []
+    for frame, is_json in frames:
+        items = decode_frame(frame.decode() if is_json else frame)
+        for record in pipeline.process(items, "ingest", 0.0):
+            envelope = orjson.loads(record.value)
+            expected.append((record.topic, record.key, {**envelope, "ingest_ts": None}))
+
+    records = await consume_all(bootstrap, sorted(set(topic_env(prefix).values())), 3)
+    got = [(r.topic, r.key, {**orjson.loads(r.value), "ingest_ts": None}) for r in records]
+    assert sorted(got, key=repr) == sorted(expected, key=repr)
+    json_trade = next(e for _, _, e in got if e["channel"] == "trades")
+    assert json_trade["payload"]["t"] == "2026-01-05T14:30:01Z"  # as Alpaca sent it

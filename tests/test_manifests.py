@@ -529,7 +529,7 @@ def test_topics_equal_settings_defaults(rendered):
         for name, field in Settings.model_fields.items()
         if name.startswith("topic_")
     }
-    assert len(defaults) == 9
+    assert len(defaults) == 10  # nine channel topics and the dead-letter topic
     assert topic_names(rendered) == set(defaults.values())
     user = one(rendered, "KafkaUser")
     for doc in [*of_kind(rendered, "KafkaTopic"), user]:

@@ -8,10 +8,9 @@ import time
 
 import orjson
 import pytest
-from aiokafka.errors import KafkaError
 
 from ray_forwarder.config import load_settings
-from ray_forwarder.outbox import StaleProducerError, Ticket
+from ray_forwarder.outbox import RecordsRefused, StaleProducerError, Ticket
 from ray_forwarder.producer import KafkaSink, KafkaStartError, LaneOrder, producer_options
 from tests.kafka_fixture import consume_all, create_topics
 
@@ -115,7 +114,7 @@ async def test_a_failed_delivery_replaces_the_producer_and_fences_later_batches(
     try:
         count, first_token = await sink.send_batch([(roomy, b"SPY", b'{"n":1}')])
         assert count == 1 and first_token == sink.token
-        with pytest.raises(KafkaError):
+        with pytest.raises(RecordsRefused):  # the producer names the refused record
             await sink.send_batch([(roomy, b"SPY", b'{"n":2}'), (tiny, b"SPY", os.urandom(2000))])
         assert sink.token != first_token and not sink.started
         # Refused at once, without waiting for its predecessor (batch 2, never sent here).

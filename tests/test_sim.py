@@ -342,6 +342,87 @@ async def test_stall_keeps_the_socket_open_but_sends_nothing_more() -> None:
         await fresh.close()
 
 
+async def test_starve_stops_data_but_still_answers_control_messages() -> None:
+    """A starved connection keeps answering subscribes and pings, gets no more data; its
+    items are not counted as sent; other connections are served normally."""
+    async with running(SimConfig(rate=2000, symbols=["SPY"], connection_limit=2)) as sim:
+        ws = await login(sim.url)
+        await ws.send(orjson.dumps({"action": "subscribe", "trades": ["SPY"]}))
+        assert (await recv(ws))[0]["T"] == "subscription"
+        assert await sim.wait_sent(100, 5)
+        starved = sim.starve_connection()
+        assert starved is not None and sim.stats()["starved_connections"] == 1
+        await drain(ws, 0.5)  # what was written before the starvation
+        sent = sim.stats()["items"]
+        await ws.send(orjson.dumps({"action": "subscribe", "quotes": ["SPY"]}))
+        reply = await recv(ws)  # the control reply still comes (data frames do not)
+        while reply[0]["T"] != "subscription":
+            reply = await recv(ws)
+        assert reply[0]["quotes"] == ["SPY"]
+        await asyncio.wait_for(await ws.ping(), 2)
+        other = await login(sim.url)
+        await other.send(orjson.dumps({"action": "subscribe", "trades": ["SPY"]}))
+        assert (await recv(other))[0]["T"] == "subscription"
+        assert (await recv(other))[0]["T"] in ("t", "c", "x")  # data flows on the other
+        assert len([r for r in sim.sent if r.conn_id == starved]) == sent
+        await ws.close()
+        await other.close()
+
+
+async def test_omit_from_subscription_leaves_a_symbol_out_once_or_always() -> None:
+    async with running(SimConfig(rate=500, symbols=["SPY", "QQQ"], connection_limit=2)) as sim:
+        sim.omit_from_subscription("QQQ", replies=1)
+        sim.omit_from_subscription("AAPL", replies=None)
+        ws = await login(sim.url)
+        ask = {"action": "subscribe", "trades": ["SPY", "QQQ", "AAPL"], "quotes": ["QQQ"]}
+        await ws.send(orjson.dumps(ask))
+        first = (await recv(ws))[0]
+        assert first["trades"] == ["SPY"] and first["quotes"] == []
+        items = await drain(ws, 0.3)
+        assert {i["S"] for i in items} == {"SPY"}
+        await ws.send(orjson.dumps(ask))  # asking again gets QQQ, never AAPL
+        reply = await recv(ws)
+        while reply[0]["T"] != "subscription":
+            reply = await recv(ws)
+        assert reply[0]["trades"] == ["SPY", "QQQ"] and reply[0]["quotes"] == ["QQQ"]
+        assert "QQQ" in {i["S"] for i in await drain(ws, 0.3)}
+        assert sim.stats()["omitted_from_subscription"] == 3  # QQQ once, AAPL twice
+        await ws.close()
+
+
+async def test_trading_api_clock_and_calendar() -> None:
+    """`/v2/clock` and `/v2/calendar` on the stream's port, plain HTTP, Alpaca's headers:
+    open around the clock by default, closed on demand, 401 without the key, 503 on demand."""
+    import aiohttp
+
+    headers = {"APCA-API-KEY-ID": KEY, "APCA-API-SECRET-KEY": SECRET}
+    async with running(SimConfig()) as sim, aiohttp.ClientSession(headers=headers) as http:
+        base = sim.trading_url
+
+        async def get(path: str, **kw: Any) -> tuple[int, Any]:
+            async with http.get(base + path, **kw) as response:
+                return response.status, await response.json(content_type=None)
+
+        status, clock = await get("/v2/clock")
+        assert status == 200 and clock["is_open"] is True
+        assert set(clock) == {"timestamp", "is_open", "next_open", "next_close"}
+        assert clock["next_close"] < clock["next_open"]  # ISO strings, same offset
+        params = {"start": "2026-01-05", "end": "2026-01-07"}
+        status, days = await get("/v2/calendar", params=params)
+        assert status == 200 and [d["date"] for d in days] == [
+            "2026-01-05", "2026-01-06", "2026-01-07"
+        ]  # fmt: skip
+        assert days[0]["open"] == "00:00" and days[0]["close"] == "23:59"
+        sim.set_market_open(False)
+        assert (await get("/v2/clock"))[1]["is_open"] is False
+        assert (await get("/v2/calendar", params=params))[1] == []
+        async with aiohttp.ClientSession() as anonymous, anonymous.get(base + "/v2/clock") as r:
+            assert r.status == 401
+        sim.set_clock_available(False)
+        assert (await get("/v2/clock"))[0] == 503
+        assert sim.stats()["clock_requests"] == 4
+
+
 async def test_drop_takes_back_what_a_stalled_reader_left_in_the_buffer() -> None:
     """The client stops reading, the server's write buffer fills, then the drop: exactly the
     frames that reached the kernel arrive; the ones still buffered are marked lost."""

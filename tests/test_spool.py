@@ -58,6 +58,55 @@ def test_spool_refuses_records_beyond_its_bound(tmp_path):
     spool.close()
 
 
+@pytest.mark.timeout(20)
+def test_a_segment_cut_mid_record_gives_what_is_readable_and_counts_the_lost_tail(
+    tmp_path, monkeypatch
+):
+    """A partial write under a full disk leaves a segment shorter than its count: reading
+    it must not spin forever; the readable records come back and the rest is counted."""
+    monkeypatch.setattr(spool_module, "SEGMENT_BYTES", 500)
+    spool = DiskSpool(tmp_path / "lane", max_bytes=1_000_000)
+    for n in range(30):
+        spool.append(_record(n), received=float(n))
+    segments = sorted((tmp_path / "lane").iterdir())
+    assert len(segments) >= 3
+    first = segments[0]
+    whole = first.read_bytes()
+    first.write_bytes(whole[:-3])  # the last record of the oldest segment is cut
+    in_first = len(list(msgpack_frames(whole)))
+    out = spool.pop_many(1000)
+    numbers = _numbers([r.value for r, _ in out])
+    assert numbers == [n for n in range(30) if n != in_first - 1]
+    assert spool.lost_total == 1
+    assert len(spool) == 0 and spool.bytes == 0
+    spool.append(_record(99), 0.0)  # and it keeps working
+    assert _numbers([r.value for r, _ in spool.pop_many(10)]) == [99]
+    spool.close()
+
+
+@pytest.mark.timeout(20)
+def test_an_unreadable_segment_is_skipped_and_counted(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_module, "SEGMENT_BYTES", 500)
+    spool = DiskSpool(tmp_path / "lane", max_bytes=1_000_000)
+    for n in range(30):
+        spool.append(_record(n), received=float(n))
+    first = sorted((tmp_path / "lane").iterdir())[0]
+    in_first = len(list(msgpack_frames(first.read_bytes())))
+    first.write_bytes(b"\xc1" * 10)  # never-used msgpack byte: not a record at all
+    out = spool.pop_many(1000)
+    assert _numbers([r.value for r, _ in out]) == list(range(in_first, 30))
+    assert spool.lost_total == in_first and len(spool) == 0 and spool.bytes == 0
+    spool.close()
+
+
+def msgpack_frames(data: bytes):
+    import msgpack
+
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(data)
+    yield from unpacker
+
+
 class HeldReceiver:
     """Acknowledges nothing until released, like a producer whose Kafka is down."""
 

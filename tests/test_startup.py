@@ -100,6 +100,18 @@ BAD_VALUES = {
         {"ALPACA_STREAM_URL": f"wss://user:{EXTRA_SECRET}@stream.example.com/v2/sip"},
         "ALPACA_STREAM_URL",
     ),
+    "trading url not http": (
+        {"ALPACA_TRADING_URL": "wss://api.example.com"},
+        "ALPACA_TRADING_URL",
+    ),
+    "http to a remote trading host": (
+        {"ALPACA_TRADING_URL": "http://api.example.com"},
+        "ALPACA_TRADING_URL",
+    ),
+    "trading url with userinfo": (
+        {"ALPACA_TRADING_URL": f"https://user:{EXTRA_SECRET}@api.example.com"},
+        "ALPACA_TRADING_URL",
+    ),
     "security protocol": ({"KAFKA_SECURITY_PROTOCOL": "BOGUS"}, "KAFKA_SECURITY_PROTOCOL"),
     "sasl mechanism": ({"KAFKA_SASL_MECHANISM": "MD5"}, "KAFKA_SASL_MECHANISM"),
     "empty topic": ({"TOPIC_TRADES": ""}, "TOPIC_TRADES"),

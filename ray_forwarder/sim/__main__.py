@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[SimConfig, float]:
     parser.add_argument("--secret", default="sim-secret")
     parser.add_argument("--connection-limit", type=int, default=1)
     parser.add_argument("--stats-every", type=float, default=10.0, help="seconds; 0 = never")
+    parser.add_argument(
+        "--market-closed", action="store_true", help="/v2/clock and /v2/calendar say closed"
+    )
     args = parser.parse_args(argv)
     return SimConfig(
         host=args.host,
@@ -40,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[SimConfig, float]:
         keys={args.key: args.secret},
         connection_limit=args.connection_limit,
         start_on_subscribe=True,
+        market_open=not args.market_closed,
     ), args.stats_every
 
 

@@ -16,9 +16,10 @@ import logging
 import random
 import re
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from http import HTTPStatus
 from typing import Any
 
@@ -98,6 +99,9 @@ class SimConfig(BaseModel):
     #: Stamp each SentRecord with the wall-clock time (time.time()) its frame was written
     #: to the socket, for end-to-end latency (the benchmark). One clock read per frame.
     record_send_times: bool = False
+    #: What the trading API's `/v2/clock` and `/v2/calendar` (served on the same port over
+    #: plain HTTP) say: open around the clock by default, or closed (no trading day).
+    market_open: bool = True
 
     @field_validator("symbols", mode="before")
     @classmethod
@@ -182,6 +186,8 @@ class _Conn:
     closing: bool = False  # no more frames may be queued
     stalled: bool = False  # open, but nothing more is written to it (a stalled stream)
     stopped: bool = False  # the sender must not write anything more
+    starved: bool = False  # control replies still go out, data no longer does
+    omitted: Counter[str] = field(default_factory=Counter)  # subscribes that left it out
     sender: asyncio.Task[None] | None = None
     auth_timer: asyncio.TimerHandle | None = None
     # items queued here or written on an earlier connection of the key: duplicate material
@@ -217,6 +223,9 @@ class SimStats:
     errors_sent: int = 0
     dropped_connections: int = 0
     stalled_connections: int = 0
+    starved_connections: int = 0
+    omitted_from_subscription: int = 0  # subscribe requests answered without a symbol
+    clock_requests: int = 0  # /v2/clock and /v2/calendar requests answered
 
 
 def encode_msgpack_item(item: Item) -> bytes:
@@ -247,7 +256,7 @@ def _second_of(prefix: str) -> int:
     return seconds
 
 
-def _msgpack_array_header(n: int) -> bytes:
+def msgpack_array_header(n: int) -> bytes:
     if n < 16:
         return bytes((0x90 | n,))
     if n < 65536:
@@ -281,6 +290,9 @@ class Simulator:
         self._dup_rng = random.Random(self.config.seed ^ 0x5EED)
         self._reject_auth = False
         self._refuse = False
+        self._omit: dict[str, int | None] = {}  # symbol -> subscribes to leave it out of
+        self.market_open = self.config.market_open
+        self._clock_available = True
         self._junk_cursor = 0
         self._server: Server | None = None
         self._pump_task: asyncio.Task[None] | None = None
@@ -336,6 +348,11 @@ class Simulator:
     def url_for(self, feed: str) -> str:
         return f"ws://{self.config.host}:{self.port}/v2/{feed}"
 
+    @property
+    def trading_url(self) -> str:
+        """Base URL of the simulated trading API (`/v2/clock`, `/v2/calendar`)."""
+        return f"http://{self.config.host}:{self.port}"
+
     # --- faults -----------------------------------------------------------------------
 
     async def drop_connections(self) -> int:
@@ -376,6 +393,34 @@ class Simulator:
             conn.space.set()
         self.stats_counters.stalled_connections += len(conns)
         return len(conns)
+
+    def starve_connection(self) -> int | None:
+        """Stop data on one connection (the oldest subscribed one) while it keeps answering
+        control messages (subscribe replies, WebSocket pings): a stuck upstream that still
+        looks alive. What was queued for it and not yet written is discarded (never counted
+        as sent). Other and new connections are served normally. Returns its id, or None."""
+        for conn in self._conns.values():
+            if conn.subscribed and not conn.closing and not conn.starved:
+                conn.starved = True
+                conn.pending.clear()
+                conn.queue = deque(f for f in conn.queue if f.kind != "data")
+                self.stats_counters.starved_connections += 1
+                return conn.id
+        return None
+
+    def omit_from_subscription(self, symbol: str, replies: int | None = 1) -> None:
+        """Leave `symbol` out of the first `replies` subscribe requests of each connection
+        (None: all of them): it is not subscribed (no data) and missing from the reply, as
+        when the feed does not serve a symbol. A later subscribe that asks again gets it."""
+        self._omit[symbol] = replies
+
+    def set_market_open(self, flag: bool) -> None:
+        """What `/v2/clock` and `/v2/calendar` report from now on."""
+        self.market_open = flag
+
+    def set_clock_available(self, flag: bool) -> None:
+        """While False, `/v2/clock` and `/v2/calendar` answer 503."""
+        self._clock_available = flag
 
     def reject_auth(self, flag: bool = True) -> None:
         """While set, every auth attempt gets 402."""
@@ -478,10 +523,35 @@ class Simulator:
     # --- connection handling ----------------------------------------------------------
 
     def _check_path(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = request.path.split("?", 1)[0]
+        path, _, query = request.path.partition("?")
+        if path in ("/v2/clock", "/v2/calendar"):
+            return self._trading_api(connection, request, path, query)
         if not _PATH.match(path):
             return connection.respond(HTTPStatus.NOT_FOUND, "not found: use /v2/{feed}\n")
         return None
+
+    def _trading_api(
+        self, connection: ServerConnection, request: Request, path: str, query: str
+    ) -> Response:
+        """Alpaca's trading API clock and calendar, as plain HTTP on the stream's port."""
+        headers = request.headers
+        if not self._clock_available:
+            return _json_response(connection, HTTPStatus.SERVICE_UNAVAILABLE, {"message": "down"})
+        key = headers.get("APCA-API-KEY-ID")
+        if key is None or self.config.keys.get(key) != headers.get("APCA-API-SECRET-KEY"):
+            return _json_response(connection, HTTPStatus.UNAUTHORIZED, {"message": "unauthorized."})
+        self.stats_counters.clock_requests += 1
+        now = datetime.now(UTC)
+        if path == "/v2/clock":
+            return _json_response(connection, HTTPStatus.OK, _clock_reply(now, self.market_open))
+        params = dict(part.partition("=")[::2] for part in query.split("&") if part)
+        try:
+            start = date.fromisoformat(params.get("start") or now.date().isoformat())
+            end = date.fromisoformat(params.get("end") or start.isoformat())
+        except ValueError:
+            return _json_response(connection, HTTPStatus.BAD_REQUEST, {"message": "bad date"})
+        days = [] if not self.market_open else _every_day(start, min(end, start + timedelta(366)))
+        return _json_response(connection, HTTPStatus.OK, days)
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None
@@ -581,6 +651,8 @@ class Simulator:
                 self._send_error(conn, 400, close=False)
                 return
             changes[channel] = value
+        if add and self._omit:
+            changes = self._leave_out(conn, changes)
         if add:
             limit = self.config.symbol_limit
             if limit is not None:
@@ -599,6 +671,19 @@ class Simulator:
         subscribed = sum(1 for c in self._conns.values() if c.subscribed)
         if subscribed >= self.config.start_after_subscribers:
             self._market_started.set()
+
+    def _leave_out(self, conn: _Conn, changes: dict[str, list[str]]) -> dict[str, list[str]]:
+        """The omit_from_subscription fault: drop the symbols still to be left out."""
+        left_out = {
+            symbol
+            for symbol, replies in self._omit.items()
+            if replies is None or conn.omitted[symbol] < replies
+        }
+        asked = {s for symbols in changes.values() for s in symbols} & left_out
+        for symbol in asked:
+            conn.omitted[symbol] += 1
+            self.stats_counters.omitted_from_subscription += 1
+        return {ch: [s for s in symbols if s not in asked] for ch, symbols in changes.items()}
 
     @staticmethod
     def _subscription_message(conn: _Conn) -> dict[str, Any]:
@@ -646,7 +731,7 @@ class Simulator:
             chunk = pending[start : start + size]
             parts = [p.encoded(conn.use_msgpack) for p, _ in chunk]
             if conn.use_msgpack:
-                data = _msgpack_array_header(len(parts)) + b"".join(parts)
+                data = msgpack_array_header(len(parts)) + b"".join(parts)
             else:
                 data = b"[" + b",".join(parts) + b"]"
             self._enqueue(conn, _Frame(data, not conn.use_msgpack, "data", chunk))
@@ -786,7 +871,9 @@ class Simulator:
 
     def _dispatch(self, items: Iterable[Item]) -> None:
         conns = [
-            c for c in self._conns.values() if c.authenticated and not c.closing and not c.stalled
+            c
+            for c in self._conns.values()
+            if c.authenticated and not c.closing and not c.stalled and not c.starved
         ]
         size = self.config.max_items_per_frame
         counters = self.stats_counters
@@ -844,6 +931,42 @@ def _parse_client_message(message: str | bytes) -> Any:
         return orjson.loads(message)
     except orjson.JSONDecodeError:
         return None
+
+
+def _json_response(connection: ServerConnection, status: HTTPStatus, body: Any) -> Response:
+    response = connection.respond(status, orjson.dumps(body).decode())
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    return response
+
+
+def _clock_reply(now: datetime, is_open: bool) -> dict[str, Any]:
+    """`/v2/clock` in Alpaca's shape (Eastern-time offsets, like the real API). Open: the
+    next close is a day away; closed: the next open is."""
+    eastern = timezone_eastern()
+    soon, later = now + timedelta(days=1), now + timedelta(days=1, hours=6, minutes=30)
+    next_open, next_close = (later, soon) if is_open else (soon, later)
+    return {
+        "timestamp": now.astimezone(eastern).isoformat(),
+        "is_open": is_open,
+        "next_open": next_open.astimezone(eastern).isoformat(timespec="seconds"),
+        "next_close": next_close.astimezone(eastern).isoformat(timespec="seconds"),
+    }
+
+
+def _every_day(start: date, end: date) -> list[dict[str, str]]:
+    """An always-open calendar: every date a trading day from 00:00 to 23:59 Eastern."""
+    days = (end - start).days + 1
+    return [
+        {"date": (start + timedelta(n)).isoformat(), "open": "00:00", "close": "23:59"}
+        for n in range(max(0, days))
+    ]
+
+
+def timezone_eastern() -> Any:
+    from ray_forwarder.market_clock import market_zone
+
+    return market_zone() or UTC
 
 
 def _buffered(conn: _Conn) -> int:

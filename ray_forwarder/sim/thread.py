@@ -115,6 +115,11 @@ class SimulatorThread:
     def url_for(self, feed: str) -> str:
         return f"ws://{self.config.host}:{self.port}/v2/{feed}"
 
+    @property
+    def trading_url(self) -> str:
+        """Base URL of the simulated trading API (`/v2/clock`, `/v2/calendar`)."""
+        return f"http://{self.config.host}:{self.port}"
+
     # --- faults -----------------------------------------------------------------------
 
     def drop_connections(self) -> int:
@@ -122,6 +127,18 @@ class SimulatorThread:
 
     def stall_connections(self) -> int:
         return self.call(self.simulator.stall_connections)
+
+    def starve_connection(self) -> int | None:
+        return self.call(self.simulator.starve_connection)
+
+    def omit_from_subscription(self, symbol: str, replies: int | None = 1) -> None:
+        self.call(self.simulator.omit_from_subscription, symbol, replies)
+
+    def set_market_open(self, flag: bool) -> None:
+        self.call(self.simulator.set_market_open, flag)
+
+    def set_clock_available(self, flag: bool) -> None:
+        self.call(self.simulator.set_clock_available, flag)
 
     def reject_auth(self, flag: bool = True) -> None:
         self.call(self.simulator.reject_auth, flag)

@@ -1,0 +1,324 @@
+"""The benchmark's baseline: the best single-process forwarder we can write, run as
+`python -m ray_forwarder.bench.baseline --expect N` in a process of its own.
+
+One asyncio loop (uvloop when installed), one WebSocket connection, orjson/msgpack, and one
+aiokafka producer fed whole batches: records go straight into a `BatchBuilder` per
+partition (`create_batch()`; the partition from aiokafka's default murmur2 partitioner, as
+the product's `send()` picks it, cached per key), and each batch is handed over with
+`send_batch()` once full or `PRODUCER_LINGER_MS` old; its acknowledgement arrives as a
+callback. Nothing waits for Kafka per record, and no future is made per record: aiokafka's
+per-record `send()` costs about ten times the CPU of appending to a batch (measured here:
+21-32 against 2-4 µs per record). aiokafka queues at most one batch per partition behind
+the one in flight, which is the backpressure.
+
+It does the product's work per item: the same envelope, the same dedup key
+(`channel:symbol:event_ts:digest`, BLAKE2b of the item with sorted keys) kept for
+DEDUP_TTL_SECONDS / DEDUP_MAX_KEYS, the same seq per (channel, symbol), minute-bar
+finalisation, the same topics, record keys and partitions, and the same producer settings
+(acks=all, idempotence, linger, compression, batch size). It configures itself from the
+same environment variables.
+
+What it leaves out on purpose, because the bench does not exercise it: reconnects, the disk
+spool, re-sends after a failed delivery (a failure is counted, and the bench reports the
+record as lost), status events and metrics.
+
+Stdout: one JSON line `done` with its counters, once it has received `--expect` items (or
+gone `--idle-timeout` seconds without a frame), finalised pending bars and seen every
+acknowledgement. It then waits for `exit` on stdin before leaving, so the bench can take
+its last CPU and memory reading first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import sys
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import msgpack
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+from websockets.asyncio.client import connect
+
+from ray_forwarder.bars import BarFinalizer
+from ray_forwarder.config import Settings, load_settings
+from ray_forwarder.producer import producer_options
+from ray_forwarder.protocol.channels import CHANNEL_BY_TYPE
+from ray_forwarder.protocol.codec import connection_headers, encode_auth, encode_subscribe
+from ray_forwarder.protocol.timestamps import canonical, from_unix_nanos
+from ray_forwarder.topics import topic_map
+
+_REVISABLE = frozenset({"bars", "updatedBars", "dailyBars"})
+_MINUTE_BARS = frozenset({"bars", "updatedBars"})
+_SORT_KEYS = orjson.OPT_SORT_KEYS
+
+
+def _event_ts(raw: object) -> str:
+    """Canonical `t`: Alpaca's usual 30-character form as is, anything else the long way."""
+    if isinstance(raw, str) and len(raw) == 30 and raw[19] == "." and raw[29] == "Z":
+        return raw
+    if isinstance(raw, msgpack.Timestamp):
+        return from_unix_nanos(raw.seconds, raw.nanoseconds)
+    return canonical(raw)
+
+
+class Baseline:
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self._topics = topic_map(settings)
+        self._ttl = settings.dedup_ttl_seconds
+        self._max_keys = settings.dedup_max_keys
+        self._seen: dict[str, float] = {}  # dedup key -> expiry, oldest first
+        self._seq: dict[tuple[str, str], int] = {}
+        self._bars = BarFinalizer(settings.bar_final_delay_seconds)
+        self.received = 0
+        self.deduplicated = 0
+        self.emitted = 0
+        self.acked = 0
+        self.failed = 0
+        self.skipped: Counter[str] = Counter()
+        self._linger = settings.producer_linger_ms / 1000
+        self._partitions: dict[str, list[int]] = {}  # topic -> partitions, from warm-up
+        self._partition_of: dict[tuple[str, bytes], int] = {}
+        self._partitioner = DefaultPartitioner()
+        # (topic, partition) -> open batch and when its first record went in
+        self._open: dict[tuple[str, int], tuple[Any, float]] = {}
+        self._in_flight = 0  # records in batches handed over, not yet acknowledged
+        self._all_acked = asyncio.Event()
+        self._all_acked.set()
+
+    # --- per frame ----------------------------------------------------------------------
+
+    async def on_frame(self, frame: bytes, is_json: bool) -> None:
+        now = time.monotonic()
+        ingest_ts = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        try:
+            if is_json:  # orjson reads the bytes: no UTF-8 decode into a str first
+                messages = orjson.loads(frame)
+            else:
+                messages = msgpack.unpackb(frame, timestamp=0, strict_map_key=False)
+        except Exception:
+            self.skipped["malformed_frame"] += 1
+            return
+        seen, ttl, topics, seqs = self._seen, self._ttl, self._topics, self._seq
+        while seen:  # every key lives `ttl`: the oldest is first
+            oldest = next(iter(seen))
+            if seen[oldest] > now:
+                break
+            del seen[oldest]
+        send = self._append
+        for item in messages:
+            channel = CHANNEL_BY_TYPE.get(item.get("T")) if isinstance(item, dict) else None
+            if channel is None:
+                self.skipped["not_data"] += 1  # control replies, unknown types
+                continue
+            symbol, raw_ts = item.get("S"), item.get("t")
+            try:
+                event_ts = _event_ts(raw_ts)
+            except ValueError:
+                self.skipped["invalid_item"] += 1
+                continue
+            if not isinstance(symbol, str) or not symbol:
+                self.skipped["invalid_item"] += 1
+                continue
+            if not isinstance(raw_ts, str):  # msgpack Timestamp; JSON keeps Alpaca's string
+                item["t"] = event_ts
+            self.received += 1
+            topic = topics.get(channel)
+            if topic is None:
+                self.skipped["unrouted"] += 1
+                continue
+            digest = hashlib.blake2b(orjson.dumps(item, option=_SORT_KEYS), digest_size=8)
+            key = f"{channel}:{symbol}:{event_ts}:{digest.hexdigest()}"
+            if key in seen:
+                self.deduplicated += 1
+                continue
+            seen[key] = now + ttl
+            if len(seen) > self._max_keys:
+                del seen[next(iter(seen))]
+            if channel in _MINUTE_BARS:
+                self._bars.observe(symbol, event_ts, item, now)
+            seq = seqs.get((channel, symbol), 0) + 1
+            seqs[(channel, symbol)] = seq
+            value = orjson.dumps(
+                {
+                    "ingest_ts": ingest_ts,
+                    "event_ts": event_ts,
+                    "channel": channel,
+                    "symbol": symbol,
+                    "seq": seq,
+                    "payload": item,
+                    "is_final": channel not in _REVISABLE,
+                    "source": "alpaca",
+                    "key": key,
+                }
+            )
+            await send(topic, symbol.encode(), value, now)
+
+    def finalize(self, bars) -> list[tuple[str, bytes, bytes]]:
+        ingest_ts = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        out = []
+        for bar in bars:
+            seq = self._seq.get(("bars", bar.symbol), 0) + 1
+            self._seq[("bars", bar.symbol)] = seq
+            value = orjson.dumps(
+                {
+                    "ingest_ts": ingest_ts,
+                    "event_ts": bar.bar_ts,
+                    "channel": "bars",
+                    "symbol": bar.symbol,
+                    "seq": seq,
+                    "payload": bar.payload,
+                    "is_final": True,
+                    "source": "alpaca",
+                    "key": f"bars:{bar.symbol}:{bar.bar_ts}:final",
+                }
+            )
+            out.append((self._topics["bars"], bar.symbol.encode(), value))
+        return out
+
+    async def send_finals(self, drain: bool = False) -> None:
+        now = time.monotonic()
+        bars = self._bars.drain() if drain else self._bars.due(now)
+        for topic, key, value in self.finalize(bars):
+            await self._append(topic, key, value, now)
+
+    # --- Kafka --------------------------------------------------------------------------
+
+    async def warm_up(self) -> None:
+        """Learn every topic's partitions before the first record, as the product does."""
+        for topic in sorted(set(self._topics.values())):
+            self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
+
+    async def _append(self, topic: str, key: bytes, value: bytes, now: float) -> None:
+        partition = self._partition_of.get((topic, key))
+        if partition is None:
+            partitions = self._partitions[topic]
+            partition = self._partitioner(key, partitions, partitions)
+            self._partition_of[(topic, key)] = partition
+        self.emitted += 1
+        slot = (topic, partition)
+        entry = self._open.get(slot)
+        if entry is None:
+            entry = self._open[slot] = (self._producer.create_batch(), now)
+        if entry[0].append(key=key, value=value, timestamp=None) is None:  # full
+            await self._hand_over(slot)
+            entry = self._open[slot] = (self._producer.create_batch(), now)
+            entry[0].append(key=key, value=value, timestamp=None)
+
+    async def _hand_over(self, slot: tuple[str, int]) -> None:
+        batch, _ = self._open.pop(slot)
+        batch.close()  # an open batch would linger once more inside aiokafka
+        count = batch.record_count()
+        self._in_flight += count
+        self._all_acked.clear()
+        future = await self._producer.send_batch(batch, slot[0], partition=slot[1])
+        future.add_done_callback(lambda f: self._on_ack(f, count))
+
+    async def flush_due(self, now: float, everything: bool = False) -> float | None:
+        """Hand over the batches whose linger passed (or all); the next deadline, if any."""
+        deadline = None
+        for slot, (_, since) in list(self._open.items()):
+            due = since + self._linger
+            if everything or due <= now:
+                await self._hand_over(slot)
+            elif deadline is None or due < deadline:
+                deadline = due
+        return deadline
+
+    def _on_ack(self, future: asyncio.Future[Any], count: int) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self.failed += count
+        else:
+            self.acked += count
+        self._in_flight -= count
+        if self._in_flight == 0:
+            self._all_acked.set()
+
+    async def wait_acked(self) -> None:
+        await self._all_acked.wait()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "deduplicated": self.deduplicated,
+            "emitted": self.emitted,
+            "acked": self.acked,
+            "failed": self.failed,
+            "skipped": dict(self.skipped),
+            "late_revisions": self._bars.late_revisions,
+        }
+
+
+async def run(settings: Settings, expect: int, idle_timeout: float) -> dict[str, Any]:
+    producer = producer_options(settings).create_producer()
+    await producer.start()
+    key, secret = settings.require_credentials()
+    subscriptions = dict.fromkeys(settings.alpaca_channels, settings.alpaca_symbols)
+    forwarder = Baseline(settings, producer)
+    try:
+        await forwarder.warm_up()
+        async with connect(
+            settings.stream_url,
+            additional_headers=connection_headers(settings.alpaca_wire_format),
+            max_size=None,
+            max_queue=64,
+        ) as ws:
+            await ws.recv()  # connected
+            await ws.send(encode_auth(key, secret))
+            await ws.recv()  # authenticated (a refusal shows up as nothing received)
+            await ws.send(encode_subscribe(subscriptions))
+            await ws.recv()  # subscription
+            is_json = settings.alpaca_wire_format == "json"
+            last_frame = last_finals = time.monotonic()
+            deadline: float | None = None
+            while forwarder.received < expect:
+                now = time.monotonic()
+                wait = idle_timeout - (now - last_frame)
+                if deadline is not None:
+                    wait = min(wait, max(0.0, deadline - now))
+                try:
+                    frame = await asyncio.wait_for(ws.recv(decode=False), wait)
+                except TimeoutError:
+                    if time.monotonic() - last_frame >= idle_timeout:
+                        break
+                else:
+                    last_frame = time.monotonic()
+                    await forwarder.on_frame(frame, is_json)
+                now = time.monotonic()
+                if now - last_finals > 0.25:
+                    last_finals = now
+                    await forwarder.send_finals()
+                deadline = await forwarder.flush_due(now)
+            await forwarder.send_finals(drain=True)
+            await forwarder.flush_due(time.monotonic(), everything=True)
+            await forwarder.wait_acked()
+    finally:
+        await producer.stop()
+    return forwarder.stats()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ray_forwarder.bench.baseline")
+    parser.add_argument("--expect", type=int, required=True, help="items to read, then stop")
+    parser.add_argument("--idle-timeout", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        loop_name, runner = "asyncio", asyncio.run
+    else:
+        loop_name, runner = "uvloop", uvloop.run
+    stats = runner(run(settings, args.expect, args.idle_timeout))
+    print(orjson.dumps({"event": "done", "loop": loop_name, **stats}).decode(), flush=True)
+    sys.stdin.readline()  # "exit": the bench has taken its last reading
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""Orchestration: one load generator and one system under test per run, each in a process
+of its own; this process only starts them, samples their CPU and memory, and reads Kafka
+afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+from ray_forwarder.bench.accounting import match_deliveries
+from ray_forwarder.bench.children import Child
+from ray_forwarder.bench.kafka_io import (
+    DATA_TOPICS,
+    create_topics,
+    delete_topics,
+    read_back,
+    topic_env,
+)
+from ray_forwarder.bench.procstats import ProcessSampler, terminate
+from ray_forwarder.bench.report import (
+    BenchReport,
+    CeilingReport,
+    SystemReport,
+    fill_delivery,
+    fill_processes,
+)
+from ray_forwarder.loadgen.feed import BENCH_CHANNELS, bench_symbols
+
+SAMPLE_INTERVAL_S = 0.2
+STARTUP_TIMEOUT_S = 180.0  # a fresh local Ray on a loaded machine can be slow
+
+
+#: Ray's raylet dies if its dashboard agent has not registered within 30 s, and reaps
+#: workers that take over 60 s to start: both happen on a loaded machine (seen here with a
+#: load average of 15 on 2 cores). They only delay a failure; the run itself is unchanged.
+RAY_STARTUP_PATIENCE = {
+    "RAY_agent_register_timeout_ms": "180000",
+    "RAY_worker_register_timeout_seconds": "180",
+}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    events: int = 60_000
+    symbols: int = 100
+    wire_format: str = "json"
+    rate: float = 0.0  # items/s; 0 = flat out
+    linger_ms: int = 50
+    duplicate_ratio: float = 0.01
+    systems: tuple[str, ...] = ("baseline", "ray:1:1")  # "ray:SHARDS:PRODUCERS"
+    ceiling: bool = True
+    keep_topics: bool = False  # leave the run's topics in Kafka (tests inspect them)
+    run_timeout: float = 600.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    kind: str  # "baseline" | "ray"
+    shards: int = 1
+    producers: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> SystemSpec:
+        """`baseline` or `ray:S:P` (S shards, P producers)."""
+        if text == "baseline":
+            return cls("baseline")
+        kind, _, rest = text.partition(":")
+        parts = rest.split(":") if rest else []
+        if kind != "ray" or len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"not a system: {text!r} (use baseline or ray:SHARDS:PRODUCERS)")
+        shards, producers = (int(p) for p in [*parts, "1", "1"][:2])
+        return cls("ray", shards, producers)
+
+    @property
+    def label(self) -> str:
+        return "baseline" if self.kind == "baseline" else f"ray S={self.shards} P={self.producers}"
+
+    @property
+    def connections(self) -> int:
+        return self.shards if self.kind == "ray" else 1
+
+
+def _loadgen_args(options: BenchOptions, connections: int, out: Path) -> list[str]:
+    return [
+        "--symbols",
+        str(options.symbols),
+        "--events",
+        str(options.events),
+        "--duplicate-ratio",
+        str(options.duplicate_ratio),
+        "--seed",
+        str(options.seed),
+        "--rate",
+        str(options.rate),
+        "--connections",
+        str(connections),
+        "--out",
+        str(out),
+    ]
+
+
+def system_env(
+    spec: SystemSpec, options: BenchOptions, url: str, bootstrap: str, prefix: str, workdir: Path
+) -> dict[str, str]:
+    """The product's own configuration variables, the same for the baseline and Ray."""
+    keys = [(f"bench-key-{i}", f"bench-secret-{i}") for i in range(spec.connections)]
+    return {
+        "ALPACA_API_KEY_ID": keys[0][0],
+        "ALPACA_SECRET_KEY": keys[0][1],
+        "ALPACA_CREDENTIALS": ",".join(f"{k}:{s}" for k, s in keys[1:]),
+        "ALPACA_STREAM_URL": url,
+        "ALPACA_SYMBOLS": ",".join(bench_symbols(options.symbols)),
+        "ALPACA_CHANNELS": ",".join(BENCH_CHANNELS),
+        "ALPACA_WIRE_FORMAT": options.wire_format,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "SHARDS": str(spec.shards),
+        "PRODUCERS": str(spec.producers),
+        "PRODUCER_LINGER_MS": str(options.linger_ms),
+        "METRICS_PORT": "0",
+        "BAR_FINAL_DELAY_SECONDS": "1",
+        "SPOOL_DIR": str(workdir / "spool"),
+        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
+        **topic_env(prefix),
+    }
+
+
+async def _sample_until(stop: asyncio.Event, *samplers: ProcessSampler) -> None:
+    while not stop.is_set():
+        for sampler in samplers:
+            sampler.sample()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SAMPLE_INTERVAL_S)
+
+
+async def run_system(
+    spec: SystemSpec, options: BenchOptions, bootstrap: str, workdir: Path
+) -> SystemReport:
+    slug = spec.label.replace(" ", "_").replace("=", "")
+    prefix = f"bench.{os.getpid()}.{slug}.{int(time.time())}"
+    topics = await create_topics(bootstrap, prefix)
+    out = workdir / f"{slug}.sent"
+    gen = await Child.start(
+        f"{slug}-loadgen",
+        "ray_forwarder.loadgen",
+        _loadgen_args(options, spec.connections, out),
+        workdir,
+    )
+    sut: Child | None = None
+    sampler: ProcessSampler | None = None
+    stop_sampling = asyncio.Event()
+    ray_dir: Path | None = None
+    try:
+        ready = await gen.expect("ready", STARTUP_TIMEOUT_S)
+        env = system_env(spec, options, ready["url"], bootstrap, prefix, workdir)
+        args = ["--expect", str(ready["items"])]
+        if spec.kind == "baseline":
+            sut = await Child.start(slug, "ray_forwarder.bench.baseline", args, workdir, env)
+            sampler = ProcessSampler(sut.pid, "baseline")
+        else:
+            ray_dir = Path(tempfile.mkdtemp(prefix="rfb-", dir="/tmp"))  # short: unix sockets
+            args += ["--temp-dir", str(ray_dir)]
+            patience = {k: v for k, v in RAY_STARTUP_PATIENCE.items() if k not in os.environ}
+            env = patience | env
+            sut = await Child.start(slug, "ray_forwarder.bench.ray_runner", args, workdir, env)
+            sampler = ProcessSampler(sut.pid, "driver")
+        gen_sampler = ProcessSampler(gen.pid, "load generator")
+        sampling = asyncio.create_task(_sample_until(stop_sampling, sampler, gen_sampler))
+        await gen.expect_while(sut, "started", STARTUP_TIMEOUT_S)
+        sampler.mark_start()
+        gen_sampler.mark_start()
+        finished = await gen.expect_while(sut, "finished", options.run_timeout)
+        gen_sampler.mark_end()
+        done = await sut.expect("done", options.run_timeout)
+        sampler.mark_end()
+        stop_sampling.set()
+        await sampling
+        await sut.exit(120)
+        leftovers = sampler.leftovers()
+        stray = sorted({sampler.usage[p.pid].role for p in leftovers if p.pid in sampler.usage})
+        stopped = terminate(leftovers)
+        await gen.exit(30)
+    finally:
+        stop_sampling.set()
+        for child in (sut, gen):
+            if child is not None:
+                child.kill()
+        if sampler is not None:
+            terminate(sampler.leftovers())
+        if ray_dir is not None:
+            shutil.rmtree(ray_dir, ignore_errors=True)
+    sent = msgpack.unpackb(out.read_bytes())["sent"]
+    acked, create_time = await read_back(bootstrap, [f"{prefix}.{t}" for t in DATA_TOPICS])
+    if not options.keep_topics:
+        with contextlib.suppress(Exception):
+            await delete_topics(bootstrap, topics)
+    report = SystemReport(spec.label, spec.kind, sut.pid, gen.pid, items_written=finished["items"])
+    report.topics = [f"{prefix}.{t}" for t in DATA_TOPICS]
+    report.stats = {k: v for k, v in done.items() if k != "event"}
+    report.deduplicated = int(done.get("deduplicated", 0))
+    fill_delivery(report, match_deliveries(sent, acked))
+    fill_processes(report, sampler.in_window(), report.delivered)
+    gen_cpu = sum(u.cpu_seconds for u in gen_sampler.usage.values())
+    report.generator_cpu_us_per_event = gen_cpu * 1e6 / report.delivered if report.delivered else 0
+    if create_time:
+        report.notes.append(f"{create_time} records lacked LogAppendTime (not timed)")
+    if finished.get("closed_early"):
+        report.notes.append(f"{finished['closed_early']} connection(s) closed before the end")
+    if stopped:
+        report.notes.append(
+            f"{stopped} process(es) outlived the system and were stopped: {', '.join(stray)}"
+        )
+    if done.get("error"):
+        report.notes.append(f"error: {done['error']}")
+    return report
+
+
+async def run_ceiling(options: BenchOptions, workdir: Path) -> CeilingReport:
+    """The generator flat out against a client that reads and discards."""
+    out = workdir / "ceiling.sent"
+    flat_out = BenchOptions(**{**options.__dict__, "rate": 0.0})
+    gen = await Child.start(
+        "ceiling-loadgen", "ray_forwarder.loadgen", _loadgen_args(flat_out, 1, out), workdir
+    )
+    client: Child | None = None
+    try:
+        ready = await gen.expect("ready", STARTUP_TIMEOUT_S)
+        client = await Child.start(
+            "null-client",
+            "ray_forwarder.loadgen.null_client",
+            [ready["url"], "--wire-format", options.wire_format],
+            workdir,
+        )
+        finished = await gen.expect("finished", options.run_timeout)
+        await gen.exit(30)
+        done = await client.expect("done", 60)
+        await client.exit(10)
+    finally:
+        for child in (client, gen):
+            if child is not None:
+                child.kill()
+    seconds = max(done["last_recv"], finished["last_send"]) - finished["first_send"]
+    items = finished["items"]
+    return CeilingReport(
+        items, seconds, items / seconds if seconds > 0 else 0.0, gen.pid, client.pid
+    )
+
+
+async def run_all(
+    options: BenchOptions, bootstrap: str, workdir: Path, on_system=None
+) -> BenchReport:
+    report = BenchReport(options={**options.__dict__, "systems": list(options.systems)})
+    for text in options.systems:
+        result = await run_system(SystemSpec.parse(text), options, bootstrap, workdir)
+        report.systems.append(result)
+        if on_system is not None:
+            on_system(result)
+    if options.ceiling:
+        report.ceiling = await run_ceiling(options, workdir)
+    return report
+
+
+def bench_main(options: BenchOptions, json_path: str | None = None) -> BenchReport:
+    """Start (or use) a broker, run everything, print the table; optionally write JSON."""
+    import orjson
+
+    from ray_forwarder.bench.report import format_report, format_row
+    from ray_forwarder.devtools.local_kafka import kafka_for_tools
+
+    for text in options.systems:
+        SystemSpec.parse(text)  # fail before starting anything
+    workdir = Path(tempfile.mkdtemp(prefix="ray-forwarder-bench-"))
+    try:
+        with kafka_for_tools("bench: starting a local Kafka broker") as bootstrap:
+            report = asyncio.run(
+                run_all(
+                    options,
+                    bootstrap,
+                    workdir,
+                    on_system=lambda s: print(f"  done: {format_row(s)}", flush=True),
+                )
+            )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print(format_report(report), flush=True)
+    if json_path:
+        Path(json_path).write_bytes(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2))
+    return report
