@@ -340,6 +340,7 @@ def _idle_lane_tag(symbol: str, producers: int) -> str:
             return tag
 
 
+@pytest.mark.timeout(600)  # a broker outage and Ray's ~10 s export cycle, on a loaded box
 async def test_dashboard_panels_evaluate_against_real_scrapes(kafka_broker, kafka_topics) -> None:
     """Every panel's query, read against what Prometheus would hold: the driver's /metrics
     and Ray's metrics export of a running forwarder that went through the faults the
