@@ -338,9 +338,10 @@ async def test_the_topic_check_connects_over_tls_like_the_producers(kafka_broker
     from ray_forwarder.topics import prepare_topics, routed_topics
 
     broker = _tls_broker(kafka_broker)
-    names = ("trades", "quotes", "bars", "status", "daily_bars", "statuses", "lulds",
-             "imbalances", "trade_updates")  # fmt: skip
-    topics = {f"topic_{name}": kafka_topics(name) for name in names}
+    from ray_forwarder.config import Settings
+
+    fields = [name for name in Settings.model_fields if name.startswith("topic_")]
+    topics = {field: kafka_topics(field.removeprefix("topic_")) for field in fields}
     settings = load_settings(**_sasl_ssl(broker), **topics, kafka_create_topics=True)
     created = await prepare_topics(settings)
     assert sorted(created) == routed_topics(settings)
