@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ray_forwarder.kafka_tls import KafkaTls, ssl_context
 from ray_forwarder.protocol.channels import MARKET_DATA_CHANNELS
 
 DEFAULT_CHANNELS = ("trades", "quotes", "bars", "updatedBars")
@@ -55,6 +56,7 @@ MAX_SHARDS = 1024
 MAX_PRODUCERS = 256
 
 CommaList = Annotated[list[str], NoDecode]
+TLS_PROTOCOLS = ("SSL", "SASL_SSL")
 
 
 def _split_commas(value: object) -> object:
@@ -106,6 +108,14 @@ class Settings(BaseSettings):
     # waited for up to KAFKA_TOPICS_WAIT_SECONDS, then refused.
     kafka_create_topics: bool = False
     kafka_topics_wait_seconds: float = Field(default=60.0, ge=0, le=HOUR)
+    # TLS (SSL / SASL_SSL): PEM files, e.g. Strimzi's cluster CA `ca.crt` and, for mTLS,
+    # a KafkaUser's `user.crt` / `user.key`. Without a CA file the system trust store is used.
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+    kafka_ssl_key_password: SecretStr | None = None  # only for an encrypted KAFKA_SSL_KEYFILE
+    # Dangerous to turn off: any certificate the CA signed is then accepted for any broker.
+    kafka_ssl_check_hostname: bool = True
 
     # Topics (the first four are contract names)
     topic_trades: str = "alpaca.trades.v1"
@@ -238,6 +248,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"at most {MAX_KEY_PAIRS} key pairs")
         return value
 
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+    @classmethod
+    def _unset_when_empty(cls, path: str | None) -> str | None:
+        """An empty variable (e.g. an optional Secret key left out) means "not set"."""
+        if path is None or not path.strip():
+            return None
+        return path.strip()
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.reconnect_max < self.reconnect_initial:
@@ -270,7 +288,21 @@ class Settings(BaseSettings):
         keys = [key for key, _ in self._credential_pairs()]
         if len(set(keys)) != len(keys):
             raise ValueError("the same Alpaca key id is configured twice")
+        self._check_tls()
         return self
+
+    def _check_tls(self) -> None:
+        """Refuse TLS files next to a protocol without TLS (they would be silently unused),
+        and load them once, so that a missing, unreadable or mismatched file fails at start
+        (one line naming the variable) rather than later in a producer actor."""
+        tls = self.kafka_tls
+        if tls.configured and self.kafka_auth_protocol not in TLS_PROTOCOLS:
+            raise ValueError(
+                f"KAFKA_SSL_* files are set but KAFKA_SECURITY_PROTOCOL="
+                f"{self.kafka_auth_protocol} does not use TLS; use SSL or SASL_SSL"
+            )
+        if self.kafka_auth_protocol in TLS_PROTOCOLS:
+            ssl_context(tls)  # raises KafkaTlsError (a ValueError) naming the variable
 
     # Derived values -------------------------------------------------------------------
 
@@ -286,10 +318,23 @@ class Settings(BaseSettings):
 
     @property
     def kafka_auth_protocol(self) -> str:
-        """Security protocol: explicit, else SASL_PLAINTEXT when a SCRAM user is set."""
+        """Security protocol: explicit, else SASL_SSL/SSL when a TLS file is named, else
+        SASL_PLAINTEXT when a SCRAM user is set, else PLAINTEXT."""
         if self.kafka_security_protocol:
             return self.kafka_security_protocol
+        if self.kafka_tls.configured:
+            return "SASL_SSL" if self.kafka_username else "SSL"
         return "SASL_PLAINTEXT" if self.kafka_username else "PLAINTEXT"
+
+    @property
+    def kafka_tls(self) -> KafkaTls:
+        return KafkaTls(
+            cafile=self.kafka_ssl_cafile,
+            certfile=self.kafka_ssl_certfile,
+            keyfile=self.kafka_ssl_keyfile,
+            key_password=self.kafka_ssl_key_password,
+            check_hostname=self.kafka_ssl_check_hostname,
+        )
 
     @property
     def kafka_mechanism(self) -> str:

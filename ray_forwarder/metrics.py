@@ -7,7 +7,8 @@ metrics agent on each node exports them (prefixed ``ray_``, counters suffixed ``
 which is what Prometheus scrapes on KubeRay; see docs/observability.md.
 
 Tags are shard, producer, channel, reason, code and state only — never a symbol — so the
-number of series stays bounded by configuration, not by the market.
+number of series stays bounded by configuration, not by the market. Names, help texts and
+tags come from `metric_catalogue.py`, the one list of every metric the forwarder exports.
 """
 
 from __future__ import annotations
@@ -24,11 +25,19 @@ from typing import Any
 
 import orjson
 
+from ray_forwarder.metric_catalogue import (
+    ACTOR_PREFIX,
+    LATENCY_HELP,
+    SCRAPED_PREFIX,
+    MetricSpec,
+    spec,
+)
+
 log = logging.getLogger(__name__)
 
 #: Ray exports every application metric as ``ray_<name>``; all of ours start with this.
-PREFIX = "forwarder_"
-EXPORT_PREFIX = "ray_" + PREFIX
+PREFIX = ACTOR_PREFIX
+EXPORT_PREFIX = SCRAPED_PREFIX
 DEFAULT_INTERVAL_S = 1.0
 
 #: Connection states a shard reports (session.py), one-hot in `forwarder_shard_state`.
@@ -58,12 +67,7 @@ LATENCY_KINDS = {
     # the item's own timestamp (`event_ts`) -> Kafka ack, by channel
     "event": ("shard_event_to_ack_latency_seconds", "event_to_ack_latency_seconds"),
 }
-LATENCY_DOCS = {
-    "publish": "Batch handed to a producer actor -> acknowledged by Kafka, per batch.",
-    "receive": "Frame received (the batch's oldest record) -> acknowledged by Kafka, per batch.",
-    "event": "Event timestamp (event_ts) -> acknowledged by Kafka, per batch and channel "
-    "(the first record of each topic in the batch).",
-}
+LATENCY_DOCS = LATENCY_HELP
 #: At most this many raw observations wait for the Ray exporter between two ticks.
 PENDING_OBSERVATIONS_MAX = 20_000
 
@@ -162,13 +166,22 @@ def _metrics() -> Any:
     return metrics
 
 
+def _actor_spec(key: str, kind: str) -> MetricSpec:
+    """The catalogue entry of an actor metric, checked to be of the kind the code makes."""
+    entry = spec(key, "actor")
+    if entry.kind != kind:
+        raise ValueError(f"metric {key} is a {entry.kind} in the catalogue, not a {kind}")
+    return entry
+
+
 class _DeltaCounter:
     """A Ray Counter fed with cumulative values: increases by the delta since last time.
 
     A value that goes down (the source restarted) counts from zero again."""
 
-    def __init__(self, name: str, description: str, tag_keys: tuple[str, ...]) -> None:
-        self._counter = _metrics().Counter(PREFIX + name, description, tag_keys=tag_keys)
+    def __init__(self, key: str) -> None:
+        entry = _actor_spec(key, "counter")
+        self._counter = _metrics().Counter(entry.created_as, entry.help, tag_keys=entry.labels)
         self._last: dict[tuple[tuple[str, str], ...], float] = {}
 
     def update(self, value: float, tags: dict[str, str]) -> None:
@@ -181,8 +194,9 @@ class _DeltaCounter:
 
 
 class _Gauge:
-    def __init__(self, name: str, description: str, tag_keys: tuple[str, ...]) -> None:
-        self._gauge = _metrics().Gauge(PREFIX + name, description, tag_keys=tag_keys)
+    def __init__(self, key: str) -> None:
+        entry = _actor_spec(key, "gauge")
+        self._gauge = _metrics().Gauge(entry.created_as, entry.help, tag_keys=entry.labels)
 
     def update(self, value: float, tags: dict[str, str]) -> None:
         self._gauge.set(float(value), tags=tags)
@@ -191,122 +205,64 @@ class _Gauge:
 class ShardMetrics:
     """Ray metrics for one shard, updated from `ShardCore.stats()`."""
 
+    #: stats() key -> catalogue key of the per-channel counters.
     SHARD_COUNTERS = (
-        ("received", "shard_events_received", "Data items decoded from the feed, by channel."),
-        ("emitted", "shard_events_emitted", "Records the pipeline produced, by channel."),
-        ("acked", "shard_events_forwarded", "Records acknowledged by Kafka, by channel."),
-        ("deduplicated", "shard_events_deduplicated", "Redelivered items dropped, by channel."),
-        ("dropped", "shard_events_dropped", "Records dropped on buffer overflow, by channel."),
+        ("received", "shard_events_received"),
+        ("emitted", "shard_events_emitted"),
+        ("acked", "shard_events_forwarded"),
+        ("deduplicated", "shard_events_deduplicated"),
+        ("dropped", "shard_events_dropped"),
+    )
+    #: stats() key -> catalogue key of the per-shard counters.
+    PLAIN_COUNTERS = (
+        ("connects", "shard_connects"),
+        ("reconnects", "shard_reconnects"),
+        ("stale_reconnects", "shard_stale_reconnects"),
+        ("stale_data_reconnects", "shard_stale_data_reconnects"),
+        ("resubscribes", "shard_resubscribes"),
+        ("batches_failed", "shard_batches_failed"),
+        ("batches_resent", "shard_batches_resent"),
+        ("finals", "shard_final_bars"),
+        ("late_bar_revisions", "shard_late_bar_revisions"),
+        ("dedup_evicted", "shard_dedup_evictions"),
+        ("seq_evicted", "shard_seq_evictions"),
+        ("spool_lost", "shard_spool_lost_records"),
+    )
+    #: stats() key -> catalogue key of the per-reason counters.
+    REASON_COUNTERS = (
+        ("dead_lettered", "shard_records_dead_lettered"),
+        ("dead_letter_dropped", "shard_dead_letters_dropped"),
     )
 
     def __init__(self, shard_id: str, recorder: LatencyRecorder | None = None) -> None:
         self.shard_id = shard_id
-        tags = ("shard", "channel")
-        self._by_channel = [
-            (key, _DeltaCounter(name, doc, tags)) for key, name, doc in self.SHARD_COUNTERS
-        ]
-        self._skipped = _DeltaCounter(
-            "shard_items_skipped", "Malformed frames or items skipped.", ("shard", "reason")
-        )
-        self._errors = _DeltaCounter(
-            "shard_feed_errors", "Alpaca error messages by code.", ("shard", "code")
-        )
-        self._by_reason = [
-            (key, _DeltaCounter(name, doc, ("shard", "reason")))
-            for key, name, doc in (
-                (
-                    "dead_lettered",
-                    "shard_records_dead_lettered",
-                    "Records Kafka refused for good, diverted to the dead-letter topic.",
-                ),
-                (
-                    "dead_letter_dropped",
-                    "shard_dead_letters_dropped",
-                    "Refused records dropped: the dead-letter topic refused them too.",
-                ),
-            )
-        ]
-        self._plain = [
-            (key, _DeltaCounter(name, doc, ("shard",)))
-            for key, name, doc in (
-                ("connects", "shard_connects", "WebSocket connections opened."),
-                ("reconnects", "shard_reconnects", "Reconnects after a lost or refused session."),
-                ("stale_reconnects", "shard_stale_reconnects", "Reconnects of a silent stream."),
-                (
-                    "stale_data_reconnects",
-                    "shard_stale_data_reconnects",
-                    "Reconnects of a stream without data while the market was open.",
-                ),
-                ("resubscribes", "shard_resubscribes", "Re-sends of a subscription's gaps."),
-                ("batches_failed", "shard_batches_failed", "Batches a producer failed to ack."),
-                ("batches_resent", "shard_batches_resent", "Batches re-sent after a failure."),
-                ("finals", "shard_final_bars", "Final minute-bar records emitted."),
-                ("late_bar_revisions", "shard_late_bar_revisions", "Revisions after a final."),
-                (
-                    "dedup_evicted",
-                    "shard_dedup_evictions",
-                    "Dedup keys evicted before their TTL (DEDUP_MAX_KEYS reached).",
-                ),
-                (
-                    "seq_evicted",
-                    "shard_seq_evictions",
-                    "(channel, symbol) seq counters forgotten at the `*` bound (seq jumps).",
-                ),
-                ("spool_lost", "shard_spool_lost_records", "Spooled records unreadable on disk."),
-            )
-        ]
-        self._subscribed = _Gauge(
-            "shard_subscribed", "1 once the feed acknowledged the subscription.", ("shard",)
-        )
-        self._state = _Gauge(
-            "shard_state", "1 for the shard's current connection state.", ("shard", "state")
-        )
-        self._buffered = _Gauge(
-            "shard_buffered_events", "Records waiting for a producer.", ("shard",)
-        )
-        self._in_flight = _Gauge(
-            "shard_in_flight_events", "Records sent but not yet acknowledged.", ("shard",)
-        )
-        self._spooled = _Gauge(
-            "shard_spooled_events", "Records in the shard's disk spool.", ("shard",)
-        )
-        self._spooled_bytes = _Gauge(
-            "shard_spooled_bytes", "Bytes in the shard's disk spool.", ("shard",)
-        )
-        self._symbols = _Gauge("shard_symbols", "Symbols this shard subscribes to.", ("shard",))
-        self._dedup_window = _Gauge(
-            "shard_dedup_window_seconds",
-            "Age of the oldest dedup key: how far back redeliveries are recognised now.",
-            ("shard",),
-        )
-        self._dedup_keys = _Gauge("shard_dedup_keys", "Keys in the dedup cache.", ("shard",))
-        self._unserved = _Gauge(
-            "shard_unserved_subscriptions",
-            "(channel, symbol) pairs the feed left out of the subscription after every re-send.",
-            ("shard",),
-        )
-        self._market_open = _Gauge(
-            "shard_market_open", "1 while the market is open (or assumed open).", ("shard",)
-        )
-        self._overflowing = _Gauge(
-            "shard_overflowing",
-            "1 while the shard's buffer is full and records are dropped (see status events).",
-            ("shard",),
-        )
-        self._last_latency = _Gauge(
-            "shard_last_ack_latency_seconds",
-            "Receipt-to-ack latency of the latest acknowledged batch.",
-            ("shard",),
-        )
-        self._histograms = {
-            kind: _metrics().Histogram(
-                PREFIX + name,
-                LATENCY_DOCS[kind],
+        self._by_channel = [(key, _DeltaCounter(name)) for key, name in self.SHARD_COUNTERS]
+        self._skipped = _DeltaCounter("shard_items_skipped")
+        self._errors = _DeltaCounter("shard_feed_errors")
+        self._by_reason = [(key, _DeltaCounter(name)) for key, name in self.REASON_COUNTERS]
+        self._plain = [(key, _DeltaCounter(name)) for key, name in self.PLAIN_COUNTERS]
+        self._subscribed = _Gauge("shard_subscribed")
+        self._state = _Gauge("shard_state")
+        self._buffered = _Gauge("shard_buffered_events")
+        self._in_flight = _Gauge("shard_in_flight_events")
+        self._spooled = _Gauge("shard_spooled_events")
+        self._spooled_bytes = _Gauge("shard_spooled_bytes")
+        self._symbols = _Gauge("shard_symbols")
+        self._dedup_window = _Gauge("shard_dedup_window_seconds")
+        self._dedup_keys = _Gauge("shard_dedup_keys")
+        self._unserved = _Gauge("shard_unserved_subscriptions")
+        self._market_open = _Gauge("shard_market_open")
+        self._overflowing = _Gauge("shard_overflowing")
+        self._last_latency = _Gauge("shard_last_ack_latency_seconds")
+        self._histograms: dict[str, Any] = {}
+        for kind, (name, _driver_name) in LATENCY_KINDS.items():
+            entry = _actor_spec(name, "histogram")
+            self._histograms[kind] = _metrics().Histogram(
+                entry.created_as,
+                entry.help,
                 boundaries=LATENCY_BOUNDARIES,
-                tag_keys=("shard", "channel") if kind == "event" else ("shard",),
+                tag_keys=entry.labels,
             )
-            for kind, (name, _driver_name) in LATENCY_KINDS.items()
-        }
         self._recorder = recorder
 
     def drain(self) -> None:
@@ -357,23 +313,18 @@ class ProducerMetrics:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        tags = ("producer",)
         self._counters = [
-            (key, _DeltaCounter(metric, doc, tags))
-            for key, metric, doc in (
-                ("batches", "producer_batches", "Batches fully acknowledged by Kafka."),
-                ("records", "producer_records", "Records acknowledged by Kafka."),
-                ("errors", "producer_kafka_errors", "Failed Kafka deliveries."),
-                ("refused", "producer_records_refused", "Records Kafka refused for good."),
-                ("probe_failures", "producer_probe_failures", "Failed Kafka liveness probes."),
+            (key, _DeltaCounter(metric))
+            for key, metric in (
+                ("batches", "producer_batches"),
+                ("records", "producer_records"),
+                ("errors", "producer_kafka_errors"),
+                ("refused", "producer_records_refused"),
+                ("probe_failures", "producer_probe_failures"),
             )
         ]
-        self._ready = _Gauge("producer_ready", "1 while the producer has working Kafka.", tags)
-        self._ack_age = _Gauge(
-            "producer_last_ack_age_seconds",
-            "Seconds since Kafka last acknowledged a batch or answered a probe.",
-            tags,
-        )
+        self._ready = _Gauge("producer_ready")
+        self._ack_age = _Gauge("producer_last_ack_age_seconds")
 
     def update(self, stats: Mapping[str, Any]) -> None:
         tags = {"producer": self.name}

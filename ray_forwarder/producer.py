@@ -10,20 +10,29 @@ When Kafka refuses records for good (`deadletter.refusal_reason`), it says which
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-import ssl
 import uuid
 from asyncio import FIRST_COMPLETED
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
+from pydantic import SecretStr
 
 from ray_forwarder.config import Settings
 from ray_forwarder.deadletter import refusal_reason
+from ray_forwarder.kafka_tls import (
+    KafkaTlsError,
+    client_certificate_hint,
+    describe_handshake_failure,
+    ssl_context,
+)
 from ray_forwarder.outbox import RecordsRefused, StaleProducerError, Ticket
 
 log = logging.getLogger(__name__)
@@ -51,25 +60,61 @@ class SinkStats:
     last_error: str | None = None
 
 
-def request_options(settings: Settings) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ProducerOptions:
+    """aiokafka producer settings that are safe to log: the SASL password is kept apart (a
+    SecretStr, masked in every repr) and joins the keyword arguments only inside
+    `create_producer`, so no plain dict holding it is ever returned or kept.
+
+    Deliberately not a Mapping: `AIOKafkaProducer(**options)` would silently drop the
+    password; use `create_producer()`.
+    """
+
+    kwargs: Mapping[str, Any]
+    sasl_password: SecretStr | None = field(default=None, repr=False)
+
+    def create_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(**self.kwargs, **self._secret())
+
+    def create_admin(self) -> AIOKafkaAdminClient:
+        """An admin client that connects exactly as the producers will (bootstrap,
+        security, SASL, TLS): the options an admin client accepts, and the password."""
+        accepted = inspect.signature(AIOKafkaAdminClient.__init__).parameters
+        options = {k: v for k, v in self.kwargs.items() if k in accepted}
+        return AIOKafkaAdminClient(**options, **self._secret())
+
+    def with_options(self, **options: Any) -> ProducerOptions:
+        return ProducerOptions(MappingProxyType({**self.kwargs, **options}), self.sasl_password)
+
+    def _secret(self) -> dict[str, Any]:
+        if self.sasl_password is None:
+            return {}
+        return {"sasl_plain_password": self.sasl_password.get_secret_value()}
+
+
+def request_options(settings: Settings) -> ProducerOptions:
     """`producer_options` plus a `max_request_size` that fits `MAX_RECORD_BYTES`.
 
     The record limit is checked before buffering, so that a record aiokafka would refuse
     in `send()` never reaches it; raises KafkaStartError if the options set a smaller one.
     """
-    options = dict(producer_options(settings))
+    options = producer_options(settings)
     needed = settings.max_record_bytes + RECORD_OVERHEAD_BYTES
-    options.setdefault("max_request_size", max(DEFAULT_MAX_REQUEST_SIZE, needed))
-    if options["max_request_size"] < needed:
+    size = options.kwargs.get("max_request_size", max(DEFAULT_MAX_REQUEST_SIZE, needed))
+    if size < needed:
         raise KafkaStartError(
             f"MAX_RECORD_BYTES ({settings.max_record_bytes}) must stay below the producer's "
-            f"max_request_size ({options['max_request_size']}) by {RECORD_OVERHEAD_BYTES}"
+            f"max_request_size ({size}) by {RECORD_OVERHEAD_BYTES}"
         )
-    return options
+    return options.with_options(max_request_size=size)
 
 
-def producer_options(settings: Settings) -> dict[str, Any]:
-    """aiokafka keyword arguments for the settings (idempotent, acks=all, compression)."""
+def producer_options(settings: Settings) -> ProducerOptions:
+    """aiokafka settings (idempotent, acks=all, compression, SASL and TLS) for `settings`.
+
+    Raises KafkaTlsError (one line naming the variable) when a TLS file cannot be loaded
+    here, e.g. not mounted on this node.
+    """
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap_servers,
         "client_id": "ray-forwarder",
@@ -84,14 +129,15 @@ def producer_options(settings: Settings) -> dict[str, Any]:
     }
     protocol = settings.kafka_auth_protocol
     options["security_protocol"] = protocol
+    password: SecretStr | None = None
     if settings.kafka_username:
         assert settings.kafka_password is not None
         options["sasl_mechanism"] = settings.kafka_mechanism
         options["sasl_plain_username"] = settings.kafka_username
-        options["sasl_plain_password"] = settings.kafka_password.get_secret_value()
+        password = settings.kafka_password
     if protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = ssl.create_default_context()
-    return options
+        options["ssl_context"] = ssl_context(settings.kafka_tls)
+    return ProducerOptions(MappingProxyType(options), password)
 
 
 class LaneOrder:
@@ -180,32 +226,34 @@ class KafkaSink:
     async def start(self) -> None:
         """Connect (once); raise KafkaStartError with a clear, secret-free message."""
         # A record limit the producer cannot take fails here, before connecting.
-        self._max_request_size = request_options(self._settings)["max_request_size"]
+        try:
+            self._max_request_size = request_options(self._settings).kwargs["max_request_size"]
+        except KafkaTlsError as exc:  # e.g. the CA file is not mounted on this node
+            self.stats.last_error = str(exc)
+            raise KafkaStartError(f"{self._describe_target()}: {exc}") from None
         async with self._starting:
             if self._current is None:
                 self._current = await self._connect()
                 self.stats.ready = True
 
     async def _connect(self) -> _Incarnation:
-        producer = AIOKafkaProducer(**request_options(self._settings))
         try:
-            with _ClientErrors() as client_errors:
+            producer = request_options(self._settings).create_producer()
+        except KafkaTlsError as exc:  # e.g. the CA file is not mounted on this node
+            self.stats.last_error = str(exc)
+            raise KafkaStartError(f"{self._describe_target()}: {exc}") from None
+        try:
+            with ClientErrors() as client_errors:
                 await producer.start()
         except Exception as exc:
             await _quietly_stop(producer)
             # aiokafka reports SASL failures only in its log and then raises a generic
             # "unable to bootstrap"; surface the real cause.
             self.stats.last_error = client_errors.most_telling() or describe_kafka_error(exc)
-            raise KafkaStartError(
-                f"cannot connect to Kafka at {self._settings.kafka_bootstrap_servers} "
-                f"({self._settings.kafka_auth_protocol}"
-                + (
-                    f", user {self._settings.kafka_username}"
-                    if self._settings.kafka_username
-                    else ""
-                )
-                + f"): {self.stats.last_error}"
-            ) from None
+            if self._settings.kafka_auth_protocol == "SSL":
+                hint = client_certificate_hint(self._settings.kafka_tls, client_errors.messages)
+                self.stats.last_error += hint or ""
+            raise KafkaStartError(f"{self._describe_target()}: {self.stats.last_error}") from None
         try:
             await self._warm_up(producer)
         except Exception:
@@ -214,6 +262,15 @@ class KafkaSink:
         log.info("kafka producer connected to %s", self._settings.kafka_bootstrap_servers)
         dead = asyncio.get_running_loop().create_future()
         return _Incarnation(producer, self.token, dead)
+
+    def _describe_target(self) -> str:
+        """`cannot connect to Kafka at HOSTS (PROTOCOL, user U)`: no password, ever."""
+        settings = self._settings
+        user = f", user {settings.kafka_username}" if settings.kafka_username else ""
+        return (
+            f"cannot connect to Kafka at {settings.kafka_bootstrap_servers} "
+            f"({settings.kafka_auth_protocol}{user})"
+        )
 
     async def _warm_up(self, producer: AIOKafkaProducer) -> None:
         """Learn every topic's partitions before the first record.
@@ -445,8 +502,9 @@ def describe_kafka_error(exc: BaseException) -> str:
     return text if text.startswith(name) else f"{name}: {text}"
 
 
-class _ClientErrors(logging.Handler):
-    """Collects aiokafka's own error log lines while the producer starts."""
+class ClientErrors(logging.Handler):
+    """Collects aiokafka's own error log lines while a client starts: aiokafka logs why it
+    could not connect (SASL, TLS) and then raises a generic "unable to bootstrap"."""
 
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
@@ -455,7 +513,7 @@ class _ClientErrors(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
 
-    def __enter__(self) -> _ClientErrors:
+    def __enter__(self) -> ClientErrors:
         logging.getLogger("aiokafka").addHandler(self)
         return self
 
@@ -466,6 +524,8 @@ class _ClientErrors(logging.Handler):
         for message in self.messages:
             if "Authentication" in message or "SaslAuthenticationFailed" in message:
                 return "SASL authentication failed: " + message.split(": ", 1)[-1][:300]
+            if tls := describe_handshake_failure(message):
+                return tls
         return None
 
 

@@ -4,7 +4,6 @@ start-up check that those topics exist."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -78,15 +77,12 @@ def routed_topics(settings: Settings) -> list[str]:
     return sorted(set(topic_map(settings).values()) | {getattr(settings, f) for f in fields})
 
 
-def admin_options(settings: Settings) -> dict[str, Any]:
-    """The connection part of the producer's options (bootstrap, security, SASL, TLS), so
-    the check connects exactly as the producers will."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
+def admin_client(settings: Settings) -> Any:
+    """An admin client that connects exactly as the producers will (bootstrap, security,
+    SASL, TLS); the password reaches it without passing through a plain dict."""
     from ray_forwarder.producer import producer_options
 
-    accepted = inspect.signature(AIOKafkaAdminClient.__init__).parameters
-    return {k: v for k, v in producer_options(settings).items() if k in accepted}
+    return producer_options(settings).create_admin()
 
 
 async def prepare_topics(
@@ -103,21 +99,20 @@ async def prepare_topics(
     up to KAFKA_TOPICS_WAIT_SECONDS (a Strimzi Topic Operator may still be reconciling the
     KafkaTopic resources applied with the job), then refused with a ConfigError.
     Returns the topics it created."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    from ray_forwarder.producer import describe_kafka_error
+    from ray_forwarder.producer import ClientErrors, describe_kafka_error
 
     wanted = routed_topics(settings)
     bootstrap = settings.kafka_bootstrap_servers
-    admin = AIOKafkaAdminClient(**admin_options(settings))
+    admin = admin_client(settings)
     try:
-        await admin.start()
+        with ClientErrors() as client_errors:
+            await admin.start()
     except Exception as exc:
         await _quietly_close(admin)
         user = f", user {settings.kafka_username}" if settings.kafka_username else ""
         raise KafkaUnreachableError(
             f"cannot reach Kafka at {bootstrap} ({settings.kafka_auth_protocol}{user}): "
-            f"{describe_kafka_error(exc)}"
+            f"{client_errors.most_telling() or describe_kafka_error(exc)}"
         ) from None
     created: list[str] = []
     try:

@@ -4,7 +4,8 @@ Register with `pytest_plugins = ["tests.kafka_fixture"]` in tests/conftest.py.
 
 - `kafka_broker` (session): a `KafkaBroker`. With `KAFKA_BOOTSTRAP_SERVERS` set, that broker
   is used (with `KAFKA_USERNAME`/`KAFKA_PASSWORD` if set); otherwise a `LocalKafka` is
-  started. A broker that cannot be started is an error, never a skip.
+  started, with its TLS listeners (certificates generated once per session). A broker that
+  cannot be started is an error, never a skip.
 - `kafka_topics` (function): `kafka_topics("trades")` gives a topic name unique to the test.
 - `consume_all(...)`: every record of some topics from the beginning, without a group.
 """
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from ray_forwarder.devtools.certs import TlsFiles
 from ray_forwarder.devtools.local_kafka import SCRAM_MECHANISM, LocalKafka, LocalKafkaError
 
 _KAFKA_FIXTURES = {"kafka_broker", "kafka_topics"}
@@ -39,6 +41,9 @@ class KafkaBroker:
     local: LocalKafka | None
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
+    ssl_bootstrap_servers: str | None = None  # SSL listener, mutual TLS (local broker only)
+    sasl_ssl_bootstrap_servers: str | None = None  # SCRAM-SHA-512 over TLS (local broker only)
+    tls: TlsFiles | None = None  # the local CA and a client certificate it signed
 
     def client_kwargs(self) -> dict[str, Any]:
         """aiokafka keyword arguments for `bootstrap_servers` (SASL only for an external user)."""
@@ -125,7 +130,7 @@ def kafka_broker() -> Iterator[KafkaBroker]:
         return
     if _prefetch_error is not None:
         raise LocalKafkaError(f"Kafka jars unavailable: {_prefetch_error}") from _prefetch_error
-    local = LocalKafka()
+    local = LocalKafka(tls=True)
     try:
         local.start(timeout=90)
     except BaseException:
@@ -138,6 +143,9 @@ def kafka_broker() -> Iterator[KafkaBroker]:
             username=local.scram_username,
             password=local.scram_password,
             local=local,
+            ssl_bootstrap_servers=local.ssl_bootstrap_servers,
+            sasl_ssl_bootstrap_servers=local.sasl_ssl_bootstrap_servers,
+            tls=local.tls_files,
         )
     finally:
         local.stop()

@@ -309,7 +309,6 @@ async def test_baseline_writes_the_products_records(kafka_broker, kafka_topics) 
     Alpaca's short time form (kept as sent) and msgpack Timestamps (rendered), and a
     redelivery dropped by both."""
     import msgpack
-    from aiokafka import AIOKafkaProducer
 
     from ray_forwarder.bars import BarFinalizer
     from ray_forwarder.bench.baseline import Baseline
@@ -336,7 +335,7 @@ async def test_baseline_writes_the_products_records(kafka_broker, kafka_topics) 
         (msgpack.packb([bar], datetime=False), False),
     ]
 
-    producer = AIOKafkaProducer(**producer_options(settings))
+    producer = producer_options(settings).create_producer()
     await producer.start()
     try:
         baseline = Baseline(settings, producer)

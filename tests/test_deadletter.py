@@ -285,8 +285,8 @@ def test_only_errors_that_refuse_a_record_for_good_are_refusals() -> None:
 
 def test_the_producer_request_limit_leaves_room_for_the_largest_record() -> None:
     options = request_options(load_settings(max_record_bytes=4 * 1024 * 1024))
-    assert options["max_request_size"] > 4 * 1024 * 1024
-    assert request_options(load_settings())["max_request_size"] > 1024 * 1024
+    assert options.kwargs["max_request_size"] > 4 * 1024 * 1024
+    assert request_options(load_settings()).kwargs["max_request_size"] > 1024 * 1024
 
 
 async def test_one_dead_letter_status_event_per_episode_and_counted_in_metrics(

@@ -209,3 +209,27 @@ def test_cluster_ids_never_look_like_options() -> None:
     ids = {_random_cluster_id() for _ in range(2000)}
     assert len(ids) == 2000
     assert all(len(i) == 22 and not i.startswith("-") for i in ids)
+
+
+async def test_tls_listeners_answer_with_the_generated_ca(kafka_broker: KafkaBroker) -> None:
+    """SASL_SSL takes SCRAM over TLS; SSL demands a client certificate signed by the CA."""
+    import ssl
+
+    local = _local(kafka_broker)
+    files = local.tls_files
+    with_cert = local.client_ssl_context()
+    ca_only = ssl.create_default_context(cafile=str(files.ca_cert))
+    assert await probe_metadata(local.ssl_bootstrap_servers, ssl_context=with_cert) == 1
+    assert (
+        await probe_metadata(
+            local.sasl_ssl_bootstrap_servers,
+            username=local.scram_username,
+            password=local.scram_password,
+            ssl_context=ca_only,
+        )
+        == 1
+    )
+    with pytest.raises(Exception):  # noqa: B017 - no client certificate: refused
+        await probe_metadata(local.ssl_bootstrap_servers, ssl_context=ca_only, timeout=3.0)
+    for key in (files.client_key, files.server_keystore):
+        assert key.stat().st_mode & 0o077 == 0, key  # keys readable by their owner only

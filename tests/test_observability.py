@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import time
 import uuid
 from collections import Counter
@@ -19,9 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ray_forwarder.driver import Forwarder, plan_shards
 from ray_forwarder.http import HealthServer
-from ray_forwarder.metrics import EXPORT_PREFIX
+from ray_forwarder.metrics import EXPORT_PREFIX, LATENCY_KINDS
 from ray_forwarder.sim import SimConfig, SimulatorThread
+from ray_forwarder.topics import topic_map
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET, forwarder_settings, read_back
+from tests.kafka_fixture import create_topics
 
 SYMBOLS = ["SPY", "QQQ", "AAPL", "MSFT", "NVDA", "AMZN"]
 
@@ -39,13 +42,14 @@ class Running:
     in the background like `run_forwarder` does. Actor names are unique to the test, so
     series in the shared Ray's metrics export belong to this run only."""
 
-    def __init__(self, settings: Any) -> None:
-        tag = uuid.uuid4().hex[:8]
+    def __init__(self, settings: Any, tag: str | None = None, producers: int = 1) -> None:
+        tag = tag or uuid.uuid4().hex[:8]
         shards = [
             dataclasses.replace(spec, shard_id=f"obs-{tag}-{i}")
             for i, spec in enumerate(plan_shards(settings))
         ]
-        self.forwarder = Forwarder(settings, shards, [f"obs-{tag}-producer-0"])
+        names = [f"obs-{tag}-producer-{i}" for i in range(producers)]
+        self.forwarder = Forwarder(settings, shards, names)
         self.server = HealthServer(lambda: self.forwarder.snapshot, 0)
         self._poller: asyncio.Task[None] | None = None
 
@@ -140,8 +144,8 @@ async def test_metrics_count_what_the_simulator_sent(kafka_broker, kafka_topics)
     assert sum(received.values()) - sum(dedup.values()) == len(sent)
     assert forwarded == emitted  # by channel, after the drain
     assert sum(_by(samples, "ray_forwarder_events_dropped_total", "channel").values()) == 0
-    assert _by(samples, "ray_forwarder_shard_subscribed", "shard").most_common(1)[0][1] == 1
-    assert _by(samples, "ray_forwarder_producer_ready", "producer").total() == 1
+    assert _by(samples, "ray_forwarder_subscribed", "shard").most_common(1)[0][1] == 1
+    assert _by(samples, "ray_forwarder_kafka_ready", "producer").total() == 1
     # Latency histograms: one publish and one receive->ack observation per acknowledged
     # batch (the producer counts the same batches), event->ack by channel, never symbol.
     publish = _by(samples, "ray_forwarder_publish_latency_seconds_count", "shard")
@@ -309,25 +313,155 @@ async def test_ray_metrics_export_has_the_actor_metrics(kafka_broker, kafka_topi
     print(f"ray metrics export: {len(names)} ray_forwarder_* series names after {waited:.1f}s")
 
 
-def test_dashboard_queries_only_metrics_the_actors_export() -> None:
+def _dashboard() -> dict[str, Any]:
     import json
-    import re
     from pathlib import Path
 
-    import ray_forwarder.metrics as metrics
-
     root = Path(__file__).resolve().parents[1]
-    dashboard = json.loads((root / "dashboards" / "ray-forwarder.json").read_text())
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
-    used = {re.sub(r"_(total|bucket|count|sum)$", "", m)
-            for e in exprs for m in re.findall(r"ray_forwarder_\w+", e)}  # fmt: skip
-    source = Path(metrics.__file__).read_text()
-    defined = {EXPORT_PREFIX + n for n in re.findall(r'"((?:shard|producer)_\w+)"', source)}
-    assert used and used <= defined, used - defined
-    histograms = {EXPORT_PREFIX + ray_name for ray_name, _ in metrics.LATENCY_KINDS.values()}
+    return json.loads((root / "dashboards" / "ray-forwarder.json").read_text())
+
+
+def _panel_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every panel target."""
+    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def _idle_lane_tag(symbol: str, producers: int) -> str:
+    """A run tag whose shard id (the key of status records) maps to the same producer lane
+    as `symbol`, so that every record goes through one producer and the other stays idle
+    (only an idle producer probes Kafka, hence counts probe failures)."""
+    from ray_forwarder.outbox import stable_slot
+
+    while True:
+        tag = uuid.uuid4().hex[:8]
+        if stable_slot(f"obs-{tag}-0".encode(), producers) == stable_slot(
+            symbol.encode(), producers
+        ):
+            return tag
+
+
+@pytest.mark.timeout(600)  # a broker outage and Ray's ~10 s export cycle, on a loaded box
+async def test_dashboard_panels_evaluate_against_real_scrapes(kafka_broker, kafka_topics) -> None:
+    """Every panel's query, read against what Prometheus would hold: the driver's /metrics
+    and Ray's metrics export of a running forwarder that went through the faults the
+    panels show (malformed frames, a feed error and reconnect, a Kafka outage with drops,
+    failed and re-sent batches, failed probes). Each selector must find series, with the
+    labels the query uses, from ONE source; no name is exported by both; every forwarder
+    series in either scrape is in the catalogue under its source, type and labels; and the
+    stat panels' sums count each shard once."""
+    from ray_forwarder.metric_catalogue import BY_NAME, CATALOGUE
+    from tests.dashboard_queries import (
+        evaluate,
+        grouping_labels,
+        label_values,
+        parse_scrape,
+        selectors,
+        substitute,
+    )
+
+    dashboard = _dashboard()
+    queries = _panel_queries(dashboard)
+    used = {sel.name for _, expr in queries for sel in selectors(expr)}
+    symbol = "SPY"
+    tag = _idle_lane_tag(symbol, 2)
+    local = kafka_broker.local
+    assert local is not None, "this test stops and starts the session's local broker"
+    with _sim(symbols=[symbol], rate=400, duplicate_ratio=0.05) as sim:
+        settings = forwarder_settings(
+            kafka_broker, kafka_topics, sim, alpaca_symbols=symbol,
+            buffer_max_events=100, spool_max_bytes=0, kafka_request_timeout_ms=3000,
+        )  # fmt: skip
+        # Topics exist before the start: a 3 s request timeout leaves no room for creation.
+        topics = sorted(set(topic_map(settings).values()))
+        await create_topics(topics, bootstrap_servers=kafka_broker.bootstrap_servers)
+        async with Running(settings, tag=tag, producers=2) as run:
+            snap = lambda: run.forwarder.snapshot  # noqa: E731
+            await _until(lambda: snap().shards and sum(snap().total("acked").values()) > 50,
+                         60, "records acknowledged")  # fmt: skip
+            sim.inject_malformed(2)
+            sim.send_error(500, "injected by the test")  # and closes: a reconnect
+            await _until(lambda: snap().shards[0]["reconnects"] >= 1
+                         and snap().shards[0]["skipped"] and snap().shards[0]["subscribed"],
+                         60, "the reconnect after the feed error")  # fmt: skip
+
+            def outage() -> dict[str, int]:
+                return {
+                    "dropped": sum(snap().total("dropped").values()),
+                    "batches_failed": snap().shards[0]["batches_failed"],
+                    "kafka_errors": sum(p["errors"] for p in snap().producers),
+                    "probe_failures": sum(p["probe_failures"] for p in snap().producers),
+                }
+
+            await asyncio.to_thread(local.stop_broker)
+            try:
+                what = "drops, failed batches and failed probes while Kafka is down"
+                await _until(lambda: all(outage().values()), 90, what)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: {outage()}") from None
+            finally:
+                await asyncio.to_thread(local.start_broker)
+            await _until(lambda: snap().shards[0]["batches_resent"] > 0, 90, "re-sent batches")
+            [shard] = [s["shard_id"] for s in snap().shards]
+            variables = {"shard": re.escape(shard), "channel": ".*"}
+            needed = {BY_NAME[n.removesuffix("_total").removesuffix("_bucket")].name
+                      for n in used}  # fmt: skip
+            started = time.monotonic()
+            ray_text = ""
+            async for ray_text in _ray_metrics_text():  # Ray reports every ~10 s
+                present = {name for name, family in parse_scrape(ray_text, "ray").items()
+                           if any(s.labels.get("shard") in (shard, None)
+                                  for s in family.samples)}  # fmt: skip
+                if needed <= present or time.monotonic() - started > 60:
+                    break
+                await asyncio.sleep(1.0)
+            status, driver_text = await run.get("/metrics")
+    assert status == 200
+    driver = parse_scrape(driver_text, "driver")
+    ray_families = parse_scrape(ray_text, "ray")
+    # Nothing is exported by both sources; each series is in the catalogue as its source's.
+    assert not set(driver) & set(ray_families), set(driver) & set(ray_families)
+    for families, source in ((driver, "driver"), (ray_families, "actor")):
+        for name, family in families.items():
+            entry = BY_NAME.get(name)
+            assert entry is not None and entry.source == source, (name, source)
+            assert family.kind == entry.kind, name
+            for sample in family.samples:
+                labels = set(sample.labels) - {"le"}
+                if source == "driver":
+                    assert labels == set(entry.labels), name
+                else:  # Ray adds its own (WorkerId, NodeAddress, SessionName, ...)
+                    assert set(entry.labels) <= labels, name
+    assert {m.name for m in CATALOGUE if m.source == "driver"} <= set(driver)
+    # Every panel query: its selectors find this run's series, from one source only, with
+    # every label the query groups by.
+    samples = [s for f in (*driver.values(), *ray_families.values()) for s in f.samples]
+    for title, expr in queries:
+        expr = substitute(expr, variables)
+        for selector in selectors(expr):
+            found = selector.select(samples)
+            assert found, f"{title}: no series for {selector}"
+            assert len({s.source for s in found}) == 1, f"{title}: {selector.name} twice"
+            missing = grouping_labels(expr) - set(found[0].labels)
+            assert not missing, f"{title}: {selector.name} has no label {missing}"
+    for variable in dashboard["templating"]["list"]:
+        query = label_values(variable.get("definition", ""))
+        if query is not None:
+            name, label = query
+            assert any(label in s.labels for s in samples if s.name == name), variable["name"]
+    # The stat panels count each shard and state once (a bridged copy would double them).
+    results = {expr: evaluate(substitute(expr, variables), samples) for _, expr in queries}
+    stat_panels = {"Shards subscribed": {(): 1.0}, "Connection state": {(shard, "subscribed"): 1.0}}
+    checked = [(t, e) for t, e in queries if t in stat_panels]
+    assert len(checked) == 3, checked  # sum and count of subscribed shards, and the states
+    for title, expr in checked:
+        assert results[expr] == stat_panels[title], (title, expr, results[expr])
+    histograms = {f"ray_forwarder_{name}_bucket" for name, _ in LATENCY_KINDS.values()}
     assert histograms <= used, histograms - used  # every latency histogram has a panel
-    assert EXPORT_PREFIX + "shard_overflowing" in used
+    assert "ray_forwarder_shard_overflowing" in used
+    print(
+        f"dashboard: {len(queries)} queries checked against {len(driver)} driver and "
+        f"{len(ray_families)} actor families after {time.monotonic() - started:.1f}s"
+    )
 
 
 def test_state_change_log_lines_carry_shard_context(capsys) -> None:

@@ -16,7 +16,7 @@ from tests.kafka_fixture import consume_all, create_topics
 
 
 def test_producer_options_are_idempotent_acks_all_and_compressed() -> None:
-    options = producer_options(load_settings(producer_linger_ms=7))
+    options = producer_options(load_settings(producer_linger_ms=7)).kwargs
     assert options["enable_idempotence"] is True
     assert options["acks"] == "all"
     assert options["linger_ms"] == 7

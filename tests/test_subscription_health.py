@@ -28,7 +28,7 @@ async def test_healthz_is_degraded_and_the_gauge_counts_pairs_the_feed_never_ser
             [shard_id] = [spec.shard_id for spec in run.forwarder.shards]
 
             def unserved() -> float:
-                for labels, value in samples.get("ray_forwarder_shard_unserved_subscriptions", []):
+                for labels, value in samples.get("ray_forwarder_unserved_subscriptions", []):
                     if labels.get("shard") == shard_id:
                         return value
                 return 0.0

@@ -256,7 +256,7 @@ class Baseline:
 
 
 async def run(settings: Settings, expect: int, idle_timeout: float) -> dict[str, Any]:
-    producer = AIOKafkaProducer(**producer_options(settings))
+    producer = producer_options(settings).create_producer()
     await producer.start()
     key, secret = settings.require_credentials()
     subscriptions = dict.fromkeys(settings.alpaca_channels, settings.alpaca_symbols)

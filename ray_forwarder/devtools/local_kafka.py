@@ -3,6 +3,9 @@
 The broker jars come from Maven Central (`org.apache.kafka:kafka_2.13`) through `mvn` and are
 cached per version; the broker runs as a plain `java` process on loopback ports with three
 listeners: PLAINTEXT, SASL_PLAINTEXT (SCRAM-SHA-512, like Strimzi) and the KRaft CONTROLLER.
+With `tls=True` it adds SSL (mutual TLS: a client certificate is required) and SASL_SSL
+(SCRAM-SHA-512 over TLS), like Strimzi's `tls: true` listeners, with PEM certificates
+generated at start (`devtools/certs.py`).
 
     with LocalKafka() as kafka:
         print(kafka.bootstrap_servers)          # "127.0.0.1:<port>"
@@ -29,6 +32,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -39,6 +43,8 @@ from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from ray_forwarder.devtools.certs import TlsFiles, generate_tls_files
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +73,14 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class KafkaPorts:
-    """The three loopback ports; kept across broker restarts so clients can reconnect."""
+    """The loopback ports; kept across broker restarts so clients can reconnect.
+    `ssl` and `sasl_ssl` are None for a broker without TLS listeners."""
 
     plaintext: int
     sasl: int
     controller: int
+    ssl: int | None = None
+    sasl_ssl: int | None = None
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -272,18 +281,46 @@ def _pom_xml(kafka_version: str) -> str:
 """
 
 
-def _server_properties(ports: KafkaPorts, data_dir: Path) -> str:
+def _listeners(ports: KafkaPorts) -> dict[str, int]:
+    """Listener name -> port (the name is also its security protocol, except CONTROLLER)."""
+    listeners = {"PLAINTEXT": ports.plaintext, "CONTROLLER": ports.controller,
+                 "SASL_PLAINTEXT": ports.sasl}  # fmt: skip
+    if ports.ssl is not None and ports.sasl_ssl is not None:
+        listeners |= {"SSL": ports.ssl, "SASL_SSL": ports.sasl_ssl}
+    return listeners
+
+
+def _tls_properties(tls: TlsFiles) -> dict[str, str]:
+    """PEM key store and trust store (Kafka >= 2.7 reads PEM files directly); the SSL
+    listener demands a client certificate signed by the CA, SASL_SSL authenticates by SCRAM."""
+    return {
+        "ssl.keystore.type": "PEM",
+        "ssl.keystore.location": str(tls.server_keystore),
+        "ssl.truststore.type": "PEM",
+        "ssl.truststore.location": str(tls.ca_cert),
+        "listener.name.ssl.ssl.client.auth": "required",
+        "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        ),
+    }
+
+
+def _server_properties(ports: KafkaPorts, data_dir: Path, tls: TlsFiles | None = None) -> str:
     """Single-node KRaft config tuned for a fast start and small disk use, not for durability."""
-    p, s, c = ports.plaintext, ports.sasl, ports.controller
+    c = ports.controller
+    listeners = _listeners(ports)
+    advertised = {name: port for name, port in listeners.items() if name != "CONTROLLER"}
     settings = {
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.bootstrap.servers": f"{HOST}:{c}",
-        "listeners": f"PLAINTEXT://{HOST}:{p},CONTROLLER://{HOST}:{c},SASL_PLAINTEXT://{HOST}:{s}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{p},SASL_PLAINTEXT://{HOST}:{s}",
+        "listeners": ",".join(f"{name}://{HOST}:{port}" for name, port in listeners.items()),
+        "advertised.listeners": ",".join(
+            f"{name}://{HOST}:{port}" for name, port in advertised.items()
+        ),
         "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": (
-            "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT"
+        "listener.security.protocol.map": ",".join(
+            f"{name}:{'PLAINTEXT' if name == 'CONTROLLER' else name}" for name in listeners
         ),
         "inter.broker.listener.name": "PLAINTEXT",
         "sasl.enabled.mechanisms": SCRAM_MECHANISM,
@@ -322,6 +359,8 @@ def _server_properties(ports: KafkaPorts, data_dir: Path) -> str:
         "offsets.topic.segment.bytes": str(16 * 1024 * 1024),
         "transaction.state.log.segment.bytes": str(16 * 1024 * 1024),
     }
+    if tls is not None:
+        settings |= _tls_properties(tls)
     return "".join(f"{key}={value}\n" for key, value in settings.items())
 
 
@@ -352,9 +391,11 @@ async def probe_metadata(
     *,
     username: str | None = None,
     password: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     timeout: float = 3.0,
 ) -> int:
-    """Send one Metadata request (over SCRAM-SHA-512 when a user is given); return broker count.
+    """Send one Metadata request (over SCRAM-SHA-512 when a user is given, over TLS with an
+    `ssl_context`); return the broker count.
 
     Raises aiokafka's own errors, so an authentication failure surfaces as
     `SaslAuthenticationFailed` rather than a generic "unable to bootstrap".
@@ -363,16 +404,19 @@ async def probe_metadata(
     from aiokafka.protocol.metadata import MetadataRequest
 
     host, _, port = bootstrap.rpartition(":")
-    sasl: dict[str, Any] = {}
+    security: dict[str, Any] = {}
+    if ssl_context is not None:
+        security = {"security_protocol": "SSL", "ssl_context": ssl_context}
     if username is not None:
-        sasl = {
-            "security_protocol": "SASL_PLAINTEXT",
+        security |= {
+            "security_protocol": "SASL_SSL" if ssl_context is not None else "SASL_PLAINTEXT",
             "sasl_mechanism": SCRAM_MECHANISM,
             "sasl_plain_username": username,
             "sasl_plain_password": password,
         }
     conn = await asyncio.wait_for(
-        create_conn(host, int(port), request_timeout_ms=int(timeout * 1000), **sasl), timeout
+        create_conn(host, int(port), request_timeout_ms=int(timeout * 1000), **security),
+        timeout,
     )
     try:
         response = await asyncio.wait_for(conn.send(MetadataRequest([])), timeout)
@@ -419,6 +463,7 @@ class LocalKafka:
     ports: KafkaPorts | None = None
     background: bool = False
     keep_work_dir: bool = False
+    tls: bool = False
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _own_work_dir: bool = field(default=False, init=False, repr=False)
     _log_offset: int = field(default=0, init=False, repr=False)
@@ -463,6 +508,37 @@ class LocalKafka:
         return f"{HOST}:{self._ports().sasl}"
 
     @property
+    def ssl_bootstrap_servers(self) -> str:
+        """SSL listener (mutual TLS: a client certificate signed by `tls_files.ca_cert`)."""
+        return f"{HOST}:{self._tls_port('ssl')}"
+
+    @property
+    def sasl_ssl_bootstrap_servers(self) -> str:
+        """SASL_SSL listener (SCRAM-SHA-512 over TLS; no client certificate needed)."""
+        return f"{HOST}:{self._tls_port('sasl_ssl')}"
+
+    @property
+    def tls_files(self) -> TlsFiles:
+        """The CA, server keystore and client certificate of the TLS listeners."""
+        if not self.tls:
+            raise LocalKafkaError("this broker has no TLS listeners (LocalKafka(tls=True))")
+        directory = self._work() / "tls"
+        return TlsFiles(
+            ca_cert=directory / "ca.crt",
+            server_keystore=directory / "server-keystore.pem",
+            client_cert=directory / "user.crt",
+            client_key=directory / "user.key",
+        )
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """Trusts the local CA and presents the client certificate (accepted by both TLS
+        listeners; SASL_SSL does not ask for it)."""
+        files = self.tls_files
+        context = ssl.create_default_context(cafile=str(files.ca_cert))
+        context.load_cert_chain(str(files.client_cert), str(files.client_key))
+        return context
+
+    @property
     def pid(self) -> int | None:
         """The broker JVM's pid while it runs."""
         return self._proc.pid if self.is_running() else None
@@ -475,6 +551,12 @@ class LocalKafka:
         if self.ports is None:
             raise LocalKafkaError("the broker has no ports yet; call start() first")
         return self.ports
+
+    def _tls_port(self, name: str) -> int:
+        port = getattr(self._ports(), name)
+        if not self.tls or port is None:
+            raise LocalKafkaError("this broker has no TLS listeners (LocalKafka(tls=True))")
+        return int(port)
 
     def _work(self) -> Path:
         if self.work_dir is None:
@@ -630,9 +712,16 @@ class LocalKafka:
         for sub in ("config", "data", "logs"):
             (work / sub).mkdir(parents=True, exist_ok=True)
         if self.ports is None:
-            self.ports = KafkaPorts(*free_ports(3))
+            self.ports = KafkaPorts(*free_ports(5 if self.tls else 3))
+        tls: TlsFiles | None = None
+        if self.tls:
+            if self.ports.ssl is None or self.ports.sasl_ssl is None:
+                raise LocalKafkaError("tls=True needs KafkaPorts with ssl and sasl_ssl ports")
+            tls = self.tls_files
+            if not tls.server_keystore.is_file():  # once per work dir: restarts keep them
+                generate_tls_files(tls.ca_cert.parent)
         (work / "config" / "server.properties").write_text(
-            _server_properties(self.ports, work / "data")
+            _server_properties(self.ports, work / "data", tls)
         )
         (work / "config" / "log4j2.properties").write_text(_log4j2_properties(self.broker_log))
         if not self._formatted():
@@ -697,7 +786,7 @@ class LocalKafka:
                 _LIVE.add(self)
 
     def _wait_ready(self, timeout: float) -> None:
-        """Poll both listeners with real metadata requests until they list this broker."""
+        """Poll every listener with real metadata requests until they list this broker."""
         deadline = time.monotonic() + timeout
         last_error = _run_sync(self._poll_ready(deadline))
         if last_error is None:
@@ -712,15 +801,26 @@ class LocalKafka:
     async def _poll_ready(self, deadline: float) -> str | None:
         """None once ready, else the last probe error when the deadline passed or the JVM died."""
         last_error = "no attempt"
-        targets: list[tuple[str, str | None]] = [
-            (self.bootstrap_servers, None),
-            (self.sasl_bootstrap_servers, self.scram_username),
+        targets: list[tuple[str, str | None, ssl.SSLContext | None]] = [
+            (self.bootstrap_servers, None, None),
+            (self.sasl_bootstrap_servers, self.scram_username, None),
         ]
+        if self.tls:
+            context = self.client_ssl_context()
+            targets += [
+                (self.ssl_bootstrap_servers, None, context),
+                (self.sasl_ssl_bootstrap_servers, self.scram_username, context),
+            ]
         while True:
-            for bootstrap, user in list(targets):
+            for target in list(targets):
+                bootstrap, user, context = target
                 try:
                     brokers = await probe_metadata(
-                        bootstrap, username=user, password=self.scram_password, timeout=2.0
+                        bootstrap,
+                        username=user,
+                        password=self.scram_password,
+                        ssl_context=context,
+                        timeout=2.0,
                     )
                 except Exception as exc:
                     last_error = f"{bootstrap}: {type(exc).__name__}: {exc}"
@@ -728,7 +828,7 @@ class LocalKafka:
                 if brokers < 1:
                     last_error = f"{bootstrap}: metadata lists no broker yet"
                     break
-                targets.remove((bootstrap, user))
+                targets.remove(target)
             if not targets:
                 return None
             if self._proc is None or self._proc.poll() is not None:
