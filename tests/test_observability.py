@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray_forwarder.driver import Forwarder, plan_shards
 from ray_forwarder.http import HealthServer
 from ray_forwarder.metrics import EXPORT_PREFIX
-from ray_forwarder.sim import SimConfig, SimulatorThread
+from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET, forwarder_settings, read_back
 
 SYMBOLS = ["SPY", "QQQ", "AAPL", "MSFT", "NVDA", "AMZN"]

@@ -7,7 +7,7 @@ listeners: PLAINTEXT, SASL_PLAINTEXT (SCRAM-SHA-512, like Strimzi) and the KRaft
     with LocalKafka() as kafka:
         print(kafka.bootstrap_servers)          # "127.0.0.1:<port>"
 
-Command line: `python -m ray_forwarder.devtools.local_kafka start|stop|status|fetch`.
+Command line: `python -m ray_forwarder_dev.local_kafka start|stop|status|fetch`.
 """
 
 from __future__ import annotations
@@ -894,7 +894,7 @@ def _cli_fetch(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ray_forwarder.devtools.local_kafka",
+        prog="python -m ray_forwarder_dev.local_kafka",
         description="Run a local single-node Apache Kafka broker (KRaft) without Docker.",
     )
     parser.add_argument("command", choices=["start", "stop", "status", "fetch"])
