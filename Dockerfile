@@ -46,9 +46,10 @@ RUN --mount=from=uv,source=/uv,target=/usr/local/bin/uv \
     && rm /tmp/requirements.txt \
     && python -c "import ray, sys; assert ray.__version__ == '2.60.0', ray.__version__; assert sys.version_info[:2] == (3, 11), sys.version"
 
-# 2. The package itself (no dependencies: they are all installed above). When the
-#    development tools (simulator, local Kafka, demo, bench) move out of `ray_forwarder`,
-#    only the runtime package is copied here; .dockerignore lists what the image may see.
+# 2. The package itself (no dependencies: they are all installed above). The development
+#    tools (simulator, local Kafka, demo, bench) are a separate package in devtools/, in the
+#    dev group only: neither the export above nor this copy includes them, and .dockerignore
+#    lists what the image may see.
 COPY --chown=1000:100 README.md ./
 COPY --chown=1000:100 ray_forwarder ./ray_forwarder
 RUN python -m pip install --no-deps . \

@@ -1,12 +1,19 @@
-"""Command line: `ray-forwarder [run]`, `ray-forwarder demo`, `ray-forwarder schema`."""
+"""Command line: `ray-forwarder [run]`, `ray-forwarder demo`, `ray-forwarder schema`.
+
+`demo` and `bench` live in the development tools (`ray_forwarder_dev`, a package of its own
+under devtools/ that `uv sync` installs in a clone); the wheel and the image do not carry
+them, so there these two commands say so in one line instead of failing on an import.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import math
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import orjson
 
@@ -14,11 +21,41 @@ from ray_forwarder import logs
 from ray_forwarder.config import ConfigError, load_settings
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+DEV_TOOLS_PACKAGE = "ray_forwarder_dev"
+DEV_COMMANDS = ("demo", "bench")
+
+
+def dev_tool(name: str) -> ModuleType | None:
+    """`ray_forwarder_dev.<name>`, or None where the development tools are not installed.
+
+    Only the package's own absence counts: a missing dependency inside it still raises.
+    """
+    try:
+        importlib.import_module(DEV_TOOLS_PACKAGE)
+    except ModuleNotFoundError as exc:
+        if exc.name != DEV_TOOLS_PACKAGE:
+            raise
+        return None
+    return importlib.import_module(f"{DEV_TOOLS_PACKAGE}.{name}")
+
+
+def not_installed_message(command: str) -> str:
+    return (
+        f"ray-forwarder: the {command} is a development tool, not installed here: "
+        f"run it from a clone of the repository (`uv run ray-forwarder {command}`)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # parse_known_args: without the development tools `bench` has no options to parse, and
+    # its command line must reach the one-line message below rather than a usage error.
+    args, unknown = parser.parse_known_args(argv)
+    if args.command in DEV_COMMANDS and dev_tool(args.command) is None:
+        print(not_installed_message(args.command), file=sys.stderr)
+        return EXIT_CONFIG
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not args.command:
         args.duration = None
     command = args.command or "run"
@@ -26,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "run":
             return _run(args)
         if command == "demo":
-            from ray_forwarder.demo import DemoOptions, run_demo
+            from ray_forwarder_dev.demo import DemoOptions, run_demo
 
             return run_demo(
                 DemoOptions(
@@ -38,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         if command == "bench":
-            from ray_forwarder.bench import run_from_args
+            from ray_forwarder_dev.bench import run_from_args
 
             return run_from_args(args)
         if command == "plan":
@@ -71,15 +108,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=2000.0, help="simulated items/s (2000)")
     demo.add_argument("--wire-format", choices=["json", "msgpack"], default="msgpack")
     demo.add_argument("--duplicate-ratio", type=float, default=0.01)
-    from ray_forwarder import bench as bench_module
-
+    bench_module = dev_tool("bench")
     bench = sub.add_parser(
         "bench",
         help="benchmark against a single-process baseline",
-        description=bench_module.__doc__,
+        description=bench_module.__doc__ if bench_module else not_installed_message("bench"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench_module.add_arguments(bench)
+    if bench_module is not None:
+        bench_module.add_arguments(bench)
     sub.add_parser("plan", help="print the shard plan (key ids masked) without connecting")
     schema = sub.add_parser("schema", help="print (or write) the envelope JSON Schema")
     schema.add_argument("--output", type=Path, default=None)

@@ -9,8 +9,8 @@ from typing import Any
 
 from ray_forwarder.config import Settings, load_settings
 from ray_forwarder.driver import RunResult, run_forwarder
-from ray_forwarder.sim import SimulatorThread
 from ray_forwarder.topics import topic_map
+from ray_forwarder_dev.sim import SimulatorThread
 from tests.kafka_fixture import ConsumedRecord, TopicNames, consume_all
 
 SIM_KEY, SIM_SECRET = "sim-key", "sim-secret"

@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from ray_forwarder.devtools.certs import TlsFiles
-from ray_forwarder.devtools.local_kafka import SCRAM_MECHANISM, LocalKafka, LocalKafkaError
+from ray_forwarder_dev.certs import TlsFiles
+from ray_forwarder_dev.local_kafka import SCRAM_MECHANISM, LocalKafka, LocalKafkaError
 
 _KAFKA_FIXTURES = {"kafka_broker", "kafka_topics"}
 _prefetch_error: BaseException | None = None

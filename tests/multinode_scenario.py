@@ -22,8 +22,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from ray_forwarder.driver import Forwarder
-from ray_forwarder.sim import SimConfig, SimulatorThread
 from ray_forwarder.topics import topic_map
+from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from tests.forwarder_harness import forwarder_settings, read_back, run_until
 from tests.stream_checks import canonical, decode_and_check
 

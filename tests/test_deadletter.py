@@ -301,8 +301,8 @@ async def test_one_dead_letter_status_event_per_episode_and_counted_in_metrics(
     from ray_forwarder.driver import plan_shards
     from ray_forwarder.http import SnapshotCollector
     from ray_forwarder.shard import ShardCore
-    from ray_forwarder.sim import SimConfig, SimulatorThread
     from ray_forwarder.stats import ForwarderSnapshot
+    from ray_forwarder_dev.sim import SimConfig, SimulatorThread
     from tests.forwarder_harness import SIM_KEY, SIM_SECRET
 
     monkeypatch.setattr(shard_module, "_DEAD_LETTER_EPISODE_S", 0.5)

@@ -7,7 +7,10 @@
 - the exact `uv export` the Dockerfile runs resolves from uv.lock and installs with
   `--no-deps --require-hashes` into a clean Python 3.11 venv (plus `ray`, which the base image
   provides), after which the package installs without dependencies and its CLI imports: the
-  Docker build's two install steps, without Docker.
+  Docker build's two install steps, without Docker;
+- the image carries none of the development tools (`ray_forwarder_dev` under devtools/: the
+  simulator, local Kafka, demo, bench, load generator): they are not in that export, not in
+  the wheel, not admitted by .dockerignore, and there `ray-forwarder demo` says so in a line.
 """
 
 from __future__ import annotations
@@ -18,14 +21,22 @@ import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
+from ray_forwarder.cli import not_installed_message
 from tests.test_manifests import IMAGE_GID, IMAGE_UID, lock_ray_version, split_image
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
+#: How the development tools would show up in a requirements file, a wheel or a build context.
+DEV_PROJECT, DEV_PACKAGE = "ray-forwarder-dev", "ray_forwarder_dev"
+#: Where they lived inside the runtime package before they moved out of it.
+DEV_MODULES_IN_RUNTIME = tuple(
+    f"ray_forwarder/{name}" for name in ("sim/", "devtools/", "bench/", "loadgen/", "demo.py")
+)
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -146,6 +157,11 @@ def test_locked_requirements_install_into_a_clean_venv(tmp_path):
     run(uv, *args, "--output-file", str(requirements))
     assert "--hash=sha256:" in requirements.read_text()
     assert not re.search(r"^ray==", requirements.read_text(), re.MULTILINE)
+    # The development tools are in the dev group only: out of this export, in the full one.
+    assert not re.search(r"^-e|devtools|ray-forwarder-dev", requirements.read_text(), re.M)
+    with_dev = tmp_path / "with-dev.txt"
+    run(uv, *[a for a in args if a != "--no-dev"], "--output-file", str(with_dev))
+    assert re.search(r"^-e \./devtools$", with_dev.read_text(), re.MULTILINE)
     venv = tmp_path / "venv"
     run(uv, "venv", "--quiet", "--python", "3.11", str(venv))
     python = str(venv / "bin" / "python")
@@ -176,3 +192,48 @@ def test_locked_requirements_install_into_a_clean_venv(tmp_path):
     run(uv, "pip", "install", "--quiet", "--python", python, "--no-deps", str(REPO))
     run(python, "-c", "import ray_forwarder.cli, ray_forwarder.actors")
     run(uv, "pip", "check", "--python", python)
+    # What the image then has: no development tools, and a one-line answer for `demo`.
+    missing = subprocess.run(
+        [python, "-c", f"import {DEV_PACKAGE}"], capture_output=True, text=True, check=False
+    )
+    assert f"No module named '{DEV_PACKAGE}'" in missing.stderr
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import ray_forwarder; print(ray_forwarder.__path__[0])"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    )  # fmt: skip
+    assert (site / "cli.py").is_file()
+    assert not [m for m in DEV_MODULES_IN_RUNTIME if (site.parent / m).exists()]
+    demo = subprocess.run(
+        [python, "-m", "ray_forwarder", "demo"], capture_output=True, text=True, timeout=120,
+        check=False, env=env,
+    )  # fmt: skip
+    assert (demo.returncode, demo.stderr.splitlines()) == (2, [not_installed_message("demo")])
+
+
+def test_wheel_carries_no_development_tools(tmp_path):
+    result = subprocess.run(
+        [tool("uv"), "build", "--wheel", "--out-dir", str(tmp_path), str(REPO)],
+        capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "UV_NO_PROGRESS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("ray_forwarder-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "ray_forwarder/cli.py" in names
+    dev = [n for n in names if n.startswith((*DEV_MODULES_IN_RUNTIME, f"{DEV_PACKAGE}/"))]
+    assert dev == []
+
+
+def test_build_context_admits_no_development_tools():
+    """.dockerignore is an allow-list: everything out, then the runtime package back in."""
+    lines = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*"
+    admitted = [line[1:].strip("/") for line in lines if line.startswith("!")]
+    assert "ray_forwarder" in admitted
+    assert not [a for a in admitted if a.split("/")[0] in ("devtools", DEV_PACKAGE, "tests")]

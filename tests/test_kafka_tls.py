@@ -16,10 +16,10 @@ from aiokafka import AIOKafkaProducer
 from cryptography.hazmat.primitives import serialization
 
 from ray_forwarder.config import ConfigError, load_settings
-from ray_forwarder.devtools.certs import generate_ca
 from ray_forwarder.kafka_tls import ssl_context
 from ray_forwarder.producer import KafkaSink, KafkaStartError, producer_options
-from ray_forwarder.sim import SimConfig, SimulatorThread
+from ray_forwarder_dev.certs import generate_ca
+from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET, forwarder_settings, read_back, run_until
 from tests.kafka_fixture import KafkaBroker, consume_all
 
@@ -212,7 +212,7 @@ async def test_forwarder_with_a_wrong_ca_stops_with_a_clear_error(
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
-    from ray_forwarder.devtools.certs import generate_tls_files
+    from ray_forwarder_dev.certs import generate_tls_files
 
     return generate_tls_files(tmp_path_factory.mktemp("tls"))
 

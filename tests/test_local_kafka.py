@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
-from ray_forwarder.devtools.local_kafka import (
+from ray_forwarder_dev.local_kafka import (
     MARKER_NAME,
     KafkaPorts,
     LocalKafka,

@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray_forwarder.driver import Forwarder, plan_shards
 from ray_forwarder.http import HealthServer
 from ray_forwarder.metrics import EXPORT_PREFIX, LATENCY_KINDS
-from ray_forwarder.sim import SimConfig, SimulatorThread
 from ray_forwarder.topics import topic_map
+from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET, forwarder_settings, read_back
 from tests.kafka_fixture import create_topics
 

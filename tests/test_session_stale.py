@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from ray_forwarder.session import AlpacaSession, SessionConfig
-from ray_forwarder.sim import SimConfig, Simulator
+from ray_forwarder_dev.sim import SimConfig, Simulator
 
 KEY, SECRET = "sim-key", "sim-secret"
 

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from ray_forwarder.config import load_settings
-from ray_forwarder.sim import SimConfig, SimulatorThread
 from ray_forwarder.topics import routed_topics, topic_map
+from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET
 from tests.kafka_fixture import consume_all, create_topics
 from tests.stream_checks import canonical, decode_and_check

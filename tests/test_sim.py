@@ -16,7 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 from websockets.sync.client import connect as sync_connect
 
-from ray_forwarder.sim import Market, MarketConfig, SimConfig, Simulator, SimulatorThread
+from ray_forwarder_dev.sim import Market, MarketConfig, SimConfig, Simulator, SimulatorThread
 
 KEY, SECRET = "sim-key", "sim-secret"
 MSGPACK = {"Content-Type": "application/msgpack"}
@@ -534,7 +534,7 @@ async def test_duplicates_are_marked_and_byte_identical(wire: str) -> None:
 
 
 def _msgpack_item(item: dict[str, Any]) -> bytes:
-    from ray_forwarder.sim import encode_msgpack_item
+    from ray_forwarder_dev.sim import encode_msgpack_item
 
     return encode_msgpack_item(item)
 

@@ -11,7 +11,7 @@ import orjson
 
 from ray_forwarder.market_clock import MarketClock, alpaca_fetcher
 from ray_forwarder.session import AlpacaSession, SessionConfig
-from ray_forwarder.sim import SimConfig, Simulator
+from ray_forwarder_dev.sim import SimConfig, Simulator
 from tests.test_subscription_check import Recorder
 
 KEY, SECRET = "sim-key", "sim-secret"

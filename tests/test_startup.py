@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from ray_forwarder.config import ConfigError, load_settings
-from ray_forwarder.sim import SimConfig, SimulatorThread
 from ray_forwarder.topics import prepare_topics, topic_map
+from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET
 from tests.kafka_fixture import create_topics
 

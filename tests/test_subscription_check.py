@@ -9,8 +9,8 @@ import contextlib
 from typing import Any
 
 from ray_forwarder.session import AlpacaSession, SessionConfig
-from ray_forwarder.sim import SimConfig, Simulator
 from ray_forwarder.stats import ForwarderSnapshot
+from ray_forwarder_dev.sim import SimConfig, Simulator
 
 KEY, SECRET = "sim-key", "sim-secret"
 QUICK_RETRIES = (0.05, 0.1, 0.2)

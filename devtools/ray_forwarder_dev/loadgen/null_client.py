@@ -1,4 +1,4 @@
-"""`python -m ray_forwarder.loadgen.null_client URL`: subscribes to everything, reads every
+"""`python -m ray_forwarder_dev.loadgen.null_client URL`: subscribes to everything, reads every
 frame and discards it, until the feed closes. It measures the load generator's ceiling: what
 it can push when the reader costs next to nothing. Prints one JSON line at the end."""
 
@@ -12,8 +12,8 @@ import orjson
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from ray_forwarder.loadgen.feed import BENCH_CHANNELS
 from ray_forwarder.protocol.codec import connection_headers, encode_auth, encode_subscribe
+from ray_forwarder_dev.loadgen.feed import BENCH_CHANNELS
 
 
 async def read_all(url: str, wire_format: str) -> dict[str, float]:
@@ -39,7 +39,7 @@ async def read_all(url: str, wire_format: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ray_forwarder.loadgen.null_client")
+    parser = argparse.ArgumentParser(prog="python -m ray_forwarder_dev.loadgen.null_client")
     parser.add_argument("url")
     parser.add_argument("--wire-format", choices=["json", "msgpack"], default="json")
     args = parser.parse_args(argv)

@@ -1,13 +1,13 @@
 """`ray-forwarder bench`: the forwarder on Ray against the best single-process forwarder.
 
 Every run has three kinds of process, each on its own: the load generator
-(`python -m ray_forwarder.loadgen`), which builds and encodes its whole feed before the clock
+(`python -m ray_forwarder_dev.loadgen`), which builds and encodes its whole feed before the clock
 starts and then replays it over a real WebSocket in Alpaca's protocol (greeting, auth,
 subscription reply, data); the system under test, configured by the product's own
 environment variables; and this process, which only starts them, samples their CPU and
 memory with psutil, and reads Kafka afterwards. Systems:
 
-* `baseline`: `python -m ray_forwarder.bench.baseline`, one asyncio loop (uvloop when
+* `baseline`: `python -m ray_forwarder_dev.bench.baseline`, one asyncio loop (uvloop when
   installed), orjson/msgpack, one aiokafka producer fed with `send()` and acknowledged by
   callbacks; the same envelope, dedup key and TTL, seq, topics, record keys and producer
   settings (acks=all, idempotent, linger, compression) as the product.
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from ray_forwarder.bench.runner import BenchOptions, bench_main
+    from ray_forwarder_dev.bench.runner import BenchOptions, bench_main
 
     options = BenchOptions(
         events=args.events,

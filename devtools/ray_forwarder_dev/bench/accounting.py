@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from ray_forwarder.loadgen.feed import item_key
+from ray_forwarder_dev.loadgen.feed import item_key
 
 
 @dataclass(frozen=True)

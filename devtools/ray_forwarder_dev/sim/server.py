@@ -37,7 +37,7 @@ from ray_forwarder.protocol.channels import (
     TRADE_COMPANION_CHANNELS,
 )
 from ray_forwarder.protocol.errors import ERROR_MEANINGS
-from ray_forwarder.sim.generator import Item, Market, MarketConfig
+from ray_forwarder_dev.sim.generator import Item, Market, MarketConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The benchmark's baseline: the best single-process forwarder we can write, run as
-`python -m ray_forwarder.bench.baseline --expect N` in a process of its own.
+`python -m ray_forwarder_dev.bench.baseline --expect N` in a process of its own.
 
 One asyncio loop (uvloop when installed), one WebSocket connection, orjson/msgpack, and one
 aiokafka producer fed whole batches: records go straight into a `BatchBuilder` per
@@ -304,7 +304,7 @@ async def run(settings: Settings, expect: int, idle_timeout: float) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ray_forwarder.bench.baseline")
+    parser = argparse.ArgumentParser(prog="python -m ray_forwarder_dev.bench.baseline")
     parser.add_argument("--expect", type=int, required=True, help="items to read, then stop")
     parser.add_argument("--idle-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)

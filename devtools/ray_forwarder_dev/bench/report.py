@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ray_forwarder.bench.accounting import Delivery, percentiles
-from ray_forwarder.bench.procstats import ProcessUsage
+from ray_forwarder_dev.bench.accounting import Delivery, percentiles
+from ray_forwarder_dev.bench.procstats import ProcessUsage
 
 #: The generator must push at least this many times what the fastest system forwards.
 CEILING_FACTOR = 3.0

@@ -10,7 +10,7 @@ generated at start (`devtools/certs.py`).
     with LocalKafka() as kafka:
         print(kafka.bootstrap_servers)          # "127.0.0.1:<port>"
 
-Command line: `python -m ray_forwarder.devtools.local_kafka start|stop|status|fetch`.
+Command line: `python -m ray_forwarder_dev.local_kafka start|stop|status|fetch`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ray_forwarder.devtools.certs import TlsFiles, generate_tls_files
+from ray_forwarder_dev.certs import TlsFiles, generate_tls_files
 
 log = logging.getLogger(__name__)
 
@@ -994,7 +994,7 @@ def _cli_fetch(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ray_forwarder.devtools.local_kafka",
+        prog="python -m ray_forwarder_dev.local_kafka",
         description="Run a local single-node Apache Kafka broker (KRaft) without Docker.",
     )
     parser.add_argument("command", choices=["start", "stop", "status", "fetch"])

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from ray_forwarder.sim.generator import Item, Market, MarketConfig
-from ray_forwarder.sim.server import (
+from ray_forwarder_dev.sim.generator import Item, Market, MarketConfig
+from ray_forwarder_dev.sim.server import (
     SUBSCRIPTION_BY_TYPE,
     encode_msgpack_item,
     msgpack_array_header,

@@ -15,24 +15,24 @@ from pathlib import Path
 
 import msgpack
 
-from ray_forwarder.bench.accounting import match_deliveries
-from ray_forwarder.bench.children import Child
-from ray_forwarder.bench.kafka_io import (
+from ray_forwarder_dev.bench.accounting import match_deliveries
+from ray_forwarder_dev.bench.children import Child
+from ray_forwarder_dev.bench.kafka_io import (
     DATA_TOPICS,
     create_topics,
     delete_topics,
     read_back,
     topic_env,
 )
-from ray_forwarder.bench.procstats import ProcessSampler, terminate
-from ray_forwarder.bench.report import (
+from ray_forwarder_dev.bench.procstats import ProcessSampler, terminate
+from ray_forwarder_dev.bench.report import (
     BenchReport,
     CeilingReport,
     SystemReport,
     fill_delivery,
     fill_processes,
 )
-from ray_forwarder.loadgen.feed import BENCH_CHANNELS, bench_symbols
+from ray_forwarder_dev.loadgen.feed import BENCH_CHANNELS, bench_symbols
 
 SAMPLE_INTERVAL_S = 0.2
 STARTUP_TIMEOUT_S = 180.0  # a fresh local Ray on a loaded machine can be slow
@@ -150,7 +150,7 @@ async def run_system(
     out = workdir / f"{slug}.sent"
     gen = await Child.start(
         f"{slug}-loadgen",
-        "ray_forwarder.loadgen",
+        "ray_forwarder_dev.loadgen",
         _loadgen_args(options, spec.connections, out),
         workdir,
     )
@@ -163,14 +163,14 @@ async def run_system(
         env = system_env(spec, options, ready["url"], bootstrap, prefix, workdir)
         args = ["--expect", str(ready["items"])]
         if spec.kind == "baseline":
-            sut = await Child.start(slug, "ray_forwarder.bench.baseline", args, workdir, env)
+            sut = await Child.start(slug, "ray_forwarder_dev.bench.baseline", args, workdir, env)
             sampler = ProcessSampler(sut.pid, "baseline")
         else:
             ray_dir = Path(tempfile.mkdtemp(prefix="rfb-", dir="/tmp"))  # short: unix sockets
             args += ["--temp-dir", str(ray_dir)]
             patience = {k: v for k, v in RAY_STARTUP_PATIENCE.items() if k not in os.environ}
             env = patience | env
-            sut = await Child.start(slug, "ray_forwarder.bench.ray_runner", args, workdir, env)
+            sut = await Child.start(slug, "ray_forwarder_dev.bench.ray_runner", args, workdir, env)
             sampler = ProcessSampler(sut.pid, "driver")
         gen_sampler = ProcessSampler(gen.pid, "load generator")
         sampling = asyncio.create_task(_sample_until(stop_sampling, sampler, gen_sampler))
@@ -228,14 +228,14 @@ async def run_ceiling(options: BenchOptions, workdir: Path) -> CeilingReport:
     out = workdir / "ceiling.sent"
     flat_out = BenchOptions(**{**options.__dict__, "rate": 0.0})
     gen = await Child.start(
-        "ceiling-loadgen", "ray_forwarder.loadgen", _loadgen_args(flat_out, 1, out), workdir
+        "ceiling-loadgen", "ray_forwarder_dev.loadgen", _loadgen_args(flat_out, 1, out), workdir
     )
     client: Child | None = None
     try:
         ready = await gen.expect("ready", STARTUP_TIMEOUT_S)
         client = await Child.start(
             "null-client",
-            "ray_forwarder.loadgen.null_client",
+            "ray_forwarder_dev.loadgen.null_client",
             [ready["url"], "--wire-format", options.wire_format],
             workdir,
         )
@@ -272,8 +272,8 @@ def bench_main(options: BenchOptions, json_path: str | None = None) -> BenchRepo
     """Start (or use) a broker, run everything, print the table; optionally write JSON."""
     import orjson
 
-    from ray_forwarder.bench.report import format_report, format_row
-    from ray_forwarder.devtools.local_kafka import kafka_for_tools
+    from ray_forwarder_dev.bench.report import format_report, format_row
+    from ray_forwarder_dev.local_kafka import kafka_for_tools
 
     for text in options.systems:
         SystemSpec.parse(text)  # fail before starting anything

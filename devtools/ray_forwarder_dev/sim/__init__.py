@@ -2,9 +2,9 @@
 server that speaks Alpaca's v2 stock-stream protocol, with faults on demand and exact
 accounting of what it sent. For tests, the demo and benchmarks."""
 
-from ray_forwarder.sim.generator import Market, MarketConfig, format_ns
-from ray_forwarder.sim.server import SentRecord, SimConfig, Simulator, encode_msgpack_item
-from ray_forwarder.sim.thread import SimulatorThread
+from ray_forwarder_dev.sim.generator import Market, MarketConfig, format_ns
+from ray_forwarder_dev.sim.server import SentRecord, SimConfig, Simulator, encode_msgpack_item
+from ray_forwarder_dev.sim.thread import SimulatorThread
 
 __all__ = [
     "Market",

@@ -22,8 +22,8 @@ import orjson
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from ray_forwarder.loadgen.feed import Feed, Frames, frames_for
 from ray_forwarder.protocol.channels import MARKET_DATA_CHANNELS
+from ray_forwarder_dev.loadgen.feed import Feed, Frames, frames_for
 
 MSGPACK_CONTENT_TYPE = "application/msgpack"
 

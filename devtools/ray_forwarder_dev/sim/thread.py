@@ -9,8 +9,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ray_forwarder.sim.generator import Item
-from ray_forwarder.sim.server import SentRecord, SimConfig, Simulator
+from ray_forwarder_dev.sim.generator import Item
+from ray_forwarder_dev.sim.server import SentRecord, SimConfig, Simulator
 
 T = TypeVar("T")
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import orjson
 
 from ray_forwarder.config import Settings, load_settings, log_level_from_env
-from ray_forwarder.devtools.local_kafka import kafka_for_tools
 from ray_forwarder.protocol.channels import MARKET_DATA_CHANNELS
 from ray_forwarder.stats import ForwarderSnapshot
 from ray_forwarder.topics import prepare_topics
+from ray_forwarder_dev.local_kafka import kafka_for_tools
 
 SIM_KEY, SIM_SECRET = "sim-key", "sim-secret"
 
@@ -34,7 +34,7 @@ class DemoOptions:
 
 def run_demo(options: DemoOptions) -> int:
     from ray_forwarder import logs
-    from ray_forwarder.sim import SimConfig, SimulatorThread
+    from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 
     log_level = log_level_from_env("WARNING")
     logs.configure(log_level, component="demo")

@@ -1,4 +1,4 @@
-"""`python -m ray_forwarder.loadgen --symbols 100 --events 60000 --out sent.msgpack`
+"""`python -m ray_forwarder_dev.loadgen --symbols 100 --events 60000 --out sent.msgpack`
 
 Builds the feed, serves it, and reports on stdout as JSON lines: `ready` (the URL and how
 many items each run will write), `started` (the clock started: every expected client
@@ -17,8 +17,8 @@ import time
 import msgpack
 import orjson
 
-from ray_forwarder.loadgen.feed import FeedSpec, build_feed
-from ray_forwarder.loadgen.server import ReplayServer
+from ray_forwarder_dev.loadgen.feed import FeedSpec, build_feed
+from ray_forwarder_dev.loadgen.server import ReplayServer
 
 
 def emit(event: str, **fields: object) -> None:
@@ -26,7 +26,7 @@ def emit(event: str, **fields: object) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ray_forwarder.loadgen")
+    parser = argparse.ArgumentParser(prog="python -m ray_forwarder_dev.loadgen")
     parser.add_argument("--symbols", type=int, default=100)
     parser.add_argument("--events", type=int, default=60_000, help="distinct items")
     parser.add_argument("--duplicate-ratio", type=float, default=0.01)

@@ -1,4 +1,4 @@
-"""`python -m ray_forwarder.sim --port 8765 --symbols SPY,QQQ --rate 100`: a standalone feed."""
+"""`python -m ray_forwarder_dev.sim --port 8765 --symbols SPY,QQQ --rate 100`: a standalone feed."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import argparse
 import asyncio
 import contextlib
 
-from ray_forwarder.sim.server import SimConfig, Simulator
+from ray_forwarder_dev.sim.server import SimConfig, Simulator
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[SimConfig, float]:
     parser = argparse.ArgumentParser(
-        prog="python -m ray_forwarder.sim", description="Local Alpaca-protocol feed simulator"
+        prog="python -m ray_forwarder_dev.sim", description="Local Alpaca-protocol feed simulator"
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)

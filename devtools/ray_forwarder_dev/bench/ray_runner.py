@@ -1,4 +1,4 @@
-"""The product under test: `python -m ray_forwarder.bench.ray_runner --expect N` runs the
+"""The product under test: `python -m ray_forwarder_dev.bench.ray_runner --expect N` runs the
 forwarder exactly as `ray-forwarder run` does (configured by the environment, on a fresh
 local Ray with the dashboard and the metrics endpoint), in a process of its own, so that the
 bench can account for every process of it: this driver and everything Ray starts under it
@@ -70,7 +70,7 @@ async def run(expect: int, idle_timeout: float) -> dict[str, Any]:
 def _stop_remains() -> None:
     """What a failed `ray.init()` started and `ray.shutdown()` left running: every process
     under this one (they are all this driver's own)."""
-    from ray_forwarder.bench.procstats import psutil, terminate
+    from ray_forwarder_dev.bench.procstats import psutil, terminate
 
     terminate(psutil.Process().children(recursive=True), grace=2.0)
 
@@ -87,7 +87,7 @@ def _raylet_failure(temp_dir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ray_forwarder.bench.ray_runner")
+    parser = argparse.ArgumentParser(prog="python -m ray_forwarder_dev.bench.ray_runner")
     parser.add_argument("--expect", type=int, required=True)
     parser.add_argument("--idle-timeout", type=float, default=30.0)
     parser.add_argument("--temp-dir", required=True, help="Ray's session dir for this run")
