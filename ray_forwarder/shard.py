@@ -111,7 +111,9 @@ class ShardCore:
                 spool_dir=spool_directory(settings, spec),
                 spool_max_bytes=settings.spool_max_bytes,
                 batch_max_events=settings.batch_max_events,
-                batch_max_ms=settings.batch_max_ms,
+                # The lane is the only linger on the way (the producer sends what it gets
+                # at once): PRODUCER_LINGER_MS caps it too.
+                batch_max_ms=max(1.0, min(settings.batch_max_ms, settings.producer_linger_ms)),
                 max_in_flight=settings.batch_max_in_flight,
                 max_record_bytes=settings.max_record_bytes,
                 dead_letter_topic=settings.topic_deadletter,
