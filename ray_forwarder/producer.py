@@ -14,6 +14,7 @@ import logging
 import ssl
 import uuid
 from asyncio import FIRST_COMPLETED
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from aiokafka.structs import TopicPartition
 from ray_forwarder.config import Settings
 from ray_forwarder.deadletter import refusal_reason
 from ray_forwarder.outbox import RecordsRefused, StaleProducerError, Ticket
-from ray_forwarder.partitioning import KeyPartitioner, split_by_partition
+from ray_forwarder.partitioning import KeyPartitioner, Run, split_by_partition
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class _Incarnation:
     cause: BaseException | None = None
     in_flight: set[_InFlight] = field(default_factory=set)
     partition_of: KeyPartitioner = field(default_factory=KeyPartitioner)
+    feeds: dict[tuple[str, int], _PartitionFeed] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -322,15 +324,14 @@ class KafkaSink:
         flight: _InFlight,
         acks: _Acks,
     ) -> None:
-        """Split the records by partition into Kafka batches and queue them in order.
+        """Split the records by partition and add them to each partition's feed, in order.
 
-        aiokafka queues a partition's batches one after the other (`send_batch` waits
-        until the partition's previous one was taken by the sender), so a partition's
-        records keep the batch's order, isolated ones included."""
+        A partition's feed hands its Kafka batches to aiokafka one after the other, so a
+        partition's records keep the batch's order, isolated ones included."""
         for index, (_topic, key, value) in enumerate(records):
             size = len(key) + len(value)
             if size + RECORD_OVERHEAD_BYTES > self._max_request_size:  # this record's fault
-                self._fail(incarnation, flight, [index], MessageSizeTooLargeError(
+                self._fail(incarnation, [(flight, [index])], MessageSizeTooLargeError(
                     f"the record is {size} bytes, above max_request_size"
                 ))  # fmt: skip
                 return
@@ -340,66 +341,31 @@ class KafkaSink:
             for topic in {topic for topic, _, _ in records}:
                 partition_of.use(topic, await producer.partitions_for(topic))
         except Exception as exc:  # no metadata for the topic: nothing was queued
-            self._fail(incarnation, flight, list(range(len(records))), exc)
+            self._fail(incarnation, [(flight, list(range(len(records))))], exc)
             return
-        plan = split_by_partition(records, partition_of, frozenset(isolate))
-        for (topic, partition), runs in plan.items():
+        if incarnation.dead.done():
+            return
+        feeds = incarnation.feeds
+        for slot, runs in split_by_partition(records, partition_of, frozenset(isolate)).items():
+            feed = feeds.get(slot)
+            if feed is None:
+                feed = feeds[slot] = _PartitionFeed(self, incarnation, *slot)
             for run in runs:
-                builder = producer.create_batch()
-                indices: list[int] = []
-                for index in run.indices:
-                    _, key, value = records[index]
-                    if builder.append(key=key, value=value, timestamp=None) is None:  # full
-                        if not await self._hand_over(
-                            incarnation, builder, topic, partition, indices, flight, acks
-                        ):
-                            return
-                        builder, indices = producer.create_batch(), []
-                        builder.append(key=key, value=value, timestamp=None)
-                    indices.append(index)
-                if not await self._hand_over(
-                    incarnation, builder, topic, partition, indices, flight, acks
-                ):
-                    return
-
-    async def _hand_over(
-        self,
-        incarnation: _Incarnation,
-        builder: BatchBuilder,
-        topic: str,
-        partition: int,
-        indices: list[int],
-        flight: _InFlight,
-        acks: _Acks,
-    ) -> bool:
-        """Queue one closed Kafka batch; False if the producer is (now) discarded."""
-        builder.close()  # a closed batch does not linger in aiokafka
-        try:
-            shielded = await incarnation.producer.send_batch(builder, topic, partition=partition)
-        except Exception as exc:  # no room in time, or the producer failed meanwhile
-            self._fail(incarnation, flight, indices, exc)
-            return False
-        future = _queued_batch_future(incarnation.producer, topic, partition, builder)
-        if future is None:
-            future = shielded
-        else:  # the shielded copy fails too; nobody else looks at it
-            shielded.add_done_callback(_retrieve)
-        flight.batches.append((future, indices))
-        acks.expect(future)
-        return not incarnation.dead.done()
+                feed.append(records, run, flight, acks)
+            feed.start()
 
     def _fail(
         self,
         incarnation: _Incarnation,
-        flight: _InFlight,
-        indices: list[int],
+        parts: Sequence[tuple[_InFlight, list[int]]],
         exc: BaseException,
     ) -> None:
         """Records that could not be queued: abort the producer, as a failed ack would."""
         failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         failed.set_exception(exc)
         failed.exception()  # retrieved: `_note_refusals` and the abort speak for it
-        flight.batches.append((failed, indices))
+        for flight, indices in parts:
+            flight.batches.append((failed, indices))
         self._abort(incarnation, exc)
 
     def _abort(self, incarnation: _Incarnation, cause: BaseException) -> None:
@@ -472,6 +438,9 @@ class KafkaSink:
     async def stop(self) -> None:
         incarnation, self._current = self._current, None
         if incarnation is not None:
+            # Hand aiokafka what the feeds still hold; its stop() then flushes everything.
+            feeding = [feed.task for feed in incarnation.feeds.values() if feed.task]
+            await asyncio.gather(*feeding, return_exceptions=True)
             await incarnation.producer.stop()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
@@ -492,8 +461,11 @@ class _Acks:
         self._delivered = delivered
         self._pending = 1  # the queueing itself, until `enqueued()`
 
-    def expect(self, future: asyncio.Future[Any]) -> None:
+    def expect(self) -> None:
+        """One more Kafka batch to wait for; `watch` it once it is queued."""
         self._pending += 1
+
+    def watch(self, future: asyncio.Future[Any]) -> None:
         future.add_done_callback(self._on_done)
 
     def enqueued(self) -> None:
@@ -511,6 +483,98 @@ class _Acks:
         self._pending -= 1
         if not self._pending and not self._delivered.done():
             self._delivered.set_result(None)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A Kafka batch of one partition, filled while it waits for its turn in aiokafka."""
+
+    builder: BatchBuilder
+    #: per `send_batch` call with records in it: its flight, its acks, their indices
+    parts: list[tuple[_InFlight, _Acks, list[int]]] = field(default_factory=list)
+
+    def add(self, flight: _InFlight, acks: _Acks, index: int) -> None:
+        if not self.parts or self.parts[-1][0] is not flight:
+            acks.expect()
+            self.parts.append((flight, acks, []))
+        self.parts[-1][2].append(index)
+
+
+class _PartitionFeed:
+    """Hands one partition's Kafka batches to aiokafka one at a time, oldest first.
+
+    aiokafka keeps at most one batch per partition queued behind the request in flight
+    (`send_batch` waits for room), and the records that arrive meanwhile gather here in
+    the next batch: each produce request carries what came in during the previous one,
+    the batching a linger would give without waiting one out, and nothing in this actor
+    waits for a partition's turn. Batches are closed when handed over, so that aiokafka
+    sends them at once and never adds to them."""
+
+    def __init__(
+        self, sink: KafkaSink, incarnation: _Incarnation, topic: str, partition: int
+    ) -> None:
+        self._sink = sink
+        self._incarnation = incarnation
+        self._topic = topic
+        self._partition = partition
+        self._queue: deque[_Pending] = deque()
+        self.task: asyncio.Task[None] | None = None
+
+    def append(
+        self, records: Sequence[WireRecord], run: Run, flight: _InFlight, acks: _Acks
+    ) -> None:
+        create = self._incarnation.producer.create_batch
+        queue = self._queue
+        if run.alone:  # in a Kafka batch of its own, between its neighbours
+            if queue:
+                queue[-1].builder.close()
+            [index] = run.indices
+            _, key, value = records[index]
+            alone = _Pending(create())
+            alone.builder.append(key=key, value=value, timestamp=None)
+            alone.builder.close()
+            alone.add(flight, acks, index)
+            queue.append(alone)
+            return
+        tail = queue[-1] if queue else None
+        for index in run.indices:
+            _, key, value = records[index]
+            if tail is None or tail.builder.append(key=key, value=value, timestamp=None) is None:
+                tail = _Pending(create())  # the first record always fits
+                tail.builder.append(key=key, value=value, timestamp=None)
+                queue.append(tail)
+            tail.add(flight, acks, index)
+
+    def start(self) -> None:
+        if self._queue and (self.task is None or self.task.done()):
+            self.task = asyncio.get_running_loop().create_task(self._feed())
+
+    async def _feed(self) -> None:
+        incarnation, queue = self._incarnation, self._queue
+        producer = incarnation.producer
+        while queue:
+            if incarnation.dead.done():  # every waiting call fails with the producer
+                queue.clear()
+                return
+            pending = queue.popleft()
+            pending.builder.close()  # closed: sent at once, never added to by aiokafka
+            try:
+                shielded = await producer.send_batch(
+                    pending.builder, self._topic, partition=self._partition
+                )
+            except Exception as exc:  # no room in time, or the producer failed meanwhile
+                parts = [(f, indices) for p in (pending, *queue) for f, _, indices in p.parts]
+                queue.clear()
+                self._sink._fail(incarnation, parts, exc)
+                return
+            future = _queued_batch_future(producer, self._topic, self._partition, pending.builder)
+            if future is None:
+                future = shielded
+            else:  # the shielded copy fails too; nobody else looks at it
+                shielded.add_done_callback(_retrieve)
+            for flight, acks, indices in pending.parts:
+                flight.batches.append((future, indices))
+                acks.watch(future)
 
 
 def _queued_batch_future(
