@@ -14,7 +14,8 @@ import inspect
 import logging
 import uuid
 from asyncio import FIRST_COMPLETED
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -22,7 +23,8 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.structs import TopicPartition
 from pydantic import SecretStr
 
 from ray_forwarder.config import Settings
@@ -34,6 +36,7 @@ from ray_forwarder.kafka_tls import (
     ssl_context,
 )
 from ray_forwarder.outbox import RecordsRefused, StaleProducerError, Ticket
+from ray_forwarder.partitioning import KeyPartitioner, Run, split_by_partition
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +181,16 @@ class _Incarnation:
     dead: asyncio.Future[None]
     cause: BaseException | None = None
     in_flight: set[_InFlight] = field(default_factory=set)
+    partition_of: KeyPartitioner = field(default_factory=KeyPartitioner)
+    feeds: dict[tuple[str, int], _PartitionFeed] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
 class _InFlight:
-    """One `send_batch` call's record futures, in batch order, while it waits for acks."""
+    """One `send_batch` call's Kafka batches while it waits for their acks."""
 
-    futures: list[asyncio.Future[Any]] = field(default_factory=list)
+    #: each Kafka batch's future and the indices (in the call's records) of its records
+    batches: list[tuple[asyncio.Future[Any], list[int]]] = field(default_factory=list)
     #: Set when the producer is discarded: the records Kafka itself refused for good,
     #: index -> (reason, detail); the rest failed only because the producer was discarded.
     refused: dict[int, tuple[str, str]] = field(default_factory=dict)
@@ -342,6 +348,9 @@ class KafkaSink:
     ) -> tuple[_Incarnation, asyncio.Future[None], _InFlight]:
         """Hand the records to aiokafka; the future resolves once Kafka acknowledged all.
 
+        The records go as whole Kafka batches, one per partition (more when one fills),
+        closed so that aiokafka sends them at once: the lane has already lingered for
+        them, and a second linger here would hold every batch's ack back by as long.
         Records named in `isolate` go in a Kafka batch of their own, so that a refusal of
         that batch is theirs alone."""
         if expected_token is not None and expected_token != self.token:
@@ -354,69 +363,67 @@ class KafkaSink:
                 expected_token is not None and expected_token != incarnation.token
             ):
                 raise StaleProducerError("the Kafka producer was replaced; re-send in order")
-            loop = asyncio.get_running_loop()
-            delivered: asyncio.Future[None] = loop.create_future()
+            delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             flight = _InFlight()
             incarnation.in_flight.add(flight)
-            on_done = self._watch(incarnation, delivered, len(records))
-            alone = set(isolate)
-            producer = incarnation.producer
-            for index, (topic, key, value) in enumerate(records):
-                try:
-                    if index in alone:
-                        future = await self._send_alone(producer, topic, key, value)
-                    else:
-                        future = await producer.send(topic, value=value, key=key)
-                except KafkaError as exc:  # e.g. above max_request_size: this record's fault
-                    future = loop.create_future()
-                    future.set_exception(exc)
-                    flight.futures.append(future)
-                    self._abort(incarnation, exc)
-                    break
-                flight.futures.append(future)
-                future.add_done_callback(on_done)
-                if incarnation.dead.done():
-                    break
+            acks = _Acks(self, incarnation, delivered)
+            try:
+                await self._hand_over_all(incarnation, records, isolate, flight, acks)
+            finally:
+                acks.enqueued()
         return incarnation, delivered, flight
 
-    async def _send_alone(
-        self, producer: AIOKafkaProducer, topic: str, key: bytes, value: bytes
-    ) -> asyncio.Future[Any]:
-        """Send one record in a Kafka batch of its own, to the partition `send()` would use.
+    async def _hand_over_all(
+        self,
+        incarnation: _Incarnation,
+        records: Sequence[WireRecord],
+        isolate: Sequence[int],
+        flight: _InFlight,
+        acks: _Acks,
+    ) -> None:
+        """Split the records by partition and add them to each partition's feed, in order.
 
-        aiokafka queues the batch behind the partition's earlier ones and, since it is
-        closed, starts a new one for later records: the partition's order holds."""
-        size = len(key) + len(value)
-        if size + RECORD_OVERHEAD_BYTES > self._max_request_size:
-            raise MessageSizeTooLargeError(f"the record is {size} bytes, above max_request_size")
-        partitions = sorted(await producer.partitions_for(topic))
-        partition = _PARTITIONER(key, partitions, partitions)
-        batch = producer.create_batch()
-        batch.append(key=key, value=value, timestamp=None)
-        batch.close()
-        return await producer.send_batch(batch, topic, partition=partition)
+        A partition's feed hands its Kafka batches to aiokafka one after the other, so a
+        partition's records keep the batch's order, isolated ones included."""
+        for index, (_topic, key, value) in enumerate(records):
+            size = len(key) + len(value)
+            if size + RECORD_OVERHEAD_BYTES > self._max_request_size:  # this record's fault
+                self._fail(incarnation, [(flight, [index])], MessageSizeTooLargeError(
+                    f"the record is {size} bytes, above max_request_size"
+                ))  # fmt: skip
+                return
+        producer = incarnation.producer
+        partition_of = incarnation.partition_of
+        try:
+            for topic in {topic for topic, _, _ in records}:
+                partition_of.use(topic, await producer.partitions_for(topic))
+        except Exception as exc:  # no metadata for the topic: nothing was queued
+            self._fail(incarnation, [(flight, list(range(len(records))))], exc)
+            return
+        if incarnation.dead.done():
+            return
+        feeds = incarnation.feeds
+        for slot, runs in split_by_partition(records, partition_of, frozenset(isolate)).items():
+            feed = feeds.get(slot)
+            if feed is None:
+                feed = feeds[slot] = _PartitionFeed(self, incarnation, *slot)
+            for run in runs:
+                feed.append(records, run, flight, acks)
+            feed.start()
 
-    def _watch(
-        self, incarnation: _Incarnation, delivered: asyncio.Future[None], count: int
-    ) -> Callable[[asyncio.Future[Any]], None]:
-        """A done-callback for each record of a batch: the first failure aborts the
-        producer; the last success resolves `delivered`."""
-        pending = count
-        if not pending:
-            delivered.set_result(None)
-
-        def on_done(future: asyncio.Future[Any]) -> None:
-            nonlocal pending
-            if future.cancelled():
-                self._abort(incarnation, KafkaError("record send was cancelled"))
-            elif (exc := future.exception()) is not None:
-                self._abort(incarnation, exc)
-            else:
-                pending -= 1
-                if not pending:
-                    delivered.set_result(None)
-
-        return on_done
+    def _fail(
+        self,
+        incarnation: _Incarnation,
+        parts: Sequence[tuple[_InFlight, list[int]]],
+        exc: BaseException,
+    ) -> None:
+        """Records that could not be queued: abort the producer, as a failed ack would."""
+        failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        failed.set_exception(exc)
+        failed.exception()  # retrieved: `_note_refusals` and the abort speak for it
+        for flight, indices in parts:
+            flight.batches.append((failed, indices))
+        self._abort(incarnation, exc)
 
     def _abort(self, incarnation: _Incarnation, cause: BaseException) -> None:
         """Discard a producer at its first failed record, before it can send anything more.
@@ -461,19 +468,20 @@ class KafkaSink:
     def _note_refusals(self, incarnation: _Incarnation) -> int:
         """Before the queue is failed wholesale: which records did Kafka itself refuse?
 
-        Runs first thing in `_abort`, so every record future that has failed by now failed
-        on Kafka's answer (aiokafka fails a refused Kafka batch's futures all at once,
+        Runs first thing in `_abort`, so every Kafka batch that has failed by now failed
+        on Kafka's answer (aiokafka fails the batches of one produce response all at once,
         before any callback runs); the later ones fail only because of the abort."""
         count = 0
         for flight in incarnation.in_flight:
-            for index, future in enumerate(flight.futures):
+            for future, indices in flight.batches:
                 if not future.done() or future.cancelled():
                     continue
                 exc = future.exception()
                 reason = refusal_reason(exc)
                 if reason is not None and exc is not None:
-                    flight.refused[index] = (reason, describe_kafka_error(exc))
-                    count += 1
+                    for index in indices:
+                        flight.refused[index] = (reason, describe_kafka_error(exc))
+                    count += len(indices)
         self.stats.refused += count
         return count
 
@@ -487,13 +495,168 @@ class KafkaSink:
     async def stop(self) -> None:
         incarnation, self._current = self._current, None
         if incarnation is not None:
+            # Hand aiokafka what the feeds still hold; its stop() then flushes everything.
+            feeding = [feed.task for feed in incarnation.feeds.values() if feed.task]
+            await asyncio.gather(*feeding, return_exceptions=True)
             await incarnation.producer.stop()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         self.stats.ready = False
 
 
-_PARTITIONER = DefaultPartitioner()  # the producer's (producer_options sets no other)
+class _Acks:
+    """Counts one `send_batch` call's Kafka batches until all are acknowledged.
+
+    The first failed Kafka batch aborts the producer from its future's done-callback;
+    `delivered` resolves once the call has queued everything and each batch succeeded."""
+
+    def __init__(
+        self, sink: KafkaSink, incarnation: _Incarnation, delivered: asyncio.Future[None]
+    ) -> None:
+        self._sink = sink
+        self._incarnation = incarnation
+        self._delivered = delivered
+        self._pending = 1  # the queueing itself, until `enqueued()`
+
+    def expect(self) -> None:
+        """One more Kafka batch to wait for; `watch` it once it is queued."""
+        self._pending += 1
+
+    def watch(self, future: asyncio.Future[Any]) -> None:
+        future.add_done_callback(self._on_done)
+
+    def enqueued(self) -> None:
+        self._settle_one()
+
+    def _on_done(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            self._sink._abort(self._incarnation, KafkaError("record send was cancelled"))
+        elif (exc := future.exception()) is not None:
+            self._sink._abort(self._incarnation, exc)
+        else:
+            self._settle_one()
+
+    def _settle_one(self) -> None:
+        self._pending -= 1
+        if not self._pending and not self._delivered.done():
+            self._delivered.set_result(None)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A Kafka batch of one partition, filled while it waits for its turn in aiokafka."""
+
+    builder: BatchBuilder
+    #: per `send_batch` call with records in it: its flight, its acks, their indices
+    parts: list[tuple[_InFlight, _Acks, list[int]]] = field(default_factory=list)
+
+    def add(self, flight: _InFlight, acks: _Acks, index: int) -> None:
+        if not self.parts or self.parts[-1][0] is not flight:
+            acks.expect()
+            self.parts.append((flight, acks, []))
+        self.parts[-1][2].append(index)
+
+
+class _PartitionFeed:
+    """Hands one partition's Kafka batches to aiokafka one at a time, oldest first.
+
+    aiokafka keeps at most one batch per partition queued behind the request in flight
+    (`send_batch` waits for room), and the records that arrive meanwhile gather here in
+    the next batch: each produce request carries what came in during the previous one,
+    the batching a linger would give without waiting one out, and nothing in this actor
+    waits for a partition's turn. Batches are closed when handed over, so that aiokafka
+    sends them at once and never adds to them."""
+
+    def __init__(
+        self, sink: KafkaSink, incarnation: _Incarnation, topic: str, partition: int
+    ) -> None:
+        self._sink = sink
+        self._incarnation = incarnation
+        self._topic = topic
+        self._partition = partition
+        self._queue: deque[_Pending] = deque()
+        self.task: asyncio.Task[None] | None = None
+
+    def append(
+        self, records: Sequence[WireRecord], run: Run, flight: _InFlight, acks: _Acks
+    ) -> None:
+        create = self._incarnation.producer.create_batch
+        queue = self._queue
+        if run.alone:  # in a Kafka batch of its own, between its neighbours
+            if queue:
+                queue[-1].builder.close()
+            [index] = run.indices
+            _, key, value = records[index]
+            alone = _Pending(create())
+            alone.builder.append(key=key, value=value, timestamp=None)
+            alone.builder.close()
+            alone.add(flight, acks, index)
+            queue.append(alone)
+            return
+        tail = queue[-1] if queue else None
+        for index in run.indices:
+            _, key, value = records[index]
+            if tail is None or tail.builder.append(key=key, value=value, timestamp=None) is None:
+                tail = _Pending(create())  # the first record always fits
+                tail.builder.append(key=key, value=value, timestamp=None)
+                queue.append(tail)
+            tail.add(flight, acks, index)
+
+    def start(self) -> None:
+        if self._queue and (self.task is None or self.task.done()):
+            self.task = asyncio.get_running_loop().create_task(self._feed())
+
+    async def _feed(self) -> None:
+        incarnation, queue = self._incarnation, self._queue
+        producer = incarnation.producer
+        while queue:
+            if incarnation.dead.done():  # every waiting call fails with the producer
+                queue.clear()
+                return
+            pending = queue.popleft()
+            pending.builder.close()  # closed: sent at once, never added to by aiokafka
+            try:
+                shielded = await producer.send_batch(
+                    pending.builder, self._topic, partition=self._partition
+                )
+            except Exception as exc:  # no room in time, or the producer failed meanwhile
+                parts = [(f, indices) for p in (pending, *queue) for f, _, indices in p.parts]
+                queue.clear()
+                self._sink._fail(incarnation, parts, exc)
+                return
+            future = _queued_batch_future(producer, self._topic, self._partition, pending.builder)
+            if future is None:
+                future = shielded
+            else:  # the shielded copy fails too; nobody else looks at it
+                shielded.add_done_callback(_retrieve)
+            for flight, acks, indices in pending.parts:
+                flight.batches.append((future, indices))
+                acks.watch(future)
+
+
+def _queued_batch_future(
+    producer: AIOKafkaProducer, topic: str, partition: int, builder: BatchBuilder
+) -> asyncio.Future[Any] | None:
+    """The future of the batch `send_batch` just queued, not the shielded copy it returns.
+
+    Its done-callbacks run as soon as aiokafka fails the batch, one loop turn before the
+    shielded copy's, and so before aiokafka's sender is woken to drain the partition's
+    next batch: the abort then comes first, as it did with per-record futures. Reaches
+    into aiokafka (right after `send_batch`, the batch is the last of its partition's
+    queue); None if that does not hold, and the caller falls back to the shielded copy."""
+    try:
+        queue = producer._message_accumulator._batches.get(TopicPartition(topic, partition))
+        batch = queue[-1] if queue else None
+        if batch is not None and batch._builder is builder:
+            return batch.future  # type: ignore[no-any-return]
+    except Exception:  # a different aiokafka version
+        log.debug("cannot reach aiokafka's queued batch", exc_info=True)
+    return None
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def describe_kafka_error(exc: BaseException) -> str:

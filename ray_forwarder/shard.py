@@ -38,6 +38,16 @@ from ray_forwarder.topics import topic_map
 log = logging.getLogger(__name__)
 
 
+def lane_linger_ms(settings: Settings) -> float:
+    """How long a lane waits to fill a batch: `BATCH_MAX_MS`, at most `PRODUCER_LINGER_MS`.
+
+    The lane is the one linger on a record's way: the producer sends what it receives at
+    once (a second linger there held every batch's ack back by as long, which capped a
+    lane's throughput at its window over the linger). At least a millisecond, so that an
+    idle lane does not spin."""
+    return max(1.0, min(settings.batch_max_ms, float(settings.producer_linger_ms)))
+
+
 def spool_directory(settings: Settings, spec: ShardSpec) -> Path:
     """Where a shard's lanes spool to disk: `<root>/<run>/<shard>/<lane>`.
 
@@ -111,7 +121,7 @@ class ShardCore:
                 spool_dir=spool_directory(settings, spec),
                 spool_max_bytes=settings.spool_max_bytes,
                 batch_max_events=settings.batch_max_events,
-                batch_max_ms=settings.batch_max_ms,
+                batch_max_ms=lane_linger_ms(settings),
                 max_in_flight=settings.batch_max_in_flight,
                 max_record_bytes=settings.max_record_bytes,
                 dead_letter_topic=settings.topic_deadletter,

@@ -3,13 +3,13 @@
 
 One asyncio loop (uvloop when installed), one WebSocket connection, orjson/msgpack, and one
 aiokafka producer fed whole batches: records go straight into a `BatchBuilder` per
-partition (`create_batch()`; the partition from aiokafka's default murmur2 partitioner, as
-the product's `send()` picks it, cached per key), and each batch is handed over with
-`send_batch()` once full or `PRODUCER_LINGER_MS` old; its acknowledgement arrives as a
-callback. Nothing waits for Kafka per record, and no future is made per record: aiokafka's
-per-record `send()` costs about ten times the CPU of appending to a batch (measured here:
-21-32 against 2-4 µs per record). aiokafka queues at most one batch per partition behind
-the one in flight, which is the backpressure.
+partition (`create_batch()`; the partition from aiokafka's default murmur2 partitioner,
+cached per key: `partitioning.KeyPartitioner`, as in the product's producer), and each
+batch is handed over with `send_batch()` once full or `PRODUCER_LINGER_MS` old; its
+acknowledgement arrives as a callback. Nothing waits for Kafka per record, and no future
+is made per record: aiokafka's per-record `send()` costs about ten times the CPU of
+appending to a batch (measured here: 21-32 against 2-4 µs per record). aiokafka queues
+at most one batch per partition behind the one in flight, which is the backpressure.
 
 It does the product's work per item: the same envelope, the same dedup key
 (`channel:symbol:event_ts:digest`, BLAKE2b of the item with sorted keys) kept for
@@ -42,11 +42,11 @@ from typing import Any
 import msgpack
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
 from websockets.asyncio.client import connect
 
 from ray_forwarder.bars import BarFinalizer
 from ray_forwarder.config import Settings, load_settings
+from ray_forwarder.partitioning import KeyPartitioner
 from ray_forwarder.producer import producer_options
 from ray_forwarder.protocol.channels import CHANNEL_BY_TYPE
 from ray_forwarder.protocol.codec import connection_headers, encode_auth, encode_subscribe
@@ -83,9 +83,7 @@ class Baseline:
         self.failed = 0
         self.skipped: Counter[str] = Counter()
         self._linger = settings.producer_linger_ms / 1000
-        self._partitions: dict[str, list[int]] = {}  # topic -> partitions, from warm-up
-        self._partition_of: dict[tuple[str, bytes], int] = {}
-        self._partitioner = DefaultPartitioner()
+        self._partition_of = KeyPartitioner()  # topics' partitions from the warm-up
         # (topic, partition) -> open batch and when its first record went in
         self._open: dict[tuple[str, int], tuple[Any, float]] = {}
         self._in_flight = 0  # records in batches handed over, not yet acknowledged
@@ -193,16 +191,11 @@ class Baseline:
     async def warm_up(self) -> None:
         """Learn every topic's partitions before the first record, as the product does."""
         for topic in sorted(set(self._topics.values())):
-            self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
+            self._partition_of.use(topic, await self._producer.partitions_for(topic))
 
     async def _append(self, topic: str, key: bytes, value: bytes, now: float) -> None:
-        partition = self._partition_of.get((topic, key))
-        if partition is None:
-            partitions = self._partitions[topic]
-            partition = self._partitioner(key, partitions, partitions)
-            self._partition_of[(topic, key)] = partition
         self.emitted += 1
-        slot = (topic, partition)
+        slot = (topic, self._partition_of(topic, key))
         entry = self._open.get(slot)
         if entry is None:
             entry = self._open[slot] = (self._producer.create_batch(), now)
