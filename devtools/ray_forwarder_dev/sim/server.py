@@ -273,7 +273,30 @@ def _wire_size(payload_len: int) -> int:
     return payload_len + 10
 
 
-class Simulator:
+class SimEndpoints:
+    """A running simulator's URLs, from its config and port: shared by the server and the
+    thread that runs it for synchronous callers."""
+
+    config: SimConfig
+
+    @property
+    def port(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        return self.url_for(self.config.feed)
+
+    def url_for(self, feed: str) -> str:
+        return f"ws://{self.config.host}:{self.port}/v2/{feed}"
+
+    @property
+    def trading_url(self) -> str:
+        """Base URL of the simulated trading API (`/v2/clock`, `/v2/calendar`)."""
+        return f"http://{self.config.host}:{self.port}"
+
+
+class Simulator(SimEndpoints):
     """The feed server. Runs on one asyncio loop; use `SimulatorThread` from other threads."""
 
     def __init__(self, config: SimConfig | None = None) -> None:
@@ -340,18 +363,6 @@ class Simulator:
     def port(self) -> int:
         assert self._server is not None, "simulator not started"
         return self._server.sockets[0].getsockname()[1]
-
-    @property
-    def url(self) -> str:
-        return self.url_for(self.config.feed)
-
-    def url_for(self, feed: str) -> str:
-        return f"ws://{self.config.host}:{self.port}/v2/{feed}"
-
-    @property
-    def trading_url(self) -> str:
-        """Base URL of the simulated trading API (`/v2/clock`, `/v2/calendar`)."""
-        return f"http://{self.config.host}:{self.port}"
 
     # --- faults -----------------------------------------------------------------------
 

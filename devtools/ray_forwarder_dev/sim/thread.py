@@ -10,12 +10,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ray_forwarder_dev.sim.generator import Item
-from ray_forwarder_dev.sim.server import SentRecord, SimConfig, Simulator
+from ray_forwarder_dev.sim.server import SentRecord, SimConfig, SimEndpoints, Simulator
 
 T = TypeVar("T")
 
 
-class SimulatorThread:
+class SimulatorThread(SimEndpoints):
     """`with SimulatorThread(SimConfig(...)) as sim: connect to sim.url ...`
 
     Every method runs on the simulator's loop and waits for the result, so it is safe to
@@ -107,18 +107,6 @@ class SimulatorThread:
         if self._port is None:
             raise RuntimeError("simulator thread not running")
         return self._port
-
-    @property
-    def url(self) -> str:
-        return self.url_for(self.config.feed)
-
-    def url_for(self, feed: str) -> str:
-        return f"ws://{self.config.host}:{self.port}/v2/{feed}"
-
-    @property
-    def trading_url(self) -> str:
-        """Base URL of the simulated trading API (`/v2/clock`, `/v2/calendar`)."""
-        return f"http://{self.config.host}:{self.port}"
 
     # --- faults -----------------------------------------------------------------------
 
