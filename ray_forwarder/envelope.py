@@ -67,16 +67,10 @@ def serialise_payload(payload: dict[str, Any]) -> bytes:
     return orjson.dumps(payload, default=_json_default, option=orjson.OPT_SORT_KEYS)
 
 
-def content_digest(payload: dict[str, Any]) -> str:
-    """A short digest of an item's full content (keys sorted, so field order is irrelevant).
-
-    Two different events never share a digest in practice (64 bits), and a redelivered
-    event always has the same one, which is what the dedup key needs.
-    """
-    return _digest(serialise_payload(payload))
-
-
 def _digest(body: bytes) -> str:
+    """A short digest of an item's full content (`serialise_payload`: keys sorted, so field
+    order is irrelevant). Two different events never share a digest in practice (64 bits),
+    and a redelivered event always has the same one, which is what the dedup key needs."""
     return hashlib.blake2b(body, digest_size=8).hexdigest()
 
 

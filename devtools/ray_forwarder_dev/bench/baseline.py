@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import sys
 import time
 from collections import Counter
@@ -46,6 +45,7 @@ from websockets.asyncio.client import connect
 
 from ray_forwarder.bars import BarFinalizer
 from ray_forwarder.config import Settings, load_settings
+from ray_forwarder.envelope import item_dedup_key
 from ray_forwarder.partitioning import KeyPartitioner
 from ray_forwarder.producer import producer_options
 from ray_forwarder.protocol.channels import CHANNEL_BY_TYPE
@@ -131,8 +131,7 @@ class Baseline:
             if topic is None:
                 self.skipped["unrouted"] += 1
                 continue
-            digest = hashlib.blake2b(orjson.dumps(item, option=_SORT_KEYS), digest_size=8)
-            key = f"{channel}:{symbol}:{event_ts}:{digest.hexdigest()}"
+            key = item_dedup_key(channel, symbol, event_ts, orjson.dumps(item, option=_SORT_KEYS))
             if key in seen:
                 self.deduplicated += 1
                 continue
