@@ -17,8 +17,8 @@ from types import ModuleType
 
 import orjson
 
-from ray_forwarder import logs
 from ray_forwarder.config import ConfigError, load_settings
+from ray_forwarder.ops import logs
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 DEV_TOOLS_PACKAGE = "ray_forwarder_dev"
@@ -131,8 +131,8 @@ def _positive_seconds(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ray_forwarder.core.topics import KafkaUnreachableError
     from ray_forwarder.startup import preflight
-    from ray_forwarder.topics import KafkaUnreachableError
 
     settings = load_settings()
     logs.configure(settings.log_level, component="driver")
@@ -143,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     except KafkaUnreachableError as exc:
         print(f"ray-forwarder: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    from ray_forwarder.driver import ensure_ray, run_forwarder
+    from ray_forwarder.ray.driver import ensure_ray, run_forwarder
 
     ensure_ray()
     result = asyncio.run(run_forwarder(settings, shards=shards, duration=args.duration))
@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _plan() -> int:
-    from ray_forwarder.planning import plan, producer_names
+    from ray_forwarder.ray.planning import plan, producer_names
     from ray_forwarder.startup import check_spool_dir
 
     settings = load_settings()
@@ -170,7 +170,7 @@ def _plan() -> int:
 
 
 def _schema(output: Path | None) -> int:
-    from ray_forwarder.envelope import json_schema
+    from ray_forwarder.core.envelope import json_schema
 
     text = orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
     if output is None:

@@ -26,8 +26,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ray_forwarder.kafka_tls import KafkaTls, ssl_context
-from ray_forwarder.protocol.channels import MARKET_DATA_CHANNELS
+from ray_forwarder.alpaca.channels import MARKET_DATA_CHANNELS
+from ray_forwarder.runtime.kafka_tls import KafkaTls, ssl_context
 
 DEFAULT_CHANNELS = ("trades", "quotes", "bars", "updatedBars")
 LIVE_STREAM_HOST = "wss://stream.data.alpaca.markets"

@@ -13,9 +13,9 @@ import os
 import tempfile
 
 from ray_forwarder.config import ConfigError, Settings
-from ray_forwarder.planning import plan
-from ray_forwarder.shard import ShardSpec
-from ray_forwarder.topics import prepare_topics
+from ray_forwarder.core.topics import prepare_topics
+from ray_forwarder.ray.planning import plan
+from ray_forwarder.ray.shard import ShardSpec
 
 
 def check_settings(settings: Settings) -> list[ShardSpec]:

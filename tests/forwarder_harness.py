@@ -8,8 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ray_forwarder.config import Settings, load_settings
-from ray_forwarder.driver import RunResult, run_forwarder
-from ray_forwarder.topics import topic_map
+from ray_forwarder.core.topics import topic_map
+from ray_forwarder.ray.driver import RunResult, run_forwarder
 from ray_forwarder_dev.sim import SimulatorThread
 from tests.kafka_fixture import ConsumedRecord, TopicNames, consume_all
 

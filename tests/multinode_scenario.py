@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray
 from ray.cluster_utils import Cluster
 
-from ray_forwarder.driver import Forwarder
-from ray_forwarder.topics import topic_map
+from ray_forwarder.core.topics import topic_map
+from ray_forwarder.ray.driver import Forwarder
 from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from tests.forwarder_harness import forwarder_settings, read_back, run_until
 from tests.stream_checks import canonical, decode_and_check

@@ -13,9 +13,9 @@ from collections import defaultdict
 import orjson
 import pytest
 
-from ray_forwarder.envelope import dedup_key, encode_envelope, final_bar_key
-from ray_forwarder.protocol.codec import decode_frame
-from ray_forwarder.protocol.events import DataItem
+from ray_forwarder.alpaca.codec import decode_frame
+from ray_forwarder.alpaca.events import DataItem
+from ray_forwarder.core.envelope import dedup_key, encode_envelope, final_bar_key
 from ray_forwarder_dev.bench.accounting import envelope_key, match_deliveries, percentiles
 from ray_forwarder_dev.bench.procstats import ProcessSampler, psutil, ray_role, terminate
 from ray_forwarder_dev.bench.report import BenchReport, CeilingReport, SystemReport, format_report
@@ -310,12 +310,12 @@ async def test_baseline_writes_the_products_records(kafka_broker, kafka_topics) 
     redelivery dropped by both."""
     import msgpack
 
-    from ray_forwarder.bars import BarFinalizer
     from ray_forwarder.config import load_settings
-    from ray_forwarder.dedup import DedupCache
-    from ray_forwarder.pipeline import EventPipeline
-    from ray_forwarder.producer import producer_options
-    from ray_forwarder.topics import topic_map
+    from ray_forwarder.core.bars import BarFinalizer
+    from ray_forwarder.core.dedup import DedupCache
+    from ray_forwarder.core.pipeline import EventPipeline
+    from ray_forwarder.core.topics import topic_map
+    from ray_forwarder.runtime.producer import producer_options
     from ray_forwarder_dev.bench.baseline import Baseline
     from ray_forwarder_dev.bench.kafka_io import create_topics, topic_env
 

@@ -13,15 +13,15 @@ import orjson
 import pytest
 
 from ray_forwarder.config import load_settings
-from ray_forwarder.deadletter import (
+from ray_forwarder.core.deadletter import (
     DEAD_LETTER_CHANNEL,
     InvalidRecordError,
     dead_letter_value,
     refusal_reason,
 )
-from ray_forwarder.outbox import BatchLimits, Lane, Outbox, RecordsRefused
-from ray_forwarder.pipeline import OutRecord
-from ray_forwarder.producer import KafkaSink, request_options
+from ray_forwarder.core.pipeline import OutRecord
+from ray_forwarder.runtime.outbox import BatchLimits, Lane, Outbox, RecordsRefused
+from ray_forwarder.runtime.producer import KafkaSink, request_options
 from tests.kafka_fixture import ConsumedRecord, consume_all, create_topics
 
 SYMBOLS = ("SPY", "QQQ", "AAPL", "MSFT")
@@ -94,7 +94,7 @@ async def test_an_oversized_record_goes_to_the_dead_letters_and_the_lane_keeps_f
     """Through a real producer actor: the broker refuses one record (its topic's
     max.message.bytes); every other record lands in order, the refused one is in the
     dead-letter topic with its reason, and the producer never reports Kafka as down."""
-    from ray_forwarder.actors import ProducerActor, _sender
+    from ray_forwarder.ray.actors import ProducerActor, _sender
 
     trades, dead = await _topics(kafka_broker, kafka_topics)
     settings = load_settings(
@@ -197,7 +197,7 @@ async def test_refused_records_are_named_and_batch_mates_only_suspected(
             await sink.send_batch(batch)
         assert set(shared.value.refused) == {0, 1}
         # Re-sent with each record alone: only the poison one is refused.
-        from ray_forwarder.outbox import Ticket
+        from ray_forwarder.runtime.outbox import Ticket
 
         with pytest.raises(RecordsRefused) as alone:
             await sink.send_batch(batch, Ticket("lane", 1, None, None, isolate=(0, 1)))
@@ -297,11 +297,11 @@ async def test_one_dead_letter_status_event_per_episode_and_counted_in_metrics(
     one `dead_letter` status event per episode, never one per record."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from ray_forwarder import shard as shard_module
-    from ray_forwarder.driver import plan_shards
-    from ray_forwarder.http import SnapshotCollector
-    from ray_forwarder.shard import ShardCore
-    from ray_forwarder.stats import ForwarderSnapshot
+    from ray_forwarder.ops.http import SnapshotCollector
+    from ray_forwarder.ray import shard as shard_module
+    from ray_forwarder.ray.driver import plan_shards
+    from ray_forwarder.ray.shard import ShardCore
+    from ray_forwarder.ray.stats import ForwarderSnapshot
     from ray_forwarder_dev.sim import SimConfig, SimulatorThread
     from tests.forwarder_harness import SIM_KEY, SIM_SECRET
 

@@ -190,7 +190,7 @@ def test_locked_requirements_install_into_a_clean_venv(tmp_path):
         str(requirements),
     )
     run(uv, "pip", "install", "--quiet", "--python", python, "--no-deps", str(REPO))
-    run(python, "-c", "import ray_forwarder.cli, ray_forwarder.actors")
+    run(python, "-c", "import ray_forwarder.cli, ray_forwarder.ray.actors")
     run(uv, "pip", "check", "--python", python)
     # What the image then has: no development tools, and a one-line answer for `demo`.
     missing = subprocess.run(

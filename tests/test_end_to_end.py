@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ray_forwarder.topics import topic_map
+from ray_forwarder.core.topics import topic_map
 from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET, forwarder_settings, read_back, run_until
 from tests.stream_checks import (

@@ -11,9 +11,9 @@ import orjson
 import pytest
 import ray
 
-from ray_forwarder.driver import Forwarder
-from ray_forwarder.pipeline import SEQ_EPOCH_BITS
-from ray_forwarder.topics import topic_map
+from ray_forwarder.core.pipeline import SEQ_EPOCH_BITS
+from ray_forwarder.core.topics import topic_map
+from ray_forwarder.ray.driver import Forwarder
 from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET, forwarder_settings, read_back, run_until
 from tests.stream_checks import (

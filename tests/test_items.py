@@ -16,13 +16,13 @@ import orjson
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from ray_forwarder.bars import BarFinalizer
+from ray_forwarder.alpaca import DataItem, Skipped, decode_frame
 from ray_forwarder.config import Settings
-from ray_forwarder.dedup import DedupCache
-from ray_forwarder.pipeline import EventPipeline, OutRecord, Sequencer
-from ray_forwarder.protocol import DataItem, Skipped, decode_frame
-from ray_forwarder.session import AlpacaSession, SessionConfig
-from ray_forwarder.topics import topic_map
+from ray_forwarder.core.bars import BarFinalizer
+from ray_forwarder.core.dedup import DedupCache
+from ray_forwarder.core.pipeline import EventPipeline, OutRecord, Sequencer
+from ray_forwarder.core.topics import topic_map
+from ray_forwarder.runtime.session import AlpacaSession, SessionConfig
 
 TS = "2026-01-05T14:30:01.123456789Z"
 TRADE = {"T": "t", "S": "SPY", "i": 7, "x": "V", "p": 470.5, "s": 100, "c": ["@"], "z": "B"}
@@ -233,7 +233,7 @@ def test_bar_finals_of_items_with_timestamps_outside_t_encode() -> None:
 
 def test_skips_are_logged_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
     run = Run()
-    with caplog.at_level("WARNING", logger="ray_forwarder.pipeline"):
+    with caplog.at_level("WARNING", logger="ray_forwarder.core.pipeline"):
         for _ in range(2000):
             run.frame(_mp(_trade(1, blob=b"x")))
     assert run.skipped == Counter({"unencodable": 2000})
@@ -348,9 +348,9 @@ def test_shard_stats_and_metrics_show_skips_dedup_evictions_and_window(tmp_path)
     DEDUP_MAX_KEYS shows as evictions and a window below the TTL, in stats and /metrics."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from ray_forwarder.http import SnapshotCollector
-    from ray_forwarder.shard import ShardCore, ShardSpec
-    from ray_forwarder.stats import ForwarderSnapshot
+    from ray_forwarder.ops.http import SnapshotCollector
+    from ray_forwarder.ray.shard import ShardCore, ShardSpec
+    from ray_forwarder.ray.stats import ForwarderSnapshot
 
     async def send(records: Any, _instance: Any) -> Any:  # never called: the shard is idle
         raise AssertionError

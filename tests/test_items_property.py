@@ -20,12 +20,12 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ray_forwarder.bars import BarFinalizer
+from ray_forwarder.alpaca import DataItem, Skipped, decode_frame
 from ray_forwarder.config import Settings
-from ray_forwarder.dedup import DedupCache
-from ray_forwarder.pipeline import EventPipeline
-from ray_forwarder.protocol import DataItem, Skipped, decode_frame
-from ray_forwarder.topics import topic_map
+from ray_forwarder.core.bars import BarFinalizer
+from ray_forwarder.core.dedup import DedupCache
+from ray_forwarder.core.pipeline import EventPipeline
+from ray_forwarder.core.topics import topic_map
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOPICS = topic_map(Settings())

@@ -16,8 +16,8 @@ from aiokafka import AIOKafkaProducer
 from cryptography.hazmat.primitives import serialization
 
 from ray_forwarder.config import ConfigError, load_settings
-from ray_forwarder.kafka_tls import ssl_context
-from ray_forwarder.producer import KafkaSink, KafkaStartError, producer_options
+from ray_forwarder.runtime.kafka_tls import ssl_context
+from ray_forwarder.runtime.producer import KafkaSink, KafkaStartError, producer_options
 from ray_forwarder_dev.certs import generate_ca
 from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET, forwarder_settings, read_back, run_until
@@ -335,7 +335,7 @@ def test_producer_options_never_show_the_password(tls_files) -> None:
 
 
 async def test_the_topic_check_connects_over_tls_like_the_producers(kafka_broker, kafka_topics):
-    from ray_forwarder.topics import prepare_topics, routed_topics
+    from ray_forwarder.core.topics import prepare_topics, routed_topics
 
     broker = _tls_broker(kafka_broker)
     from ray_forwarder.config import Settings

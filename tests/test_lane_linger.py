@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ray_forwarder.config import load_settings
-from ray_forwarder.shard import lane_linger_ms
+from ray_forwarder.ray.shard import lane_linger_ms
 
 
 @pytest.mark.parametrize(

@@ -54,9 +54,9 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from ray_forwarder.actors import IO_ACTOR_CPUS
 from ray_forwarder.config import Settings
-from ray_forwarder.spool import SEGMENT_BYTES
+from ray_forwarder.ray.actors import IO_ACTOR_CPUS
+from ray_forwarder.runtime.spool import SEGMENT_BYTES
 from tests.pod_security import all_containers, restricted_violations
 
 REPO = Path(__file__).resolve().parents[1]

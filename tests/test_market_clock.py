@@ -9,7 +9,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from ray_forwarder.market_clock import (
+from ray_forwarder.alpaca.market_clock import (
     LIVE_TRADING_URL,
     ClockReply,
     MarketClock,

@@ -12,9 +12,9 @@ def test_the_driver_exports_exactly_its_catalogue_entries() -> None:
     type and labels, and nothing else (no Ray needed)."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from ray_forwarder.http import SnapshotCollector
-    from ray_forwarder.metric_catalogue import CATALOGUE
-    from ray_forwarder.stats import ForwarderSnapshot
+    from ray_forwarder.ops.http import SnapshotCollector
+    from ray_forwarder.ops.metric_catalogue import CATALOGUE
+    from ray_forwarder.ray.stats import ForwarderSnapshot
     from tests.dashboard_queries import parse_scrape
 
     shard = {"shard_id": "s-0", "state": "subscribed", "subscribed": True, "symbols": 2,
@@ -37,7 +37,7 @@ def test_the_driver_exports_exactly_its_catalogue_entries() -> None:
 
 
 def test_the_catalogue_refuses_a_name_both_sources_would_export() -> None:
-    from ray_forwarder.metric_catalogue import CATALOGUE, MetricSpec, check_catalogue
+    from ray_forwarder.ops.metric_catalogue import CATALOGUE, MetricSpec, check_catalogue
 
     check_catalogue(CATALOGUE)
     bridged = MetricSpec("shard_subscribed", "gauge", ("shard",), "again", "driver")

@@ -18,10 +18,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ray_forwarder.driver import Forwarder, plan_shards
-from ray_forwarder.http import HealthServer
-from ray_forwarder.metrics import EXPORT_PREFIX, LATENCY_KINDS
-from ray_forwarder.topics import topic_map
+from ray_forwarder.core.topics import topic_map
+from ray_forwarder.ops.http import HealthServer
+from ray_forwarder.ops.metrics import EXPORT_PREFIX, LATENCY_KINDS
+from ray_forwarder.ray.driver import Forwarder, plan_shards
 from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET, forwarder_settings, read_back
 from tests.kafka_fixture import create_topics
@@ -330,7 +330,7 @@ def _idle_lane_tag(symbol: str, producers: int) -> str:
     """A run tag whose shard id (the key of status records) maps to the same producer lane
     as `symbol`, so that every record goes through one producer and the other stays idle
     (only an idle producer probes Kafka, hence counts probe failures)."""
-    from ray_forwarder.outbox import stable_slot
+    from ray_forwarder.runtime.outbox import stable_slot
 
     while True:
         tag = uuid.uuid4().hex[:8]
@@ -349,7 +349,7 @@ async def test_dashboard_panels_evaluate_against_real_scrapes(kafka_broker, kafk
     labels the query uses, from ONE source; no name is exported by both; every forwarder
     series in either scrape is in the catalogue under its source, type and labels; and the
     stat panels' sums count each shard once."""
-    from ray_forwarder.metric_catalogue import BY_NAME, CATALOGUE
+    from ray_forwarder.ops.metric_catalogue import BY_NAME, CATALOGUE
     from tests.dashboard_queries import (
         evaluate,
         grouping_labels,
@@ -468,14 +468,14 @@ def test_state_change_log_lines_carry_shard_context(capsys) -> None:
     import json
     import logging
 
-    from ray_forwarder import logs
+    from ray_forwarder.ops import logs
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
         logs.configure("INFO", actor="shard", shard="stocks-3", symbols=42)
-        logging.getLogger("ray_forwarder.shard").info("shard %s %s %s", "stocks-3", "subscribed",
-                                                      "channels={'trades': 42}")  # fmt: skip
+        shard_log = logging.getLogger("ray_forwarder.ray.shard")
+        shard_log.info("shard %s %s %s", "stocks-3", "subscribed", "channels={'trades': 42}")
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
@@ -491,7 +491,7 @@ async def test_overflow_and_recovered_status_events_once_per_transition() -> Non
     import orjson
 
     from ray_forwarder.config import load_settings
-    from ray_forwarder.shard import ShardCore
+    from ray_forwarder.ray.shard import ShardCore
 
     gate = asyncio.Event()
     delivered: list[tuple[str, bytes, bytes]] = []

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
-from ray_forwarder.outbox import BatchLimits, Outbox, stable_slot
-from ray_forwarder.pipeline import OutRecord
+from ray_forwarder.core.pipeline import OutRecord
+from ray_forwarder.runtime.outbox import BatchLimits, Outbox, stable_slot
 
 
 def _records(n: int, key: bytes = b"SPY", start: int = 0) -> list[OutRecord]:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ray_forwarder.partitioning import KeyPartitioner, Run, split_by_partition
+from ray_forwarder.runtime.partitioning import KeyPartitioner, Run, split_by_partition
 
 #: Kafka's own test vectors for Utils.murmur2 (clients/.../utils/UtilsTest.java), as signed
 #: Java ints.

@@ -9,13 +9,13 @@ import jsonschema
 import orjson
 import pytest
 
-from ray_forwarder.bars import BarFinalizer
+from ray_forwarder.alpaca.events import DataItem
 from ray_forwarder.config import Settings
-from ray_forwarder.dedup import DedupCache
-from ray_forwarder.envelope import dedup_key, json_schema
-from ray_forwarder.pipeline import EventPipeline
-from ray_forwarder.protocol.events import DataItem
-from ray_forwarder.topics import topic_map
+from ray_forwarder.core.bars import BarFinalizer
+from ray_forwarder.core.dedup import DedupCache
+from ray_forwarder.core.envelope import dedup_key, json_schema
+from ray_forwarder.core.pipeline import EventPipeline
+from ray_forwarder.core.topics import topic_map
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "envelope.v1.json"
 T0 = "2026-01-05T14:30:00.000000000Z"
@@ -143,6 +143,6 @@ def test_status_records_go_to_the_status_topic() -> None:
 
 
 def test_every_channel_has_a_topic() -> None:
-    from ray_forwarder.protocol.channels import ALL_CHANNELS
+    from ray_forwarder.alpaca.channels import ALL_CHANNELS
 
     assert set(topic_map(Settings())) == set(ALL_CHANNELS)

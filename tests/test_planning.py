@@ -6,8 +6,8 @@ import pytest
 
 from ray_forwarder.cli import main
 from ray_forwarder.config import ConfigError, load_settings
-from ray_forwarder.outbox import stable_slot
-from ray_forwarder.planning import mask_key, plan
+from ray_forwarder.ray.planning import mask_key, plan
+from ray_forwarder.runtime.outbox import stable_slot
 
 SYMBOLS = "SPY,QQQ,AAPL,MSFT,NVDA,AMZN,TSLA,META,IWM,DIA,GOOG,AMD"
 

@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from ray_forwarder.config import load_settings
-from ray_forwarder.outbox import RecordsRefused, StaleProducerError, Ticket
-from ray_forwarder.producer import KafkaSink, KafkaStartError, LaneOrder, producer_options
+from ray_forwarder.runtime.outbox import RecordsRefused, StaleProducerError, Ticket
+from ray_forwarder.runtime.producer import KafkaSink, KafkaStartError, LaneOrder, producer_options
 from tests.kafka_fixture import consume_all, create_topics
 
 

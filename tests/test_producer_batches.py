@@ -9,7 +9,7 @@ import time
 import orjson
 
 from ray_forwarder.config import load_settings
-from ray_forwarder.producer import KafkaSink
+from ray_forwarder.runtime.producer import KafkaSink
 from tests.kafka_fixture import consume_all, create_topics
 
 

@@ -6,7 +6,7 @@ import msgpack
 import orjson
 import pytest
 
-from ray_forwarder.protocol import (
+from ray_forwarder.alpaca import (
     Authenticated,
     Connected,
     DataItem,
@@ -23,7 +23,7 @@ from ray_forwarder.protocol import (
     encode_unsubscribe,
     missing_from_subscription,
 )
-from ray_forwarder.protocol.channels import CHANNEL_BY_TYPE
+from ray_forwarder.alpaca.channels import CHANNEL_BY_TYPE
 
 TS = "2026-01-05T14:30:01.123456789Z"
 TS_MSGPACK = msgpack.Timestamp(1767623401, 123456789)

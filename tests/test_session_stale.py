@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from ray_forwarder.session import AlpacaSession, SessionConfig
+from ray_forwarder.runtime.session import AlpacaSession, SessionConfig
 from ray_forwarder_dev.sim import SimConfig, Simulator
 
 KEY, SECRET = "sim-key", "sim-secret"
@@ -77,7 +77,7 @@ async def test_a_stalled_stream_is_reconnected_with_a_stale_reason() -> None:
 def test_seq_epochs_continue_above_every_earlier_incarnation() -> None:
     """A restarted shard numbers from its epoch: above anything epoch 0 could issue, and
     epoch 0 keeps the plain 1, 2, 3 … numbering."""
-    from ray_forwarder.pipeline import SEQ_EPOCH_BITS, Sequencer
+    from ray_forwarder.core.pipeline import SEQ_EPOCH_BITS, Sequencer
 
     first = Sequencer()
     first.start_epoch(0)

@@ -263,7 +263,7 @@ async def test_every_item_type_arrives_exactly_as_sent(wire: str) -> None:
 async def test_project_codec_reads_the_canonical_items(wire: str) -> None:
     """What the forwarder's decoder makes of the frames equals the simulator's accounting,
     which is what end-to-end tests compare Kafka payloads against."""
-    from ray_forwarder.protocol import DataItem, decode_frame
+    from ray_forwarder.alpaca import DataItem, decode_frame
 
     async with running(fast(total_events=800, duplicate_ratio=0.05)) as sim:
         ws = await login(sim.url, MSGPACK if wire == "msgpack" else None)

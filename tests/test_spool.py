@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from ray_forwarder import spool as spool_module
 from ray_forwarder.config import load_settings
-from ray_forwarder.outbox import BatchLimits, Lane
-from ray_forwarder.pipeline import OutRecord
-from ray_forwarder.shard import ShardSpec, spool_directory
-from ray_forwarder.spool import DiskSpool, SpoolFull
+from ray_forwarder.core.pipeline import OutRecord
+from ray_forwarder.ray.shard import ShardSpec, spool_directory
+from ray_forwarder.runtime import spool as spool_module
+from ray_forwarder.runtime.outbox import BatchLimits, Lane
+from ray_forwarder.runtime.spool import DiskSpool, SpoolFull
 
 
 def _record(n: int, channel: str = "trades") -> OutRecord:

@@ -9,8 +9,8 @@ import asyncio
 
 import orjson
 
-from ray_forwarder.market_clock import MarketClock, alpaca_fetcher
-from ray_forwarder.session import AlpacaSession, SessionConfig
+from ray_forwarder.alpaca.market_clock import MarketClock, alpaca_fetcher
+from ray_forwarder.runtime.session import AlpacaSession, SessionConfig
 from ray_forwarder_dev.sim import SimConfig, Simulator
 from tests.test_subscription_check import Recorder
 
@@ -110,8 +110,8 @@ async def test_a_shard_without_a_reachable_clock_says_so_in_one_status_event() -
     """A real `ShardCore` whose trading URL refuses connections: it streams on (the market
     is assumed open) and writes one `market_clock` status record; no secret anywhere."""
     from ray_forwarder.config import load_settings
-    from ray_forwarder.driver import plan_shards
-    from ray_forwarder.shard import ShardCore
+    from ray_forwarder.ray.driver import plan_shards
+    from ray_forwarder.ray.shard import ShardCore
 
     delivered: list[tuple[str, bytes, bytes]] = []
 

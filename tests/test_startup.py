@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from ray_forwarder.config import ConfigError, load_settings
-from ray_forwarder.topics import prepare_topics, topic_map
+from ray_forwarder.core.topics import prepare_topics, topic_map
 from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET
 from tests.kafka_fixture import create_topics
@@ -236,7 +236,7 @@ def test_topic_rule_covers_every_topic_field() -> None:
 def test_plan_work_is_bounded_by_shards_not_slots() -> None:
     """Planning numbers slots instead of listing them, so even the largest allowed
     credentials x connections product plans at once."""
-    from ray_forwarder.planning import plan
+    from ray_forwarder.ray.planning import plan
 
     credentials = ",".join(f"AK{i}:s{i}" for i in range(256))
     started = time.monotonic()
@@ -375,7 +375,7 @@ async def test_producer_warm_up_after_the_check_logs_no_kafka_errors(
     """The producer's warm-up (metadata for every routed topic) is where the ERROR lines
     came from while a broker auto-created the topics; after the start-up check (here
     creating what is missing) it logs nothing at ERROR."""
-    from ray_forwarder.producer import KafkaSink
+    from ray_forwarder.runtime.producer import KafkaSink
 
     topics = _topic_env(kafka_topics)
     await create_topics([topics["TOPIC_TRADES"]], **kafka_broker.client_kwargs())

@@ -8,8 +8,8 @@ import asyncio
 import contextlib
 from typing import Any
 
-from ray_forwarder.session import AlpacaSession, SessionConfig
-from ray_forwarder.stats import ForwarderSnapshot
+from ray_forwarder.ray.stats import ForwarderSnapshot
+from ray_forwarder.runtime.session import AlpacaSession, SessionConfig
 from ray_forwarder_dev.sim import SimConfig, Simulator
 
 KEY, SECRET = "sim-key", "sim-secret"

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import orjson
 
+from ray_forwarder.alpaca.channels import MARKET_DATA_CHANNELS
 from ray_forwarder.config import Settings, load_settings, log_level_from_env
-from ray_forwarder.protocol.channels import MARKET_DATA_CHANNELS
-from ray_forwarder.stats import ForwarderSnapshot
-from ray_forwarder.topics import prepare_topics
+from ray_forwarder.core.topics import prepare_topics
+from ray_forwarder.ray.stats import ForwarderSnapshot
 from ray_forwarder_dev.local_kafka import kafka_for_tools
 
 SIM_KEY, SIM_SECRET = "sim-key", "sim-secret"
@@ -33,7 +33,7 @@ class DemoOptions:
 
 
 def run_demo(options: DemoOptions) -> int:
-    from ray_forwarder import logs
+    from ray_forwarder.ops import logs
     from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 
     log_level = log_level_from_env("WARNING")
@@ -68,7 +68,7 @@ def run_demo(options: DemoOptions) -> int:
                 f"demo: simulator at {sim.url}, Kafka at {bootstrap}, symbols {','.join(symbols)}"
             )
             print(f"demo: running the forwarder on a local Ray for {options.duration:g}s ...")
-            from ray_forwarder.driver import ensure_ray, run_forwarder
+            from ray_forwarder.ray.driver import ensure_ray, run_forwarder
 
             asyncio.run(prepare_topics(settings))
             ensure_ray(include_dashboard=False)

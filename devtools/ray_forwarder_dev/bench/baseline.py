@@ -43,15 +43,15 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import connect
 
-from ray_forwarder.bars import BarFinalizer
+from ray_forwarder.alpaca.channels import CHANNEL_BY_TYPE
+from ray_forwarder.alpaca.codec import connection_headers, encode_auth, encode_subscribe
+from ray_forwarder.alpaca.timestamps import canonical, from_unix_nanos
 from ray_forwarder.config import Settings, load_settings
-from ray_forwarder.envelope import item_dedup_key
-from ray_forwarder.partitioning import KeyPartitioner
-from ray_forwarder.producer import producer_options
-from ray_forwarder.protocol.channels import CHANNEL_BY_TYPE
-from ray_forwarder.protocol.codec import connection_headers, encode_auth, encode_subscribe
-from ray_forwarder.protocol.timestamps import canonical, from_unix_nanos
-from ray_forwarder.topics import topic_map
+from ray_forwarder.core.bars import BarFinalizer
+from ray_forwarder.core.envelope import item_dedup_key
+from ray_forwarder.core.topics import topic_map
+from ray_forwarder.runtime.partitioning import KeyPartitioner
+from ray_forwarder.runtime.producer import producer_options
 
 _REVISABLE = frozenset({"bars", "updatedBars", "dailyBars"})
 _MINUTE_BARS = frozenset({"bars", "updatedBars"})

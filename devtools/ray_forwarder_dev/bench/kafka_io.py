@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from ray_forwarder.topics import ensure_topics
+from ray_forwarder.core.topics import ensure_topics
 from ray_forwarder_dev.bench.accounting import envelope_key
 
 DATA_TOPICS = ("trades", "quotes", "bars")

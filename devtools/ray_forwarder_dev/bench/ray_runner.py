@@ -35,7 +35,7 @@ def _data_total(counter) -> int:
 
 async def run(expect: int, idle_timeout: float) -> dict[str, Any]:
     from ray_forwarder.config import load_settings
-    from ray_forwarder.driver import run_forwarder
+    from ray_forwarder.ray.driver import run_forwarder
 
     settings = load_settings()
     stop = asyncio.Event()
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
-    from ray_forwarder import logs
-    from ray_forwarder.driver import ensure_ray
+    from ray_forwarder.ops import logs
+    from ray_forwarder.ray.driver import ensure_ray
 
     logs.configure(os.environ.get("LOG_LEVEL", "WARNING"), component="driver")
     for attempt in range(1, RAY_START_ATTEMPTS + 1):

@@ -12,7 +12,7 @@ import orjson
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from ray_forwarder.protocol.codec import connection_headers, encode_auth, encode_subscribe
+from ray_forwarder.alpaca.codec import connection_headers, encode_auth, encode_subscribe
 from ray_forwarder_dev.loadgen.feed import BENCH_CHANNELS
 
 

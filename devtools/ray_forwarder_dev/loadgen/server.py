@@ -22,7 +22,7 @@ import orjson
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from ray_forwarder.protocol.channels import MARKET_DATA_CHANNELS
+from ray_forwarder.alpaca.channels import MARKET_DATA_CHANNELS
 from ray_forwarder_dev.loadgen.feed import Feed, Frames, frames_for
 
 MSGPACK_CONTENT_TYPE = "application/msgpack"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ray_forwarder.protocol.timestamps import from_unix_nanos
+from ray_forwarder.alpaca.timestamps import from_unix_nanos
 
 NS = 1_000_000_000
 MINUTE_NS = 60 * NS

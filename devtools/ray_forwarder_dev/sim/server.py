@@ -31,12 +31,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from ray_forwarder.protocol.channels import (
+from ray_forwarder.alpaca.channels import (
     CHANNEL_BY_TYPE,
     MARKET_DATA_CHANNELS,
     TRADE_COMPANION_CHANNELS,
 )
-from ray_forwarder.protocol.errors import ERROR_MEANINGS
+from ray_forwarder.alpaca.errors import ERROR_MEANINGS
 from ray_forwarder_dev.sim.generator import Item, Market, MarketConfig
 
 log = logging.getLogger(__name__)
@@ -975,7 +975,7 @@ def _every_day(start: date, end: date) -> list[dict[str, str]]:
 
 
 def timezone_eastern() -> Any:
-    from ray_forwarder.market_clock import market_zone
+    from ray_forwarder.alpaca.market_clock import market_zone
 
     return market_zone() or UTC
 

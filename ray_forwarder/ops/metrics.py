@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from ray_forwarder.metric_catalogue import (
+from ray_forwarder.ops.metric_catalogue import (
     ACTOR_PREFIX,
     LATENCY_HELP,
     SCRAPED_PREFIX,

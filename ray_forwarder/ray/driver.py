@@ -18,12 +18,12 @@ from typing import Any
 
 import ray
 
-from ray_forwarder.actors import ProducerActor, ShardActor
 from ray_forwarder.config import Settings
-from ray_forwarder.http import HealthServer
-from ray_forwarder.planning import plan, producer_names
-from ray_forwarder.shard import ShardSpec
-from ray_forwarder.stats import ForwarderSnapshot
+from ray_forwarder.ops.http import HealthServer
+from ray_forwarder.ray.actors import ProducerActor, ShardActor
+from ray_forwarder.ray.planning import plan, producer_names
+from ray_forwarder.ray.shard import ShardSpec
+from ray_forwarder.ray.stats import ForwarderSnapshot
 
 log = logging.getLogger(__name__)
 

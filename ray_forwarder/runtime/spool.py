@@ -20,7 +20,7 @@ from typing import IO
 
 import msgpack
 
-from ray_forwarder.pipeline import OutRecord
+from ray_forwarder.core.pipeline import OutRecord
 
 log = logging.getLogger(__name__)
 

@@ -28,15 +28,15 @@ from aiokafka.structs import TopicPartition
 from pydantic import SecretStr
 
 from ray_forwarder.config import Settings
-from ray_forwarder.deadletter import refusal_reason
-from ray_forwarder.kafka_tls import (
+from ray_forwarder.core.deadletter import refusal_reason
+from ray_forwarder.runtime.kafka_tls import (
     KafkaTlsError,
     client_certificate_hint,
     describe_handshake_failure,
     ssl_context,
 )
-from ray_forwarder.outbox import RecordsRefused, StaleProducerError, Ticket
-from ray_forwarder.partitioning import KeyPartitioner, Run, split_by_partition
+from ray_forwarder.runtime.outbox import RecordsRefused, StaleProducerError, Ticket
+from ray_forwarder.runtime.partitioning import KeyPartitioner, Run, split_by_partition
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ class KafkaSink:
         Besides failing early and clearly on a missing topic, this keeps a topic's first
         batches from racing its (auto-)creation, when partition leaders are still moving.
         """
-        from ray_forwarder.topics import routed_topics
+        from ray_forwarder.core.topics import routed_topics
 
         for topic in routed_topics(self._settings):
             try:

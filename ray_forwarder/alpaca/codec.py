@@ -16,9 +16,9 @@ from typing import Any
 import msgpack
 import orjson
 
-from ray_forwarder.protocol import timestamps
-from ray_forwarder.protocol.channels import CHANNEL_BY_TYPE, MARKET_DATA_CHANNELS
-from ray_forwarder.protocol.events import (
+from ray_forwarder.alpaca import timestamps
+from ray_forwarder.alpaca.channels import CHANNEL_BY_TYPE, MARKET_DATA_CHANNELS
+from ray_forwarder.alpaca.events import (
     Authenticated,
     Connected,
     DataItem,
@@ -28,7 +28,7 @@ from ray_forwarder.protocol.events import (
     Subscription,
     Success,
 )
-from ray_forwarder.protocol.items import field_type_error, is_symbol
+from ray_forwarder.alpaca.items import field_type_error, is_symbol
 
 MSGPACK_CONTENT_TYPE = "application/msgpack"
 _DETAIL_LIMIT = 120

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ray_forwarder.config import ConfigError, Settings
-from ray_forwarder.outbox import stable_slot
-from ray_forwarder.shard import ShardSpec
+from ray_forwarder.ray.shard import ShardSpec
+from ray_forwarder.runtime.outbox import stable_slot
 
 
 def mask_key(key_id: str) -> str:

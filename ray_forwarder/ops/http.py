@@ -18,9 +18,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from ray_forwarder.metric_catalogue import spec
-from ray_forwarder.metrics import LATENCY_BOUNDARIES, LATENCY_KINDS
-from ray_forwarder.stats import ForwarderSnapshot
+from ray_forwarder.ops.metric_catalogue import spec
+from ray_forwarder.ops.metrics import LATENCY_BOUNDARIES, LATENCY_KINDS
+from ray_forwarder.ray.stats import ForwarderSnapshot
 
 log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

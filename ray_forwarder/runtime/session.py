@@ -22,11 +22,9 @@ from typing import Any, Protocol, TypeVar
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from ray_forwarder.backoff import Backoff
-from ray_forwarder.envelope import utc_now_iso
-from ray_forwarder.protocol import codec
-from ray_forwarder.protocol.errors import ErrorAction, classify_error, describe_error
-from ray_forwarder.protocol.events import (
+from ray_forwarder.alpaca import codec
+from ray_forwarder.alpaca.errors import ErrorAction, classify_error, describe_error
+from ray_forwarder.alpaca.events import (
     Authenticated,
     Connected,
     DataItem,
@@ -35,6 +33,8 @@ from ray_forwarder.protocol.events import (
     Subscription,
     Success,
 )
+from ray_forwarder.core.envelope import utc_now_iso
+from ray_forwarder.runtime.backoff import Backoff
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

@@ -80,7 +80,7 @@ def routed_topics(settings: Settings) -> list[str]:
 def admin_client(settings: Settings) -> Any:
     """An admin client that connects exactly as the producers will (bootstrap, security,
     SASL, TLS); the password reaches it without passing through a plain dict."""
-    from ray_forwarder.producer import producer_options
+    from ray_forwarder.runtime.producer import producer_options
 
     return producer_options(settings).create_admin()
 
@@ -99,7 +99,7 @@ async def prepare_topics(
     up to KAFKA_TOPICS_WAIT_SECONDS (a Strimzi Topic Operator may still be reconciling the
     KafkaTopic resources applied with the job), then refused with a ConfigError.
     Returns the topics it created."""
-    from ray_forwarder.producer import ClientErrors, describe_kafka_error
+    from ray_forwarder.runtime.producer import ClientErrors, describe_kafka_error
 
     wanted = routed_topics(settings)
     bootstrap = settings.kafka_bootstrap_servers

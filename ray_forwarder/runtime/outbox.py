@@ -33,14 +33,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ray_forwarder.deadletter import (
+from ray_forwarder.core.deadletter import (
     DEAD_LETTER_CHANNEL,
     OVER_MAX_RECORD_BYTES,
     dead_letter_value,
     refusal_reason,
 )
-from ray_forwarder.pipeline import OutRecord
-from ray_forwarder.spool import DiskSpool, SpoolFull
+from ray_forwarder.core.pipeline import OutRecord
+from ray_forwarder.runtime.spool import DiskSpool, SpoolFull
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Ticket:
 #: send(records, ticket) -> (acked count, token of the producer that acknowledged them)
 SendBatch = Callable[[list[WireRecord], Ticket], Awaitable[tuple[int, str]]]
 #: on_ack(records, oldest received, submitted, acked): monotonic seconds, called once per
-#: acknowledged batch (latency metrics; see ray_forwarder/metrics.py). Must not raise.
+#: acknowledged batch (latency metrics; see ray_forwarder/ops/metrics.py). Must not raise.
 AckObserver = Callable[[list[WireRecord], float, float, float], None]
 
 

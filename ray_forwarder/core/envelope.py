@@ -16,8 +16,8 @@ import msgpack
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from ray_forwarder.protocol import timestamps
-from ray_forwarder.protocol.channels import ALL_CHANNELS
+from ray_forwarder.alpaca import timestamps
+from ray_forwarder.alpaca.channels import ALL_CHANNELS
 
 ENVELOPE_VERSION = 1
 Channel = Literal[ALL_CHANNELS]  # type: ignore[valid-type]

@@ -16,13 +16,19 @@ from typing import Any
 
 import ray
 
-from ray_forwarder import logs
 from ray_forwarder.config import Settings
-from ray_forwarder.deadletter import refusal_reason
-from ray_forwarder.metrics import LatencyRecorder, ProducerMetrics, ShardMetrics, StatsExporter
-from ray_forwarder.outbox import RecordsRefused, SendBatch, StaleProducerError, Ticket, WireRecord
-from ray_forwarder.producer import KafkaSink
-from ray_forwarder.shard import ShardCore, ShardSpec
+from ray_forwarder.core.deadletter import refusal_reason
+from ray_forwarder.ops import logs
+from ray_forwarder.ops.metrics import LatencyRecorder, ProducerMetrics, ShardMetrics, StatsExporter
+from ray_forwarder.ray.shard import ShardCore, ShardSpec
+from ray_forwarder.runtime.outbox import (
+    RecordsRefused,
+    SendBatch,
+    StaleProducerError,
+    Ticket,
+    WireRecord,
+)
+from ray_forwarder.runtime.producer import KafkaSink
 
 log = logging.getLogger(__name__)
 

@@ -19,21 +19,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ray_forwarder.bars import BarFinalizer
-from ray_forwarder.config import Settings
-from ray_forwarder.dedup import DedupCache
-from ray_forwarder.market_clock import (
+from ray_forwarder.alpaca.events import DataItem, Skipped
+from ray_forwarder.alpaca.market_clock import (
     ALWAYS_OPEN_FEEDS,
     FetchHours,
     MarketClock,
     alpaca_fetcher,
     trading_base_url,
 )
-from ray_forwarder.outbox import BatchLimits, Outbox, SendBatch
-from ray_forwarder.pipeline import EventPipeline, OutRecord
-from ray_forwarder.protocol.events import DataItem, Skipped
-from ray_forwarder.session import AlpacaSession, FatalSessionError, SessionConfig
-from ray_forwarder.topics import topic_map
+from ray_forwarder.config import Settings
+from ray_forwarder.core.bars import BarFinalizer
+from ray_forwarder.core.dedup import DedupCache
+from ray_forwarder.core.pipeline import EventPipeline, OutRecord
+from ray_forwarder.core.topics import topic_map
+from ray_forwarder.runtime.outbox import BatchLimits, Outbox, SendBatch
+from ray_forwarder.runtime.session import AlpacaSession, FatalSessionError, SessionConfig
 
 log = logging.getLogger(__name__)
 

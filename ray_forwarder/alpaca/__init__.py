@@ -1,7 +1,7 @@
 """Alpaca's market-data protocol without I/O: channels, error codes, frame codec, events."""
 
-from ray_forwarder.protocol.channels import CHANNEL_BY_TYPE, MARKET_DATA_CHANNELS
-from ray_forwarder.protocol.codec import (
+from ray_forwarder.alpaca.channels import CHANNEL_BY_TYPE, MARKET_DATA_CHANNELS
+from ray_forwarder.alpaca.codec import (
     connection_headers,
     decode_frame,
     encode_auth,
@@ -9,8 +9,8 @@ from ray_forwarder.protocol.codec import (
     encode_unsubscribe,
     missing_from_subscription,
 )
-from ray_forwarder.protocol.errors import ErrorAction, classify_error, describe_error
-from ray_forwarder.protocol.events import (
+from ray_forwarder.alpaca.errors import ErrorAction, classify_error, describe_error
+from ray_forwarder.alpaca.events import (
     Authenticated,
     Connected,
     DataItem,

@@ -22,16 +22,16 @@ from typing import Any
 
 import orjson
 
-from ray_forwarder.bars import BarFinalizer, PendingBar
-from ray_forwarder.dedup import DedupCache
-from ray_forwarder.envelope import (
+from ray_forwarder.alpaca.events import DataItem, Skipped
+from ray_forwarder.core.bars import BarFinalizer, PendingBar
+from ray_forwarder.core.dedup import DedupCache
+from ray_forwarder.core.envelope import (
     encode_envelope,
     final_bar_key,
     item_dedup_key,
     serialise_payload,
     utc_now_iso,
 )
-from ray_forwarder.protocol.events import DataItem, Skipped
 
 log = logging.getLogger(__name__)
 

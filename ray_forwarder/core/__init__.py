@@ -1,0 +1,1 @@
+"""The forwarding logic without I/O: pipeline, envelope, dedup, bars, the topic table."""

@@ -1,0 +1,1 @@
+"""Operations: the metric catalogue, Prometheus export, HTTP endpoints, logs."""

@@ -1,0 +1,1 @@
+"""The asyncio parts one process runs: session pump, outbox, spool, Kafka sink."""
