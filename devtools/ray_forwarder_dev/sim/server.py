@@ -364,6 +364,14 @@ class Simulator(SimEndpoints):
         assert self._server is not None, "simulator not started"
         return self._server.sockets[0].getsockname()[1]
 
+    def end_feed(self) -> int:
+        """End the feed now: what was produced so far becomes `total_events`, so a test can
+        stop on an event of its own (a reconnect seen) instead of a feed length it must
+        guess for a machine of unknown speed. Returns the new total."""
+        self.config.total_events = self.market.emitted
+        self._check_finished()
+        return self.market.emitted
+
     # --- faults -----------------------------------------------------------------------
 
     async def drop_connections(self) -> int:
@@ -854,11 +862,10 @@ class Simulator(SimEndpoints):
         """Pull items from the market at `rate` and fan them out to subscribers."""
         await self._market_started.wait()
         loop = asyncio.get_running_loop()
-        total = self.config.total_events
         rate = self.config.rate or 0.0
         chunk = max(self.config.max_items_per_frame * 4, 200)
         t0, done_at_t0 = loop.time(), 0
-        while total is None or self.market.emitted < total:
+        while (total := self.config.total_events) is None or self.market.emitted < total:
             remaining = chunk if total is None else total - self.market.emitted
             if rate > 0:
                 await asyncio.sleep(self.config.flush_interval)

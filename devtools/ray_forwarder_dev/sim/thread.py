@@ -113,6 +113,9 @@ class SimulatorThread(SimEndpoints):
     def drop_connections(self) -> int:
         return self.call(self.simulator.drop_connections)
 
+    def end_feed(self) -> int:
+        return self.call("end_feed")
+
     def stall_connections(self) -> int:
         return self.call(self.simulator.stall_connections)
 
