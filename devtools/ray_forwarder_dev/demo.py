@@ -47,14 +47,19 @@ class DemoOptions:
     streams: str = ""  # empty: every stream the simulator speaks
 
 
-def demo_streams(requested: str) -> list[str]:
+def demo_streams(requested: str, wire_format: str = "msgpack") -> list[str]:
     """The streams to run: those asked for, else every stream of the table (STREAMS) that
-    the simulator speaks, in table order."""
+    the simulator speaks and that can use `wire_format` (options are msgpack only), in
+    table order."""
     from ray_forwarder.alpaca.streams import STREAMS
     from ray_forwarder_dev.sim.streams import SIM_STREAMS
 
     names = [n.strip().lower() for n in requested.split(",") if n.strip()]
-    return names or [name for name in STREAMS if name in SIM_STREAMS]
+    return names or [
+        name
+        for name, stream in STREAMS.items()
+        if name in SIM_STREAMS and wire_format in stream.wire_formats
+    ]
 
 
 def run_demo(options: DemoOptions) -> int:
@@ -67,7 +72,7 @@ def run_demo(options: DemoOptions) -> int:
     log_level = log_level_from_env("WARNING")
     logs.configure(log_level, component="demo")
     symbols = [s.strip().upper() for s in options.symbols.split(",") if s.strip()]
-    streams = demo_streams(options.streams)
+    streams = demo_streams(options.streams, options.wire_format)
     announce = "demo: starting a local Apache Kafka broker (the first run downloads its jars) ..."
     with kafka_for_tools(announce) as bootstrap, ExitStack() as running:
         sims = {}
