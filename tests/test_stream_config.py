@@ -121,3 +121,26 @@ def test_wrong_stream_settings_are_refused_in_one_line(overrides, words) -> None
 def test_settings_of_streams_that_do_not_run_are_not_checked() -> None:
     settings = _settings(alpaca_crypto_symbols="BTCUSD", alpaca_wire_format="json")
     assert [s.name for s in settings.streams()] == ["stocks"]
+
+
+def test_an_options_symbol_limit_spreads_contracts_over_connections() -> None:
+    contracts = [f"AAPL2401{day:02d}C00100000" for day in range(1, 21)]
+    settings = _settings(
+        alpaca_streams="options",
+        alpaca_options_symbols=",".join(contracts),
+        alpaca_options_max_symbols_per_connection=8,
+        alpaca_credentials="AKTWO:s2,AKTHREE:s3,AKFOUR:s4",
+        alpaca_connections_per_key=2,
+    )
+    shards = plan(settings)
+    assert len(shards) >= 3 and all(len(p.spec.symbols) <= 8 for p in shards)
+    assert sorted(s for p in shards for s in p.spec.symbols) == sorted(contracts)
+    assert plan(settings) == shards  # stable
+    with pytest.raises(ConfigError, match="ALPACA_OPTIONS_MAX_SYMBOLS_PER_CONNECTION"):
+        plan(
+            _settings(
+                alpaca_streams="options",
+                alpaca_options_symbols=",".join(contracts),
+                alpaca_options_max_symbols_per_connection=8,
+            )
+        )
