@@ -391,7 +391,7 @@ class Settings(BaseSettings):
                         if unknown
                         else f"{variable}: at least one channel is required"
                     )
-            if stream is STREAMS.get("stocks"):
+            if stream is STREAMS.get("stocks") or stream.symbols_setting is None:
                 continue  # ALPACA_SYMBOLS keeps its own, older check
             variable = stream.symbols_setting.upper()
             symbols = getattr(self, stream.symbols_setting)
@@ -414,6 +414,8 @@ class Settings(BaseSettings):
         return [STREAMS[name] for name in self.alpaca_streams]
 
     def stream_symbols(self, stream: StreamDefinition) -> list[str]:
+        if stream.symbols_setting is None:
+            return ["*"]
         return list(dict.fromkeys(getattr(self, stream.symbols_setting)))
 
     def stream_channels(self, stream: StreamDefinition) -> list[str]:

@@ -71,7 +71,9 @@ class StreamDefinition:
     endpoint: Callable[[Any], str]
     #: Settings field of the URL override (e.g. `alpaca_stream_url`).
     url_setting: str
-    symbols_setting: str
+    #: Settings field with the symbol list (None: the stream has no symbols, e.g.
+    #: trade_updates; it is planned as one connection subscribed to `*`).
+    symbols_setting: str | None
     channels_setting: str | None
     wire_formats: tuple[WireFormat, ...]
     channels: tuple[ChannelDef, ...]
