@@ -1,4 +1,5 @@
-"""A real WebSocket server speaking Alpaca's v2 market-data protocol, over the synthetic market.
+"""A real WebSocket server speaking Alpaca's market-data protocol (the stream of
+`SimConfig.stream`: stocks, crypto, options or news), over the synthetic market.
 
 It exists so tests, the demo and benchmarks can run the whole forwarder without credentials,
 and so faults (drops, auth failures, 406/407, malformed frames, duplicates) can be triggered on
