@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 SELECTOR = re.compile(r"\b(ray_forwarder_\w+)\s*(\{[^}]*\})?")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
-LABEL_VALUES = re.compile(r"label_values\(\s*(\w+)\s*,\s*(\w+)\s*\)")
+LABEL_VALUES = re.compile(r"label_values\(\s*(\w+)(?:\{[^}]*\})?\s*,\s*(\w+)\s*\)")
 AGGREGATION = re.compile(
     r"^\s*(?P<op>sum|count|max|min)\s*(?:by\s*\((?P<by>[^)]*)\))?\s*"
     r"\(\s*(?P<selector>ray_forwarder_\w+\s*(?:\{[^}]*\})?)\s*\)\s*(?P<positive>>\s*0)?\s*$"

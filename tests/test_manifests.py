@@ -529,7 +529,8 @@ def test_topics_equal_settings_defaults(rendered):
         for name, field in Settings.model_fields.items()
         if name.startswith("topic_")
     }
-    assert len(defaults) == 10  # nine channel topics and the dead-letter topic
+    # nine stock-era channel topics, eight of crypto/options/news, the dead-letter topic
+    assert len(defaults) == 18
     assert topic_names(rendered) == set(defaults.values())
     user = one(rendered, "KafkaUser")
     for doc in [*of_kind(rendered, "KafkaTopic"), user]:

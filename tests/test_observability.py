@@ -402,7 +402,7 @@ async def test_dashboard_panels_evaluate_against_real_scrapes(kafka_broker, kafk
                 await asyncio.to_thread(local.start_broker)
             await _until(lambda: snap().shards[0]["batches_resent"] > 0, 90, "re-sent batches")
             [shard] = [s["shard_id"] for s in snap().shards]
-            variables = {"shard": re.escape(shard), "channel": ".*"}
+            variables = {"stream": "stocks", "shard": re.escape(shard), "channel": ".*"}
             needed = {BY_NAME[n.removesuffix("_total").removesuffix("_bucket")].name
                       for n in used}  # fmt: skip
             started = time.monotonic()
