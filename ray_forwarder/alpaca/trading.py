@@ -1,0 +1,328 @@
+"""Alpaca's trading stream (`trade_updates`) without I/O: a connection state machine.
+
+The trading stream is a different protocol from the market-data family
+(docs.alpaca.markets/docs/websocket-streaming; docs/streams.md § 6): every message is one
+JSON object `{"stream": …, "data": {…}}`, not an array of `{"T": …}` maps; there is no
+greeting, so the client authenticates as soon as the socket is open::
+
+    > {"action":"auth","key":"…","secret":"…"}          (or the older "authenticate" form)
+    < {"stream":"authorization","data":{"status":"authorized","action":"authenticate"}}
+    > {"action":"listen","data":{"streams":["trade_updates"]}}
+    < {"stream":"listening","data":{"streams":["trade_updates"]}}
+    < {"stream":"trade_updates","data":{"event":"fill","order":{…},…}}
+
+The paper endpoint sends **binary** frames that hold JSON (UTF-8), live sends text frames:
+the frame's opcode says nothing about the encoding, so frames are decoded by the negotiated
+format (JSON unless msgpack was asked for with `Content-Type: application/msgpack`).
+
+`TradingConnection` takes frames in and gives events out plus frames to send
+(`data_to_send()`); it never touches a socket or a clock. A malformed frame, an unknown
+stream or an invalid trade update becomes a counted `Skipped` event; an unknown `event`
+value is forwarded (the SDKs disagree on the list; docs/streams.md § 6.3) and counted.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import orjson
+
+from ray_forwarder.alpaca import timestamps
+from ray_forwarder.alpaca.codec import MSGPACK_CONTENT_TYPE, _clip
+from ray_forwarder.alpaca.events import Skipped
+from ray_forwarder.alpaca.items import is_symbol
+
+#: The one stream this forwarder listens to on the trading endpoint.
+TRADE_UPDATES = "trade_updates"
+
+#: Trade update events documented by Alpaca or sent by its SDKs (docs/streams.md § 6.3).
+#: Others are forwarded too and counted as `unknown_events`: Alpaca adds events (e.g.
+#: `accepted`, 2026-07) and the forwarder must not drop an order's facts for that.
+KNOWN_EVENTS = frozenset(
+    {
+        "new", "fill", "partial_fill", "canceled", "expired", "done_for_day", "replaced",
+        "rejected", "pending_new", "stopped", "pending_cancel", "pending_replace",
+        "calculated", "suspended", "order_replace_rejected", "order_cancel_rejected",
+        "accepted", "restated", "held", "pending_review",
+    }
+)  # fmt: skip
+#: Events after which the order takes no further fills (its lifecycle's last fact).
+TERMINAL_EVENTS = frozenset({"fill", "canceled", "expired", "replaced", "rejected"})
+
+#: Order ids are UUIDs; accept any short token of URL-safe characters (no `:`, which
+#: separates the dedup key's parts, no whitespace).
+_ORDER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: Event names: lower-case words joined by `_` (`partial_fill`), bounded.
+_EVENT = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+#: Where a trade update's event time comes from, in order: the event's own `timestamp`,
+#: else the order's last change (a `new` event may carry no timestamp).
+_ORDER_TIME_FIELDS = ("updated_at", "submitted_at", "created_at")
+#: Documented decimal fields of a fill: strings in Alpaca's JSON; numbers tolerated.
+_DECIMAL_FIELDS = ("price", "qty", "position_qty")
+_DECIMAL_TYPES = (str, int, float, type(None))
+_UNKNOWN_EVENTS_LOGGED_MAX = 64
+HEARTBEAT = b"\x01"
+
+
+class TradingState(enum.Enum):
+    """Where a trading-stream connection stands."""
+
+    CONNECTING = "connecting"  # socket open, nothing sent yet
+    AUTHENTICATING = "authenticating"  # auth sent, waiting for `authorization`
+    LISTENING = "listening"  # listen sent, waiting for `listening`
+    STREAMING = "streaming"  # listening confirmed (maybe without every stream)
+    CLOSED = "closed"  # authorization refused: nothing more to do on this socket
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TradeUpdate:
+    """One order event, validated: the order id is the record key and the seq key."""
+
+    order_id: str
+    symbol: str | None  # the order's symbol; None when it has none (multi-leg orders)
+    event: str
+    event_ts: str  # canonical UTC RFC 3339 with nine fractional digits
+    payload: dict[str, Any]  # the `data` object as it came
+    channel: str = TRADE_UPDATES
+
+
+@dataclass(slots=True)
+class Authorized:
+    """`{"stream":"authorization","data":{"status":"authorized"}}`."""
+
+
+@dataclass(slots=True)
+class AuthRejected:
+    """Authorization refused: retrying with the same key cannot help (like market data's
+    402). `message` is the server's text (never our secret)."""
+
+    message: str
+
+
+@dataclass(slots=True)
+class Unauthorized:
+    """`unauthorized` for something other than our auth (e.g. a `listen` the server took
+    as unauthenticated): the session is not usable; reconnect and authenticate again."""
+
+    message: str
+
+
+@dataclass(slots=True)
+class Listening:
+    """The server's full set of streams listened to, and what it left out of ours."""
+
+    streams: list[str]
+    missing: list[str]
+
+
+TradingEvent = TradeUpdate | Authorized | AuthRejected | Unauthorized | Listening | Skipped
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One frame for the transport to write."""
+
+    payload: bytes
+    binary: bool
+
+
+# --- the connection ----------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class TradingConnection:
+    """The trading stream's protocol for one socket; create a new one per connection.
+
+    `auth_style` picks the request form: `auth` (`{"action":"auth","key","secret"}`, the
+    current documentation) or `authenticate` (`{"action":"authenticate","data":{"key_id",
+    "secret_key"}}`, what the released SDKs send). The reply is read the same way for both.
+    """
+
+    key: str = field(repr=False)
+    secret: str = field(repr=False)
+    streams: tuple[str, ...] = (TRADE_UPDATES,)
+    wire_format: str = "json"
+    auth_style: str = "auth"
+    state: TradingState = TradingState.CONNECTING
+    #: Unknown `event` values seen, forwarded anyway (bounded: junk cannot grow it).
+    unknown_events: Counter[str] = field(default_factory=Counter)
+    heartbeats: int = 0
+    close_reason: str | None = None
+    _outgoing: list[Outgoing] = field(default_factory=list, repr=False)
+
+    def __repr__(self) -> str:  # the secret must never reach a log line
+        return f"TradingConnection(state={self.state.value}, streams={list(self.streams)})"
+
+    # --- client -> server ---------------------------------------------------------------
+
+    def upgrade_headers(self) -> dict[str, str]:
+        """Headers for the WebSocket upgrade: msgpack is chosen by Content-Type."""
+        return {"Content-Type": MSGPACK_CONTENT_TYPE} if self.wire_format == "msgpack" else {}
+
+    def start(self) -> None:
+        """The socket is open: authenticate at once (the trading stream has no greeting)."""
+        if self.state is not TradingState.CONNECTING:
+            raise RuntimeError(f"start() in state {self.state.value}")
+        self.state = TradingState.AUTHENTICATING
+        if self.auth_style == "authenticate":
+            message: dict[str, Any] = {
+                "action": "authenticate",
+                "data": {"key_id": self.key, "secret_key": self.secret},
+            }
+        else:
+            message = {"action": "auth", "key": self.key, "secret": self.secret}
+        self._send(message)
+
+    def listen(self, streams: tuple[str, ...] | None = None) -> None:
+        """Ask for the streams to listen to (the whole set: `listen` replaces, not adds).
+        Also the liveness probe: the `listening` reply proves the stream alive."""
+        if streams is not None:
+            self.streams = streams
+        self._send({"action": "listen", "data": {"streams": list(self.streams)}})
+
+    def data_to_send(self) -> list[Outgoing]:
+        """Frames queued for the transport, oldest first; the queue is emptied."""
+        out, self._outgoing = self._outgoing, []
+        return out
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if self.wire_format == "msgpack":
+            self._outgoing.append(Outgoing(msgpack.packb(message), binary=True))
+        else:
+            self._outgoing.append(Outgoing(orjson.dumps(message), binary=False))
+
+    # --- server -> client ---------------------------------------------------------------
+
+    def receive_frame(self, frame: bytes | str) -> list[TradingEvent]:
+        """Events for one frame (text or binary), decoded by the negotiated format."""
+        if frame == HEARTBEAT:  # alpaca-trade-api-js skips a 1-byte 0x01 frame as heartbeat
+            self.heartbeats += 1
+            return []
+        message = _decode(frame, self.wire_format)
+        if isinstance(message, Skipped):
+            return [message]
+        stream, data = message
+        if stream == TRADE_UPDATES:
+            update = decode_trade_update(data)
+            if isinstance(update, TradeUpdate) and update.event not in KNOWN_EVENTS:
+                self._note_unknown_event(update.event)
+            return [update]
+        if stream == "authorization":
+            return [self._on_authorization(data)]
+        if stream == "listening":
+            return [self._on_listening(data)]
+        return [Skipped("unknown_type", f"stream={_clip(stream)}")]
+
+    def _note_unknown_event(self, event: str) -> None:
+        """Count an event name outside KNOWN_EVENTS (a bounded number of distinct ones)."""
+        if event in self.unknown_events or len(self.unknown_events) < _UNKNOWN_EVENTS_LOGGED_MAX:
+            self.unknown_events[event] += 1
+
+    def _on_authorization(self, data: dict[str, Any]) -> TradingEvent:
+        status = data.get("status")
+        action = data.get("action")
+        text = data.get("message") or data.get("error") or ""
+        message = f"{status}" + (f": {_clip(text)}" if text else "")
+        if status == "authorized":
+            if self.state is TradingState.AUTHENTICATING:
+                self.state = TradingState.LISTENING
+                self.listen()
+            return Authorized()
+        if status != "unauthorized":
+            return Skipped("invalid_item", f"authorization with status={_clip(status)}")
+        if self.state is TradingState.AUTHENTICATING or action in ("auth", "authenticate"):
+            self.state = TradingState.CLOSED
+            self.close_reason = f"authorization refused ({message})"
+            return AuthRejected(message)
+        return Unauthorized(f"unauthorized for action {_clip(action)} ({message})")
+
+    def _on_listening(self, data: dict[str, Any]) -> TradingEvent:
+        streams = data.get("streams")
+        if streams is None:
+            streams = []
+        if not isinstance(streams, list) or not all(isinstance(s, str) for s in streams):
+            return Skipped("invalid_item", f"listening with streams={_clip(streams)}")
+        if self.state is TradingState.LISTENING:
+            self.state = TradingState.STREAMING
+        missing = [s for s in self.streams if s not in streams]
+        return Listening(list(streams), missing)
+
+
+def _decode(frame: bytes | str, wire_format: str) -> tuple[str, dict[str, Any]] | Skipped:
+    """One frame -> (stream, data), or a `malformed_frame` skip."""
+    try:
+        if wire_format == "msgpack" and isinstance(frame, bytes):
+            message = msgpack.unpackb(frame, raw=False, timestamp=0, strict_map_key=False)
+        else:
+            message = orjson.loads(frame)  # str, or bytes holding UTF-8 JSON (paper)
+    except Exception as exc:  # every parser error means the same thing here
+        return Skipped("malformed_frame", f"{type(exc).__name__}: {_clip(frame)}")
+    if not isinstance(message, dict):
+        return Skipped("malformed_frame", f"top level is not an object: {_clip(message)}")
+    stream, data = message.get("stream"), message.get("data")
+    if not isinstance(stream, str) or not isinstance(data, dict):
+        return Skipped("malformed_frame", f"no stream name or data object: {_clip(message)}")
+    return stream, data
+
+
+def decode_trade_update(data: dict[str, Any]) -> TradeUpdate | Skipped:
+    """Validate one `trade_updates` data object; never raises for its content."""
+    try:
+        return _decode_trade_update(data)
+    except Exception as exc:  # a defect here must cost one item, not the session
+        return Skipped("invalid_item", f"trade update: {type(exc).__name__}: {_clip(data)}")
+
+
+def _decode_trade_update(data: dict[str, Any]) -> TradeUpdate | Skipped:
+    event = data.get("event")
+    if type(event) is not str or _EVENT.fullmatch(event) is None:
+        return Skipped("invalid_item", f"trade update with event={_clip(event)}")
+    order = data.get("order")
+    if type(order) is not dict:
+        return Skipped("invalid_item", f"{event} trade update without an order object")
+    order_id = order.get("id")
+    if type(order_id) is not str or _ORDER_ID.fullmatch(order_id) is None:
+        return Skipped("invalid_item", f"{event} trade update with order.id={_clip(order_id)}")
+    raw_symbol = order.get("symbol")
+    if raw_symbol is None or raw_symbol == "":
+        symbol = None
+    elif is_symbol(raw_symbol):
+        symbol = raw_symbol
+    else:
+        return Skipped("bad_symbol", f"{event} trade update with order.symbol={_clip(raw_symbol)}")
+    for name in _DECIMAL_FIELDS:
+        if type(data.get(name)) not in _DECIMAL_TYPES:
+            return Skipped(
+                "bad_field_type", f"{event} trade update with {name}={_clip(data[name])}"
+            )
+    if type(data.get("execution_id")) not in (str, type(None)):
+        return Skipped("bad_field_type", f"{event} trade update with execution_id={_clip(data)}")
+    source, raw_ts = _event_time(data, order)
+    if raw_ts is None:
+        return Skipped("bad_timestamp", f"{event} trade update without a timestamp")
+    try:
+        event_ts = timestamps.canonical(raw_ts)
+    except ValueError as exc:
+        return Skipped(
+            "bad_timestamp", f"{event} trade update with {source}={_clip(raw_ts)}: {exc}"
+        )
+    return TradeUpdate(order_id, symbol, event, event_ts, data)
+
+
+def _event_time(data: dict[str, Any], order: dict[str, Any]) -> tuple[str, object]:
+    """The event's own `timestamp` if present (even when invalid: no silent fallback),
+    else the order's latest change."""
+    if data.get("timestamp") is not None:
+        return "timestamp", data["timestamp"]
+    for name in _ORDER_TIME_FIELDS:
+        if order.get(name) is not None:
+            return f"order.{name}", order[name]
+    return "timestamp", None
