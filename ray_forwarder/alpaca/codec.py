@@ -29,6 +29,7 @@ from ray_forwarder.alpaca.events import (
     Success,
 )
 from ray_forwarder.alpaca.items import field_type_error, is_symbol
+from ray_forwarder.alpaca.streams import STOCKS, StreamDefinition
 
 MSGPACK_CONTENT_TYPE = "application/msgpack"
 _DETAIL_LIMIT = 120
@@ -44,16 +45,23 @@ def encode_auth(key: str, secret: str) -> str:
     return orjson.dumps({"action": "auth", "key": key, "secret": secret}).decode()
 
 
-def encode_subscribe(channels: Mapping[str, Iterable[str]]) -> str:
-    return _encode_subscription_action("subscribe", channels)
+def encode_subscribe(
+    channels: Mapping[str, Iterable[str]], stream: StreamDefinition = STOCKS
+) -> str:
+    return _encode_subscription_action("subscribe", channels, stream)
 
 
-def encode_unsubscribe(channels: Mapping[str, Iterable[str]]) -> str:
-    return _encode_subscription_action("unsubscribe", channels)
+def encode_unsubscribe(
+    channels: Mapping[str, Iterable[str]], stream: StreamDefinition = STOCKS
+) -> str:
+    return _encode_subscription_action("unsubscribe", channels, stream)
 
 
-def _encode_subscription_action(action: str, channels: Mapping[str, Iterable[str]]) -> str:
-    unknown = [name for name in channels if name not in MARKET_DATA_CHANNELS]
+def _encode_subscription_action(
+    action: str, channels: Mapping[str, Iterable[str]], stream: StreamDefinition
+) -> str:
+    allowed = MARKET_DATA_CHANNELS if stream is STOCKS else stream.subscribable
+    unknown = [name for name in channels if name not in allowed]
     if unknown:
         raise ValueError(f"cannot subscribe to unknown channel(s): {', '.join(unknown)}")
     message: dict[str, Any] = {"action": action}
@@ -69,8 +77,10 @@ def connection_headers(wire_format: str) -> dict[str, str]:
 # --- server -> client ------------------------------------------------------------------
 
 
-def decode_frame(frame: bytes | str) -> list[Event]:
-    """Decode one WebSocket frame (text = JSON, binary = msgpack) into events, in order."""
+def decode_frame(frame: bytes | str, stream: StreamDefinition | None = None) -> list[Event]:
+    """Decode one WebSocket frame (text = JSON, binary = msgpack) into events, in order.
+
+    `stream` names the stream whose item types apply (None: stocks)."""
     try:
         if isinstance(frame, str):
             messages = orjson.loads(frame)
@@ -83,19 +93,22 @@ def decode_frame(frame: bytes | str) -> list[Event]:
     events: list[Event] = []
     for message in messages:
         try:
-            events.append(decode_message(message))
+            events.append(decode_message(message, stream))
         except Exception as exc:  # a defect here must cost one item, not the session
             events.append(Skipped("invalid_item", f"{type(exc).__name__}: {_clip(message)}"))
     return events
 
 
-def decode_message(message: object) -> Event:
-    """Decode one element of a server array."""
+def decode_message(message: object, stream: StreamDefinition | None = None) -> Event:
+    """Decode one element of a server array (`stream`: as in `decode_frame`)."""
     if not isinstance(message, dict):
         return Skipped("invalid_item", f"item is not a map: {_clip(message)}")
     kind = message.get("T")
-    channel = CHANNEL_BY_TYPE.get(kind) if isinstance(kind, str) else None
+    by_type = CHANNEL_BY_TYPE if stream is None else stream.channel_by_type
+    channel = by_type.get(kind) if isinstance(kind, str) else None
     if channel is not None:
+        if stream is not None and stream.key_field != "S":
+            return _decode_keyed_item(stream, channel, kind, message)
         return _decode_item(channel, kind, message)
     if kind == "success":
         msg = str(message.get("msg", ""))
@@ -139,6 +152,36 @@ def _decode_item(channel: str, kind: str, item: dict[Any, Any]) -> Event:
     if type(raw_ts) is not str:
         item["t"] = event_ts  # msgpack Timestamp -> the string JSON consumers expect
     return DataItem(channel, symbol, event_ts, item)
+
+
+def _decode_keyed_item(
+    stream: StreamDefinition, channel: str, kind: str, item: dict[Any, Any]
+) -> Event:
+    """An item keyed by another field than `S` (news: `id`), timed by `stream.time_field`."""
+    key, raw_ts = item.get(stream.key_field), item.get(stream.time_field)
+    if raw_ts is None:  # an article never edited may carry only `created_at`
+        raw_ts = item.get("created_at")
+    if key is None or raw_ts is None or type(key) is bool:
+        return Skipped(
+            "invalid_item",
+            f"{channel} item without {stream.key_field} or {stream.time_field}: {_clip(item)}",
+        )
+    if type(key) is int:
+        key = str(key)
+    if not is_symbol(key):
+        return Skipped("bad_symbol", f"{channel} item with {stream.key_field}={_clip(key)}")
+    try:
+        event_ts = timestamps.canonical(raw_ts)
+    except ValueError as exc:
+        return Skipped("bad_timestamp", f"{channel} item with time={_clip(raw_ts)}: {exc}")
+    for name in ("created_at", "updated_at"):  # msgpack Timestamps -> strings
+        value = item.get(name)
+        if value is not None and type(value) is not str:
+            try:
+                item[name] = timestamps.canonical(value)
+            except ValueError as exc:
+                return Skipped("bad_timestamp", f"{channel} item with {name}: {exc}")
+    return DataItem(channel, key, event_ts, item)
 
 
 def _clip(value: object) -> str:
