@@ -11,21 +11,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ray_forwarder.alpaca.events import Skipped
+from ray_forwarder.alpaca.events import DataItem, Skipped
 from ray_forwarder.alpaca.trading import (
     Authorized,
     AuthRejected,
     Listening,
-    TradeUpdate,
-    TradingConnection,
+    TradingProtocol,
     TradingState,
     Unauthorized,
     decode_trade_update,
 )
 from ray_forwarder.config import Settings
+from ray_forwarder.core.bars import BarFinalizer
 from ray_forwarder.core.dedup import DedupCache
+from ray_forwarder.core.pipeline import EventPipeline
 from ray_forwarder.core.topics import topic_map
-from ray_forwarder.core.trade_updates import TradeUpdatePipeline
 from ray_forwarder_dev.sim.orders import OrderFlow
 
 SECRET = "s3cr3t-value"
@@ -68,8 +68,8 @@ def _frame(stream: str, data: object) -> bytes:
     return orjson.dumps({"stream": stream, "data": data})
 
 
-def _streaming(binary: bool = True, **kwargs: Any) -> TradingConnection:
-    conn = TradingConnection("key-id", SECRET, **kwargs)
+def _streaming(binary: bool = True, **kwargs: Any) -> TradingProtocol:
+    conn = TradingProtocol("key-id", SECRET, **kwargs)
     conn.start()
     conn.receive_frame(_frame("authorization", {"status": "authorized", "action": "auth"}))
     events = conn.receive_frame(_frame("listening", {"streams": ["trade_updates"]}))
@@ -82,7 +82,7 @@ def _streaming(binary: bool = True, **kwargs: Any) -> TradingConnection:
 
 
 def test_handshake_sends_auth_then_listen_and_streams() -> None:
-    conn = TradingConnection("key-id", SECRET)
+    conn = TradingProtocol("key-id", SECRET)
     assert conn.state is TradingState.CONNECTING
     conn.start()
     [auth] = conn.data_to_send()
@@ -103,7 +103,7 @@ def test_handshake_sends_auth_then_listen_and_streams() -> None:
 
 
 def test_the_older_authenticate_form_is_available() -> None:
-    conn = TradingConnection("key-id", SECRET, auth_style="authenticate")
+    conn = TradingProtocol("key-id", SECRET, auth_style="authenticate")
     conn.start()
     [auth] = conn.data_to_send()
     assert orjson.loads(auth.payload) == {
@@ -113,7 +113,7 @@ def test_the_older_authenticate_form_is_available() -> None:
 
 
 def test_refused_authorization_closes_the_connection() -> None:
-    conn = TradingConnection("key-id", SECRET)
+    conn = TradingProtocol("key-id", SECRET)
     conn.start()
     refusal = {
         "action": "authenticate",
@@ -136,7 +136,7 @@ def test_unauthorized_listen_after_auth_asks_for_a_reconnect() -> None:
 
 
 def test_a_listening_reply_without_trade_updates_reports_it_missing() -> None:
-    conn = TradingConnection("key-id", SECRET)
+    conn = TradingProtocol("key-id", SECRET)
     conn.start()
     conn.receive_frame(_frame("authorization", {"status": "authorized"}))
     assert conn.receive_frame(_frame("listening", {"streams": []})) == [
@@ -149,12 +149,13 @@ def test_a_listening_reply_without_trade_updates_reports_it_missing() -> None:
 
 
 def test_secrets_stay_out_of_reprs() -> None:
-    conn = TradingConnection("key-id", SECRET)
+    conn = TradingProtocol("key-id", SECRET)
     conn.start()
     assert SECRET not in repr(conn)
-    from ray_forwarder.runtime.trading_session import TradingSessionConfig
+    from ray_forwarder.alpaca.streams import TRADE_UPDATES
+    from ray_forwarder.alpaca.trading import TradingConnection
 
-    assert SECRET not in repr(TradingSessionConfig("wss://x/stream", "key-id", SECRET))
+    assert SECRET not in repr(TradingConnection(TRADE_UPDATES, "key-id", SECRET))
 
 
 # --- frames ---------------------------------------------------------------------------------
@@ -165,14 +166,14 @@ def test_trade_updates_decode_from_binary_and_text_frames(as_binary: bool) -> No
     conn = _streaming()
     raw = _frame("trade_updates", _fill())
     [update] = conn.receive_frame(raw if as_binary else raw.decode())
-    assert isinstance(update, TradeUpdate)
-    assert (update.order_id, update.symbol, update.event) == (ORDER_ID, "AAPL", "partial_fill")
+    assert isinstance(update, DataItem)
+    assert (update.channel, update.symbol) == ("trade_updates", ORDER_ID)
     assert update.event_ts == TS
     assert update.payload == _fill()
 
 
 def test_msgpack_when_negotiated() -> None:
-    conn = TradingConnection("key-id", SECRET, wire_format="msgpack")
+    conn = TradingProtocol("key-id", SECRET, wire_format="msgpack")
     assert conn.upgrade_headers() == {"Content-Type": "application/msgpack"}
     conn.start()
     [auth] = conn.data_to_send()
@@ -182,14 +183,14 @@ def test_msgpack_when_negotiated() -> None:
         msgpack.packb({"stream": "listening", "data": {"streams": ["trade_updates"]}})
     )
     [update] = conn.receive_frame(msgpack.packb({"stream": "trade_updates", "data": _fill()}))
-    assert isinstance(update, TradeUpdate)
+    assert isinstance(update, DataItem)
 
 
 def test_event_time_falls_back_to_the_order_and_keeps_offsets_exact() -> None:
     data = _fill(event="new")
     del data["timestamp"]
     update = decode_trade_update(data)
-    assert isinstance(update, TradeUpdate)
+    assert isinstance(update, DataItem)
     assert update.event_ts == "2026-01-05T14:30:01.000000000Z"  # -05:00 converted
 
 
@@ -238,28 +239,28 @@ def test_unknown_streams_are_skipped_and_unknown_events_forwarded() -> None:
     [skip] = conn.receive_frame(_frame("account_updates", {}))
     assert isinstance(skip, Skipped) and skip.reason == "unknown_type"
     [update] = conn.receive_frame(_frame("trade_updates", _fill(event="brand_new_event")))
-    assert isinstance(update, TradeUpdate)
+    assert isinstance(update, DataItem)
     assert conn.unknown_events == {"brand_new_event": 1}
     assert conn.receive_frame(b"\x01") == [] and conn.heartbeats == 1
 
 
 def test_multi_leg_orders_without_a_symbol_are_kept() -> None:
     update = decode_trade_update(_fill(order=_order(symbol="")))
-    assert isinstance(update, TradeUpdate) and update.symbol is None
+    assert isinstance(update, DataItem) and update.symbol == ORDER_ID
 
 
 # --- the pipeline -----------------------------------------------------------------------------
 
 
-def _pipeline() -> TradeUpdatePipeline:
-    return TradeUpdatePipeline(TOPICS, DedupCache(900, 10_000), name="test")
+def _pipeline() -> EventPipeline:
+    return EventPipeline(TOPICS, DedupCache(900, 10_000), BarFinalizer(35.0), name="test")
 
 
-def _updates(*datas: dict[str, Any]) -> list[TradeUpdate]:
+def _updates(*datas: dict[str, Any]) -> list[DataItem]:
     out = []
     for data in datas:
         update = decode_trade_update(copy.deepcopy(data))
-        assert isinstance(update, TradeUpdate)
+        assert isinstance(update, DataItem)
         out.append(update)
     return out
 
@@ -282,8 +283,7 @@ def test_records_are_keyed_by_order_and_numbered_per_order() -> None:
     assert {r.topic for r in records} == {"alpaca.trade_updates.v1"}
     assert [e["seq"] for e in envelopes] == [1, 1, 2, 3]
     assert all(e["is_final"] and e["channel"] == "trade_updates" for e in envelopes)
-    assert envelopes[1]["symbol"] == "SPY" and envelopes[0]["symbol"] == "AAPL"
-    assert envelopes[0]["key"].startswith(f"trade_updates:{ORDER_ID}:new:{TS}:")
+    assert envelopes[0]["key"].startswith(f"trade_updates:{ORDER_ID}:{TS}:")
 
 
 def test_only_the_very_same_event_is_deduplicated() -> None:
@@ -334,7 +334,7 @@ def test_random_frames_never_raise(frame: bytes | str) -> None:
     conn = _streaming()
     for event in conn.receive_frame(frame):
         assert isinstance(
-            event, TradeUpdate | Skipped | Listening | Authorized | AuthRejected | Unauthorized
+            event, DataItem | Skipped | Listening | Authorized | AuthRejected | Unauthorized
         )
 
 
@@ -354,11 +354,109 @@ def test_mutated_updates_are_forwarded_or_skipped_never_raise(
     for data in (events[0], broken, events[1]):
         out += conn.receive_frame(_frame("trade_updates", data))
     assert len(out) == 3
-    assert all(isinstance(e, TradeUpdate | Skipped) for e in out)
-    updates = [e for e in out if isinstance(e, TradeUpdate)]
+    assert all(isinstance(e, DataItem | Skipped) for e in out)
+    updates = [e for e in out if isinstance(e, DataItem)]
     pipeline = _pipeline()
     records = pipeline.process(updates, INGEST, 0.0)  # never raises
     skipped = sum(pipeline.counters.skipped.values())
     assert len(records) + skipped + pipeline.counters.deduplicated.total() == len(updates)
     # the valid neighbours always come through
     assert out[0] == _updates(events[0])[0] and out[2] == _updates(events[1])[0]
+
+
+# --- the StreamConnection: timers, repair, fatal refusal (no sockets) ---------------------------
+
+
+def _connection(**timing: Any):
+    from ray_forwarder.alpaca.connection import Timing
+    from ray_forwarder.alpaca.streams import TRADE_UPDATES
+    from ray_forwarder.alpaca.trading import TradingConnection
+
+    return TradingConnection(TRADE_UPDATES, "key-id", SECRET, timing=Timing(**timing), url="ws://x")
+
+
+def test_connection_reports_the_handshake_and_hands_over_items() -> None:
+    from ray_forwarder.alpaca.connection import Items, Report, State
+
+    conn = _connection()
+    conn.connect(0.0)
+    [auth] = conn.data_to_send()
+    assert isinstance(auth, str) and orjson.loads(auth)["action"] == "auth"  # a text frame
+    out = conn.receive_frame(_frame("authorization", {"status": "authorized"}), 0.1)
+    assert [o.state for o in out if isinstance(o, Report)] == ["connected", "authenticated"]
+    [listen] = conn.data_to_send()
+    assert orjson.loads(listen)["action"] == "listen"
+    out = conn.receive_frame(_frame("listening", {"streams": ["trade_updates"]}), 0.2)
+    assert [o.state for o in out] == ["subscribed"] and conn.state is State.STREAMING
+    [items] = conn.receive_frame(_frame("trade_updates", _fill()), 0.3)
+    assert isinstance(items, Items) and items.items[0].symbol == ORDER_ID
+    assert conn.last_data == 0.3
+
+
+def test_connection_refused_authorization_is_fatal_and_names_the_settings() -> None:
+    from ray_forwarder.alpaca.connection import Disconnect
+
+    conn = _connection()
+    conn.connect(0.0)
+    refusal = {
+        "status": "unauthorized",
+        "action": "auth",
+        "message": "access key verification failed",
+    }
+    out = conn.receive_frame(_frame("authorization", refusal), 0.1)
+    [end] = [o for o in out if isinstance(o, Disconnect)]
+    assert end.fatal and "ALPACA_TRADING_ENV" in end.reason and SECRET not in end.reason
+
+
+def test_connection_reasks_for_a_stream_left_out_then_reports_it_unserved() -> None:
+    from ray_forwarder.alpaca.connection import Report
+
+    conn = _connection(resubscribe_delays=(1.0, 2.0))
+    conn.connect(0.0)
+    conn.receive_frame(_frame("authorization", {"status": "authorized"}), 0.0)
+    conn.data_to_send()
+    out = conn.receive_frame(_frame("listening", {"streams": []}), 0.0)
+    assert out == [Report("subscribed", {"streams": [], "missing": {"listen": ["trade_updates"]}})]
+    reports: list[str] = []
+    now = 0.0
+    for _ in range(2):
+        now = conn.next_deadline()
+        assert conn.on_deadline(now) == []
+        [again] = conn.data_to_send()  # the whole set again
+        assert orjson.loads(again)["data"]["streams"] == ["trade_updates"]
+        out = conn.receive_frame(_frame("listening", {"streams": []}), now + 0.1)
+        reports += [o.state for o in out if isinstance(o, Report)]
+    assert reports == ["subscription_mismatch"]
+    assert conn.unserved == {("listen", "trade_updates")} and conn.counters.resubscribes == 2
+    out = conn.receive_frame(_frame("listening", {"streams": ["trade_updates"]}), now + 1)
+    assert "subscription_repaired" in [o.state for o in out if isinstance(o, Report)]
+    assert not conn.unserved and not conn.missing
+
+
+def test_connection_probes_a_silent_stream_then_declares_it_stale() -> None:
+    from ray_forwarder.alpaca.connection import Disconnect
+
+    conn = _connection(stale_stream_seconds=30.0)
+    conn.connect(0.0)
+    conn.receive_frame(_frame("authorization", {"status": "authorized"}), 0.0)
+    conn.receive_frame(_frame("listening", {"streams": ["trade_updates"]}), 0.0)
+    conn.data_to_send()
+    assert conn.next_deadline() == 30.0
+    assert conn.on_deadline(30.0) == []
+    [probe] = conn.data_to_send()
+    assert orjson.loads(probe)["action"] == "listen"
+    assert conn.receive_frame(_frame("listening", {"streams": ["trade_updates"]}), 31.0) == []
+    assert conn.next_deadline() == 61.0
+    conn.on_deadline(61.0)
+    conn.data_to_send()
+    [end] = conn.on_deadline(91.0)
+    assert isinstance(end, Disconnect) and not end.fatal and "stale stream" in end.reason
+
+
+def test_connection_handshake_timeout_reconnects() -> None:
+    from ray_forwarder.alpaca.connection import Disconnect
+
+    conn = _connection(handshake_timeout=15.0)
+    conn.connect(0.0)
+    [end] = conn.on_deadline(15.0)
+    assert isinstance(end, Disconnect) and not end.fatal

@@ -1,4 +1,5 @@
-"""The trading-stream session against the trading simulator over real sockets (no Kafka)."""
+"""The session pump driving the trading family's connection against the trading simulator,
+over real sockets (no Kafka, no Ray)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ from typing import Any
 
 import pytest
 
-from ray_forwarder.alpaca.events import Skipped
-from ray_forwarder.alpaca.trading import TradeUpdate
-from ray_forwarder.runtime.session import FatalSessionError
-from ray_forwarder.runtime.trading_session import TradingSession, TradingSessionConfig
+from ray_forwarder.alpaca.events import DataItem, Skipped
+from ray_forwarder.alpaca.streams import TRADE_UPDATES
+from ray_forwarder.runtime.session import AlpacaSession, FatalSessionError, SessionConfig
 from ray_forwarder_dev.sim.trading import TradingSimConfig, TradingSimulator
 
 KEY, SECRET = "sim-key", "sim-secret"
@@ -18,7 +18,7 @@ KEY, SECRET = "sim-key", "sim-secret"
 
 class Collector:
     def __init__(self) -> None:
-        self.updates: list[TradeUpdate] = []
+        self.updates: list[DataItem] = []
         self.skipped: list[Skipped] = []
         self.states: list[tuple[str, dict[str, Any]]] = []
         self.changed = asyncio.Event()
@@ -45,12 +45,13 @@ class Collector:
                 await self.changed.wait()
 
 
-def _session(sim: TradingSimulator, handler: Collector, **overrides: Any) -> TradingSession:
+def _session(sim: TradingSimulator, handler: Collector, **overrides: Any) -> AlpacaSession:
     values: dict[str, Any] = dict(
-        url=sim.url, key=KEY, secret=SECRET, reconnect_initial=0.05, reconnect_max=0.2
-    )
+        url=sim.url, key=KEY, secret=SECRET, subscriptions={}, stream=TRADE_UPDATES,
+        reconnect_initial=0.05, reconnect_max=0.2,
+    )  # fmt: skip
     values.update(overrides)
-    return TradingSession(TradingSessionConfig(**values), handler)
+    return AlpacaSession(SessionConfig(**values), handler)
 
 
 @pytest.mark.parametrize("binary_frames", [True, False], ids=["paper-binary", "live-text"])
