@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # Trading API for the market clock/calendar (unset: Alpaca's live API, or the simulator
     # when the stream URL is a loopback ws:// URL); paper keys need paper-api.alpaca.markets.
     alpaca_trading_url: str | None = None
+    # The trading stream (trade_updates): paper or live endpoint, or an override.
+    alpaca_trading_env: Literal["paper", "live"] = "paper"
+    alpaca_trading_stream_url: str | None = None
     alpaca_wire_format: Literal["json", "msgpack"] = "msgpack"
     alpaca_credentials: SecretStr | None = None  # more key pairs: "KEY1:SECRET1,KEY2:SECRET2"
     alpaca_connections_per_key: int = Field(default=1, gt=0, le=MAX_CONNECTIONS_PER_KEY)
@@ -191,7 +194,7 @@ class Settings(BaseSettings):
             return value or None
         return value
 
-    @field_validator("alpaca_feed", mode="before")
+    @field_validator("alpaca_feed", "alpaca_trading_env", mode="before")
     @classmethod
     def _feed_lower_case(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -224,12 +227,18 @@ class Settings(BaseSettings):
                 )
         return ",".join(entries)
 
-    @field_validator("alpaca_stream_url", "alpaca_trading_url", "alpaca_credentials", mode="before")
+    @field_validator(
+        "alpaca_stream_url",
+        "alpaca_trading_url",
+        "alpaca_trading_stream_url",
+        "alpaca_credentials",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("alpaca_stream_url")
+    @field_validator("alpaca_stream_url", "alpaca_trading_stream_url")
     @classmethod
     def _websocket_url(cls, value: str | None) -> str | None:
         return _endpoint_url(value, ("ws", "wss"))
@@ -275,6 +284,7 @@ class Settings(BaseSettings):
         for name, url in (
             ("ALPACA_STREAM_URL", self.alpaca_stream_url),
             ("ALPACA_TRADING_URL", self.alpaca_trading_url),
+            ("ALPACA_TRADING_STREAM_URL", self.alpaca_trading_stream_url),
         ):
             if url is None or self.alpaca_allow_insecure_stream:
                 continue
