@@ -27,6 +27,15 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ray_forwarder.alpaca.channels import MARKET_DATA_CHANNELS
+from ray_forwarder.alpaca.streams import (
+    CRYPTO,
+    NEWS,
+    OPTIONS,
+    STOCK_FEED_PATHS,
+    STREAMS,
+    StreamDefinition,
+    topic_defaults,
+)
 from ray_forwarder.runtime.kafka_tls import KafkaTls, ssl_context
 
 DEFAULT_CHANNELS = ("trades", "quotes", "bars", "updatedBars")
@@ -35,14 +44,9 @@ LIVE_STREAM_HOST = "wss://stream.data.alpaca.markets"
 #: Alpaca's stock feeds and where each one streams (docs.alpaca.markets, "Real-time Stock
 #: Data" and "WebSocket Stream": BOATS and the overnight feed are still on v1beta1, `test`
 #: is the always-on test stream with the symbol FAKEPACA).
-FEED_PATHS: dict[str, str] = {
-    "sip": "v2/sip",
-    "iex": "v2/iex",
-    "delayed_sip": "v2/delayed_sip",
-    "boats": "v1beta1/boats",
-    "overnight": "v1beta1/overnight",
-    "test": "v2/test",
-}
+FEED_PATHS: dict[str, str] = STOCK_FEED_PATHS
+
+_TOPICS = topic_defaults()
 
 #: Kafka's own rule for topic names (kafka.common.internals.Topic).
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
@@ -91,6 +95,20 @@ class Settings(BaseSettings):
     alpaca_trading_env: Literal["paper", "live"] = "paper"
     alpaca_trading_stream_url: str | None = None
     alpaca_wire_format: Literal["json", "msgpack"] = "msgpack"
+    # Which streams run (alpaca/streams.py STREAMS); stocks alone unless told otherwise.
+    alpaca_streams: CommaList = Field(default_factory=lambda: ["stocks"])
+    alpaca_crypto_symbols: CommaList = Field(default_factory=lambda: list(CRYPTO.default_symbols))
+    alpaca_crypto_channels: CommaList = Field(default_factory=lambda: list(CRYPTO.default_channels))
+    alpaca_crypto_location: str = Field(default="us", pattern=r"^[a-z0-9-]{1,32}$")
+    alpaca_crypto_stream_url: str | None = None
+    alpaca_options_feed: Literal["indicative", "opra"] = "indicative"
+    alpaca_options_symbols: CommaList = Field(default_factory=list)
+    alpaca_options_channels: CommaList = Field(
+        default_factory=lambda: list(OPTIONS.default_channels)
+    )
+    alpaca_options_stream_url: str | None = None
+    alpaca_news_symbols: CommaList = Field(default_factory=lambda: list(NEWS.default_symbols))
+    alpaca_news_stream_url: str | None = None
     alpaca_credentials: SecretStr | None = None  # more key pairs: "KEY1:SECRET1,KEY2:SECRET2"
     alpaca_connections_per_key: int = Field(default=1, gt=0, le=MAX_CONNECTIONS_PER_KEY)
     # 0 = one per connection slot (at most one per symbol)
@@ -131,6 +149,15 @@ class Settings(BaseSettings):
     topic_imbalances: str = "alpaca.imbalances.v1"
     topic_trade_updates: str = "alpaca.trade_updates.v1"
     topic_deadletter: str = "alpaca.deadletter.v1"  # records Kafka refused for good
+    # the other streams' topics (defaults in alpaca/streams.py)
+    topic_crypto_trades: str = _TOPICS["topic_crypto_trades"]
+    topic_crypto_quotes: str = _TOPICS["topic_crypto_quotes"]
+    topic_crypto_bars: str = _TOPICS["topic_crypto_bars"]
+    topic_crypto_daily_bars: str = _TOPICS["topic_crypto_daily_bars"]
+    topic_crypto_orderbooks: str = _TOPICS["topic_crypto_orderbooks"]
+    topic_options_trades: str = _TOPICS["topic_options_trades"]
+    topic_options_quotes: str = _TOPICS["topic_options_quotes"]
+    topic_news: str = _TOPICS["topic_news"]
 
     # Pipeline
     producer_linger_ms: int = Field(default=50, ge=0, le=10_000)
@@ -161,9 +188,17 @@ class Settings(BaseSettings):
     market_clock_refresh_seconds: float = Field(default=300.0, gt=0, le=HOUR)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
-    _split = field_validator("alpaca_symbols", "alpaca_channels", mode="before")(
-        classmethod(lambda cls, v: _split_commas(v))
-    )
+    _split = field_validator(
+        "alpaca_symbols",
+        "alpaca_channels",
+        "alpaca_streams",
+        "alpaca_crypto_symbols",
+        "alpaca_crypto_channels",
+        "alpaca_options_symbols",
+        "alpaca_options_channels",
+        "alpaca_news_symbols",
+        mode="before",
+    )(classmethod(lambda cls, v: _split_commas(v)))
 
     @field_validator("alpaca_symbols")
     @classmethod
@@ -184,6 +219,31 @@ class Settings(BaseSettings):
         if not channels:
             raise ValueError("at least one channel is required")
         return channels
+
+    @field_validator("alpaca_streams")
+    @classmethod
+    def _known_streams(cls, names: list[str]) -> list[str]:
+        names = list(dict.fromkeys(n.lower() for n in names))
+        unknown = [n for n in names if n not in STREAMS]
+        if unknown:
+            raise ValueError(
+                f"unknown stream(s) {', '.join(unknown)}; choose from {', '.join(STREAMS)}"
+            )
+        if not names:
+            raise ValueError("at least one stream is required")
+        return names
+
+    @field_validator(
+        "alpaca_crypto_symbols", "alpaca_options_symbols", "alpaca_news_symbols", mode="after"
+    )
+    @classmethod
+    def _upper_symbols(cls, symbols: list[str]) -> list[str]:
+        return [s if s == "*" else s.upper() for s in symbols]
+
+    @field_validator("alpaca_options_feed", "alpaca_crypto_location", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("log_level", "kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
     @classmethod
@@ -229,6 +289,9 @@ class Settings(BaseSettings):
 
     @field_validator(
         "alpaca_stream_url",
+        "alpaca_crypto_stream_url",
+        "alpaca_options_stream_url",
+        "alpaca_news_stream_url",
         "alpaca_trading_url",
         "alpaca_trading_stream_url",
         "alpaca_credentials",
@@ -238,7 +301,13 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("alpaca_stream_url", "alpaca_trading_stream_url")
+    @field_validator(
+        "alpaca_stream_url",
+        "alpaca_crypto_stream_url",
+        "alpaca_options_stream_url",
+        "alpaca_news_stream_url",
+        "alpaca_trading_stream_url",
+    )
     @classmethod
     def _websocket_url(cls, value: str | None) -> str | None:
         return _endpoint_url(value, ("ws", "wss"))
@@ -281,8 +350,12 @@ class Settings(BaseSettings):
                 f"KAFKA_USERNAME is set but KAFKA_SECURITY_PROTOCOL={protocol} does not use "
                 "it; choose SASL_PLAINTEXT or SASL_SSL"
             )
+        self._check_streams()
         for name, url in (
             ("ALPACA_STREAM_URL", self.alpaca_stream_url),
+            ("ALPACA_CRYPTO_STREAM_URL", self.alpaca_crypto_stream_url),
+            ("ALPACA_OPTIONS_STREAM_URL", self.alpaca_options_stream_url),
+            ("ALPACA_NEWS_STREAM_URL", self.alpaca_news_stream_url),
             ("ALPACA_TRADING_URL", self.alpaca_trading_url),
             ("ALPACA_TRADING_STREAM_URL", self.alpaca_trading_stream_url),
         ):
@@ -300,6 +373,62 @@ class Settings(BaseSettings):
             raise ValueError("the same Alpaca key id is configured twice")
         self._check_tls()
         return self
+
+    def _check_streams(self) -> None:
+        """Per enabled stream: its wire format, channels and symbol syntax (one line naming
+        the variable). Streams that are not enabled are not checked."""
+        for stream in self.streams():
+            if not stream.symbols_setting:  # trade_updates: no symbols, one wire format
+                continue
+            if self.alpaca_wire_format not in stream.wire_formats:
+                raise ValueError(
+                    f"ALPACA_STREAMS includes {stream.name}, which Alpaca serves only as "
+                    f"{' or '.join(stream.wire_formats)}; ALPACA_WIRE_FORMAT="
+                    f"{self.alpaca_wire_format} cannot be used with it (set "
+                    f"ALPACA_WIRE_FORMAT={stream.wire_formats[0]} or leave it unset)"
+                )
+            if stream.channels_setting is not None:
+                variable = stream.channels_setting.upper()
+                channels = getattr(self, stream.channels_setting)
+                unknown = [c for c in channels if c not in stream.subscribable]
+                if unknown or not channels:
+                    raise ValueError(
+                        f"{variable}: unknown channel(s) {', '.join(unknown)}; choose from "
+                        f"{', '.join(stream.subscribable)}"
+                        if unknown
+                        else f"{variable}: at least one channel is required"
+                    )
+            if stream is STREAMS.get("stocks"):
+                continue  # ALPACA_SYMBOLS keeps its own, older check
+            variable = stream.symbols_setting.upper()
+            symbols = getattr(self, stream.symbols_setting)
+            if not symbols:
+                raise ValueError(f"{variable}: at least one symbol is required for {stream.name}")
+            bad = [s for s in symbols if not stream.is_symbol(s)][:3]
+            if bad:
+                example = {"crypto": "BTC/USD", "options": "AAPL240119C00100000"}.get(
+                    stream.name, "AAPL"
+                )
+                raise ValueError(
+                    f"{variable}: {', '.join(repr(s[:40]) for s in bad)} not a {stream.name} "
+                    f"symbol (e.g. {example}, or *)"
+                )
+            if "*" in symbols and len(symbols) > 1:
+                raise ValueError(f"{variable}: '*' already means every symbol; list nothing else")
+
+    def streams(self) -> list[StreamDefinition]:
+        """The enabled streams, in ALPACA_STREAMS order."""
+        return [STREAMS[name] for name in self.alpaca_streams]
+
+    def stream_symbols(self, stream: StreamDefinition) -> list[str]:
+        if not stream.symbols_setting:  # trade_updates: the account's orders, no symbols
+            return []
+        return list(dict.fromkeys(getattr(self, stream.symbols_setting)))
+
+    def stream_channels(self, stream: StreamDefinition) -> list[str]:
+        if stream.channels_setting is None:
+            return list(stream.default_channels)
+        return list(getattr(self, stream.channels_setting))
 
     def _check_tls(self) -> None:
         """Refuse TLS files next to a protocol without TLS (they would be silently unused),
@@ -320,6 +449,11 @@ class Settings(BaseSettings):
     def stream_url(self) -> str:
         """The market-data WebSocket URL: the override, or Alpaca's URL for the feed."""
         return self.alpaca_stream_url or f"{LIVE_STREAM_HOST}/{FEED_PATHS[self.alpaca_feed]}"
+
+    def stream_endpoint(self, stream: StreamDefinition) -> str:
+        """A stream's WebSocket URL: its override (e.g. ALPACA_CRYPTO_STREAM_URL), or
+        Alpaca's URL from its feed/location settings."""
+        return stream.url(self)
 
     @property
     def spool_root(self) -> Path:

@@ -144,5 +144,8 @@ def test_status_records_go_to_the_status_topic() -> None:
 
 def test_every_channel_has_a_topic() -> None:
     from ray_forwarder.alpaca.channels import ALL_CHANNELS
+    from ray_forwarder.alpaca.streams import STREAMS
 
-    assert set(topic_map(Settings())) == set(ALL_CHANNELS)
+    settings = Settings()
+    routed = {channel for s in STREAMS.values() for channel in topic_map(settings, s)}
+    assert routed == set(ALL_CHANNELS)

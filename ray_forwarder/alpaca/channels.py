@@ -1,6 +1,9 @@
-"""Alpaca's channels and the item types (`T`) that arrive on them."""
+"""Alpaca's channels and the item types (`T`) that arrive on them (the stock stream; every
+stream's channels are in `streams.py`)."""
 
 from __future__ import annotations
+
+from ray_forwarder.alpaca.streams import all_channels
 
 #: Channels a client can name in a subscribe action (stock market-data stream).
 MARKET_DATA_CHANNELS: tuple[str, ...] = (
@@ -32,8 +35,6 @@ CHANNEL_BY_TYPE: dict[str, str] = {
 }
 
 #: Every channel that can appear in an envelope, including the forwarder's own.
-ALL_CHANNELS: tuple[str, ...] = (
-    *CHANNEL_BY_TYPE.values(),
-    "trade_updates",
-    "status",
+ALL_CHANNELS: tuple[str, ...] = tuple(
+    dict.fromkeys((*CHANNEL_BY_TYPE.values(), *all_channels(), "trade_updates", "status"))
 )

@@ -29,14 +29,38 @@ class Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid", title="ray-forwarder envelope v1")
 
     ingest_ts: str = Field(description="UTC ISO-8601 time the forwarder received the frame.")
-    event_ts: str = Field(description="The item's `t`, UTC ISO-8601 with nanoseconds kept.")
-    channel: Channel = Field(description="Alpaca channel name, or `status` for own events.")
-    symbol: str | None = Field(description="The item's symbol; null for forwarder status.")
-    seq: int = Field(ge=1, description="Strictly increasing per (channel, symbol).")
+    event_ts: str = Field(
+        description="The item's event time, UTC ISO-8601 with nanoseconds kept: `t` for "
+        "stocks, crypto and options; `updated_at` (else `created_at`) for news."
+    )
+    channel: Channel = Field(
+        description="Alpaca channel name, or `status` for own events. The stream is told "
+        "by the topic (stocks: alpaca.trades.v1, ...; crypto: alpaca.crypto.*; options: "
+        "alpaca.options.*; news: alpaca.news.v1)."
+    )
+    symbol: str | None = Field(
+        description="The item's symbol (stocks ticker, crypto pair `BTC/USD`, OCC option "
+        "contract); null for forwarder status and for news (an article names several "
+        "symbols: see `payload.symbols`)."
+    )
+    seq: int = Field(
+        ge=1,
+        description="Strictly increasing per (channel, symbol) within a topic; news: per "
+        "article id; status: per shard.",
+    )
     payload: dict[str, Any] = Field(description="The original Alpaca item (or status body).")
-    is_final: bool = Field(description="False for a bar that may still be revised.")
+    is_final: bool = Field(
+        description="False for a record that may still be revised: minute bars (until "
+        "their `is_final: true` record), daily bars, crypto order books. Trades, quotes, "
+        "options and news are final (an edited article is a new record)."
+    )
     source: Literal["alpaca", "forwarder"]
-    key: str = Field(description="Dedup key: equal only for redeliveries of one event.")
+    key: str = Field(
+        description="Dedup key, equal only for redeliveries of one event: "
+        "`channel:symbol:event_ts:digest` (digest: BLAKE2b-64 of the payload with sorted "
+        "keys); news: `news:article_id:updated_at:digest`; a final bar: "
+        "`bars:symbol:bar_ts:final`."
+    )
 
 
 def utc_now_iso() -> str:

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from ray_forwarder.alpaca.events import DataItem, Skipped
+from ray_forwarder.alpaca.streams import StreamDefinition
 from ray_forwarder.core.bars import BarFinalizer, PendingBar
 from ray_forwarder.core.dedup import DedupCache
 from ray_forwarder.core.envelope import (
@@ -145,8 +146,14 @@ class EventPipeline:
         *,
         allowed_symbols: Collection[str] | None = None,
         name: str = "pipeline",
+        stream: StreamDefinition | None = None,
     ) -> None:
         self._topics = topics
+        # per stream (None: stocks): which channels may be revised / feed the finaliser,
+        # and whether an item's key is a symbol (news: the article id, `symbol` null)
+        self._revisable = REVISABLE_CHANNELS if stream is None else stream.revisable
+        self._minute_bars = MINUTE_BAR_CHANNELS if stream is None else stream.minute_bars
+        self._key_is_symbol = stream is None or stream.key_is_symbol
         self._dedup = dedup
         self._bars = bars
         self._allowed = frozenset(allowed_symbols) if allowed_symbols is not None else None
@@ -207,7 +214,7 @@ class EventPipeline:
             if self._dedup.seen(key, now):
                 counters.deduplicated[channel] += 1
                 continue
-            if channel in MINUTE_BAR_CHANNELS:
+            if channel in self._minute_bars:
                 self._bars.observe(symbol, item.event_ts, item.payload, now)
             out.append(
                 self._record(
@@ -215,10 +222,12 @@ class EventPipeline:
                     ingest_ts=ingest_ts,
                     event_ts=item.event_ts,
                     channel=channel,
-                    symbol=symbol,
+                    symbol=symbol if self._key_is_symbol else None,
                     payload=orjson.Fragment(body),
-                    is_final=channel not in REVISABLE_CHANNELS,
+                    is_final=channel not in self._revisable,
                     key=key,
+                    seq_symbol=None if self._key_is_symbol else symbol,
+                    record_key=None if self._key_is_symbol else symbol,
                 )
             )
         return out
@@ -232,9 +241,9 @@ class EventPipeline:
         return self._finals(self._bars.drain())
 
     def _finals(self, bars: list[PendingBar]) -> list[OutRecord]:
-        topic = self._topics["bars"]
         if not bars:
             return []
+        topic = self._topics["bars"]
         ingest_ts = utc_now_iso()
         self.counters.finals += len(bars)
         return [

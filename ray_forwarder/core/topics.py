@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from ray_forwarder.alpaca.streams import STOCKS, STREAMS, StreamDefinition
 from ray_forwarder.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -23,27 +24,19 @@ class KafkaUnreachableError(RuntimeError):
     """The start-up check could not talk to Kafka; the message is safe to show."""
 
 
-def topic_map(settings: Settings) -> dict[str, str]:
-    """The topic of every envelope channel.
+def topic_map(settings: Settings, stream: StreamDefinition = STOCKS) -> dict[str, str]:
+    """The topic of every envelope channel of `stream` (plus `status`), read off the
+    stream table (`alpaca/streams.py`) and the TOPIC_* settings.
 
-    Corrections and cancel/errors share the trades topic (they amend trades, and the same
-    record key keeps them in order with the trades they amend); updated bars share the bars
-    topic with the bars they revise.
+    Stocks: corrections and cancel/errors share the trades topic (they amend trades, and
+    the same record key keeps them in order with the trades they amend); updated bars share
+    the bars topic with the bars they revise. Crypto likewise for its bars.
     """
-    return {
-        "trades": settings.topic_trades,
-        "corrections": settings.topic_trades,
-        "cancelErrors": settings.topic_trades,
-        "quotes": settings.topic_quotes,
-        "bars": settings.topic_bars,
-        "updatedBars": settings.topic_bars,
-        "dailyBars": settings.topic_daily_bars,
-        "statuses": settings.topic_statuses,
-        "lulds": settings.topic_lulds,
-        "imbalances": settings.topic_imbalances,
-        "trade_updates": settings.topic_trade_updates,
-        "status": settings.topic_status,
-    }
+    topics = {c.name: getattr(settings, c.topic.setting) for c in stream.channels}
+    if stream is STOCKS:
+        topics["trade_updates"] = settings.topic_trade_updates  # (kept: the v1 table had it)
+    topics["status"] = settings.topic_status
+    return topics
 
 
 async def ensure_topics(
@@ -71,10 +64,20 @@ async def ensure_topics(
 
 
 def routed_topics(settings: Settings) -> list[str]:
-    """Every topic the forwarder may write: the channel topics and any other TOPIC_*
-    setting (a dead-letter topic, say), so that none is found missing only when needed."""
-    fields = (name for name in type(settings).model_fields if name.startswith("topic_"))
-    return sorted(set(topic_map(settings).values()) | {getattr(settings, f) for f in fields})
+    """Every topic the forwarder may write: the channel topics of the enabled streams and
+    any other TOPIC_* setting (a dead-letter topic, say), so that none is found missing
+    only when needed."""
+    enabled = settings.streams()
+    wanted = {c.topic.setting for s in enabled for c in s.channels}
+    # topics of streams that do not run are not required (nor created)
+    idle = {c.topic.setting for s in STREAMS.values() for c in s.channels} - wanted
+    fields = (
+        name
+        for name in type(settings).model_fields
+        if name.startswith("topic_") and name not in idle
+    )
+    routed = {t for s in enabled for t in topic_map(settings, s).values()}
+    return sorted(routed | {getattr(settings, f) for f in fields})
 
 
 def admin_client(settings: Settings) -> Any:

@@ -1,8 +1,8 @@
 """Shard planning: which connection serves which symbols.
 
 Alpaca allows a fixed number of connections per key pair and endpoint (usually one; a
-second gets `406 connection limit exceeded`). A shard is therefore one (endpoint,
-credential, connection slot); symbols are spread over the shards by a stable hash so the
+second gets `406 connection limit exceeded`). A shard is therefore one (stream
+endpoint, credential, connection slot); symbols are spread over the shards by a stable hash so the
 same symbol lands on the same shard in every run. A plan asking for more shards than
 there are connection slots is refused at start.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ray_forwarder.alpaca.streams import STOCKS, StreamDefinition
 from ray_forwarder.config import ConfigError, Settings
 from ray_forwarder.ray.shard import ShardSpec
 from ray_forwarder.runtime.outbox import stable_slot
@@ -35,16 +36,31 @@ class PlannedShard:
 
 
 def plan(settings: Settings) -> list[PlannedShard]:
-    """The shards for the settings, or a ConfigError saying why not.
+    """The shards for the settings, or a ConfigError saying why not: for every enabled
+    stream (ALPACA_STREAMS), its endpoint's connection slots (each key pair has
+    ALPACA_CONNECTIONS_PER_KEY of them per endpoint) shared among its symbols."""
+    planned: list[PlannedShard] = []
+    for stream in settings.streams():
+        planned += _plan_stream(settings, stream)
+    return planned
 
-    Connection slots are numbered, not listed: slot i is key pair i // per_key, connection
-    i % per_key, so the work is bounded by the shards and symbols, never by keys x slots."""
+
+def _plan_stream(settings: Settings, stream: StreamDefinition) -> list[PlannedShard]:
+    """Connection slots are numbered, not listed: slot i is key pair i // per_key,
+    connection i % per_key, so the work is bounded by the shards and symbols, never by
+    keys x slots."""
+    if not stream.symbols_setting:
+        return _plan_per_key(settings, stream)
     credentials = settings.credentials()
     per_key = settings.alpaca_connections_per_key
     slots = len(credentials) * per_key
-    symbols = list(dict.fromkeys(settings.alpaca_symbols))
+    symbols = settings.stream_symbols(stream)
     wildcard = "*" in symbols
-    wanted = settings.shards or (1 if wildcard else min(slots, len(symbols)))
+    stocks = stream is STOCKS
+    if stocks:
+        wanted = settings.shards or (1 if wildcard else min(slots, len(symbols)))
+    else:  # SHARDS caps the other streams' shards; `*` is one connection
+        wanted = 1 if wildcard else min(settings.shards or slots, len(symbols))
     if wanted > slots:
         raise ConfigError(
             f"SHARDS={wanted} asks for more shards than there are connections: "
@@ -56,6 +72,7 @@ def plan(settings: Settings) -> list[PlannedShard]:
     buckets: list[list[str]] = [[] for _ in range(wanted)]
     for symbol in symbols:
         buckets[stable_slot(symbol.encode(), wanted)].append(symbol)
+    url = settings.stream_url if stocks else settings.stream_endpoint(stream)
     planned = []
     for index, bucket in enumerate(buckets):
         if not bucket:
@@ -64,17 +81,40 @@ def plan(settings: Settings) -> list[PlannedShard]:
         planned.append(
             PlannedShard(
                 ShardSpec(
-                    shard_id=f"stocks-{index}",
-                    url=settings.stream_url,
+                    shard_id=f"{stream.name}-{index}",
+                    url=url,
                     key_id=key,
                     secret=secret,
                     symbols=tuple(bucket),
-                    channels=tuple(settings.alpaca_channels),
+                    channels=tuple(settings.stream_channels(stream)),
+                    stream=stream.name,
                 ),
                 index % per_key,
             )
         )
     return planned
+
+
+def _plan_per_key(settings: Settings, stream: StreamDefinition) -> list[PlannedShard]:
+    """A stream without symbols (trade_updates: the account's order events) is one
+    connection per key pair: each key pair's account, in its own shard and slot 0."""
+    url = settings.stream_endpoint(stream)
+    channels = tuple(settings.stream_channels(stream))
+    return [
+        PlannedShard(
+            ShardSpec(
+                shard_id=f"{stream.name}-{index}",
+                url=url,
+                key_id=key,
+                secret=secret,
+                symbols=(),
+                channels=channels,
+                stream=stream.name,
+            ),
+            0,
+        )
+        for index, (key, secret) in enumerate(settings.credentials())
+    ]
 
 
 def producer_names(settings: Settings) -> list[str]:

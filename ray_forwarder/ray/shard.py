@@ -27,6 +27,7 @@ from ray_forwarder.alpaca.market_clock import (
     alpaca_fetcher,
     trading_base_url,
 )
+from ray_forwarder.alpaca.streams import STREAMS, StreamDefinition
 from ray_forwarder.config import Settings
 from ray_forwarder.core.bars import BarFinalizer
 from ray_forwarder.core.dedup import DedupCache
@@ -87,6 +88,11 @@ class ShardSpec:
     symbols: tuple[str, ...]
     channels: tuple[str, ...]
     run_id: str = ""  # set by the driver: one forwarder run (names the spool directory)
+    stream: str = "stocks"  # a key of alpaca/streams.py STREAMS
+
+    @property
+    def definition(self) -> StreamDefinition:
+        return STREAMS[self.stream]
 
     def subscriptions(self) -> dict[str, list[str]]:
         return {channel: list(self.symbols) for channel in self.channels}
@@ -104,14 +110,18 @@ class ShardState:
 class ShardCore:
     def __init__(self, settings: Settings, spec: ShardSpec, senders: Sequence[SendBatch]) -> None:
         self.spec = spec
+        stream = spec.definition
         self.pipeline = EventPipeline(
-            topic_map(settings),
+            topic_map(settings, stream),
             DedupCache(settings.dedup_ttl_seconds, settings.dedup_max_keys),
             BarFinalizer(settings.bar_final_delay_seconds),
             # The feed sends only subscribed symbols; anything else is skipped, which keeps
             # per-symbol tables within the subscription (`*`: see Sequencer's bound).
-            allowed_symbols=None if "*" in spec.symbols else spec.symbols,
+            allowed_symbols=(
+                None if "*" in spec.symbols or not stream.filter_by_symbol else spec.symbols
+            ),
             name=f"shard {spec.shard_id}",
+            stream=stream,
         )
         self.outbox = Outbox(
             senders,
@@ -143,6 +153,7 @@ class ShardCore:
                 connection_limit_backoff=settings.connection_limit_backoff,
                 stale_stream_seconds=settings.stale_stream_seconds,
                 data_stale_seconds=settings.data_stale_seconds,
+                stream=stream,
             ),
             self,
             market_open=self.market_clock.is_open,
@@ -330,6 +341,7 @@ class ShardCore:
         outbox = self.outbox.snapshot()
         return {
             "shard_id": self.spec.shard_id,
+            "stream": self.spec.stream,
             "symbols": len(self.spec.symbols),
             "state": self.state.state,
             "subscribed": self.state.subscribed,
@@ -376,9 +388,12 @@ class ShardCore:
 
 
 def market_fetcher(settings: Settings, spec: ShardSpec) -> FetchHours | None:
-    """The shard's market-hours source: none (always open) for feeds that stream around
-    the clock or when data staleness is off, else Alpaca's clock with the shard's key."""
-    if settings.data_stale_seconds <= 0 or settings.alpaca_feed in ALWAYS_OPEN_FEEDS:
+    """The shard's market-hours source: none (always open) for streams and feeds that
+    stream around the clock (crypto, news, the stock `test` feed) or when data staleness is
+    off, else Alpaca's clock with the shard's key."""
+    if settings.data_stale_seconds <= 0 or spec.definition.always_open:
+        return None
+    if spec.stream == "stocks" and settings.alpaca_feed in ALWAYS_OPEN_FEEDS:
         return None
     base = trading_base_url(settings.alpaca_trading_url, spec.url)
     return alpaca_fetcher(base, spec.key_id, spec.secret)

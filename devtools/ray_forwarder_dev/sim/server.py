@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import time
 from collections import Counter, deque
 from collections.abc import Iterable
@@ -38,6 +37,7 @@ from ray_forwarder.alpaca.channels import (
 )
 from ray_forwarder.alpaca.errors import ERROR_MEANINGS
 from ray_forwarder_dev.sim.generator import Item, Market, MarketConfig
+from ray_forwarder_dev.sim.streams import DEFAULT_FEEDS, SIM_STREAMS, SimStream
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ SUBSCRIPTION_BY_TYPE = {
     for kind, channel in CHANNEL_BY_TYPE.items()
 }
 MSGPACK_CONTENT_TYPE = "application/msgpack"
-_PATH = re.compile(r"^/v2/[A-Za-z0-9_.\-]+/?$")
 _BACKPRESSURE_HIGH = 16  # frames queued per client before an unpaced pump waits
 _BACKPRESSURE_LOW = 4
 
@@ -63,7 +62,11 @@ class SimConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = 0
-    feed: str = "sip"
+    #: Which Alpaca stream to speak (ray_forwarder.alpaca.streams.STREAMS).
+    stream: str = "stocks"
+    #: The feed in the URL (stocks: sip/iex/...; crypto: the location; options: indicative
+    #: or opra); empty: the stream's usual one.
+    feed: str = ""
     symbols: list[str] = Field(default_factory=lambda: ["SPY", "QQQ"])
     keys: dict[str, str] = Field(default_factory=lambda: {"sim-key": "sim-secret"})
     connection_limit: int = 1
@@ -110,8 +113,20 @@ class SimConfig(BaseModel):
             return [s.strip() for s in value.split(",") if s.strip()]
         return value
 
+    @field_validator("stream")
+    @classmethod
+    def _known_stream(cls, value: str) -> str:
+        if value not in SIM_STREAMS:
+            raise ValueError(f"unknown stream {value!r}; choose from {', '.join(SIM_STREAMS)}")
+        return value
+
+    @property
+    def url_feed(self) -> str:
+        return self.feed or DEFAULT_FEEDS[self.stream]
+
     def market_config(self) -> MarketConfig:
         density = (self.rate or 200.0) / self.time_scale
+        rare = self.stream == "stocks"  # statuses, LULDs, corrections exist on stocks only
         return MarketConfig(
             symbols=tuple(self.symbols),
             seed=self.seed,
@@ -119,10 +134,10 @@ class SimConfig(BaseModel):
             ticks_per_second=density,
             quote_ratio=self.quote_ratio,
             updated_bar_ratio=self.updated_bar_ratio,
-            status_ratio=self.status_ratio,
-            luld_ratio=self.luld_ratio,
-            correction_ratio=self.correction_ratio,
-            cancel_error_ratio=self.cancel_error_ratio,
+            status_ratio=self.status_ratio if rare else 0.0,
+            luld_ratio=self.luld_ratio if rare else 0.0,
+            correction_ratio=self.correction_ratio if rare else 0.0,
+            cancel_error_ratio=self.cancel_error_ratio if rare else 0.0,
         )
 
 
@@ -178,7 +193,7 @@ class _Conn:
     authenticated: bool = False
     subs: dict[str, dict[str, None]] = field(
         default_factory=lambda: {ch: {} for ch in SUBSCRIBE_CHANNELS}
-    )
+    )  # (the server sets its stream's channels)
     pending: list[tuple[Produced, bool]] = field(default_factory=list)
     queue: deque[_Frame] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -229,10 +244,13 @@ class SimStats:
 
 
 def encode_msgpack_item(item: Item) -> bytes:
-    """One item as msgpack, with `t` as a msgpack Timestamp like Alpaca sends it."""
+    """One item as msgpack, with `t` (news: `created_at`, `updated_at`) as a msgpack
+    Timestamp like Alpaca sends it."""
     ts = item.get("t")
     if isinstance(ts, str):
         item = {**item, "t": _timestamp(ts)}
+    elif "updated_at" in item:
+        item = {**item, **{k: _timestamp(item[k]) for k in ("created_at", "updated_at")}}
     return msgpack.packb(item, datetime=False)
 
 
@@ -285,10 +303,11 @@ class SimEndpoints:
 
     @property
     def url(self) -> str:
-        return self.url_for(self.config.feed)
+        return self.url_for(self.config.url_feed)
 
     def url_for(self, feed: str) -> str:
-        return f"ws://{self.config.host}:{self.port}/v2/{feed}"
+        path = SIM_STREAMS[self.config.stream].url_path(feed)
+        return f"ws://{self.config.host}:{self.port}{path}"
 
     @property
     def trading_url(self) -> str:
@@ -301,6 +320,8 @@ class Simulator(SimEndpoints):
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
+        self.stream: SimStream = SIM_STREAMS[self.config.stream]
+        self._channels = self.stream.definition.subscribable
         self.market = Market(self.config.market_config())
         self.stats_counters = SimStats()
         self.duplicate_ratio = self.config.duplicate_ratio
@@ -537,8 +558,9 @@ class Simulator(SimEndpoints):
         path, _, query = request.path.partition("?")
         if path in ("/v2/clock", "/v2/calendar"):
             return self._trading_api(connection, request, path, query)
-        if not _PATH.match(path):
-            return connection.respond(HTTPStatus.NOT_FOUND, "not found: use /v2/{feed}\n")
+        if not self.stream.path.match(path):
+            where = self.stream.url_path("{feed}")
+            return connection.respond(HTTPStatus.NOT_FOUND, f"not found: use {where}\n")
         return None
 
     def _trading_api(
@@ -568,12 +590,21 @@ class Simulator(SimEndpoints):
         assert ws.request is not None
         headers = ws.request.headers
         use_msgpack = headers.get("Content-Type", "").startswith(MSGPACK_CONTENT_TYPE)
-        conn = _Conn(id=self._next_conn_id, ws=ws, use_msgpack=use_msgpack)
+        conn = _Conn(
+            id=self._next_conn_id,
+            ws=ws,
+            use_msgpack=use_msgpack,
+            subs={channel: {} for channel in self._channels},
+        )
         self._next_conn_id += 1
         self._conns[conn.id] = conn
         self.stats_counters.connections += 1
         conn.sender = asyncio.create_task(self._sender(conn), name=f"sim-send-{conn.id}")
         try:
+            if self.stream.msgpack_only and not use_msgpack:
+                # Alpaca's docs say only that the stream is msgpack only; what it answers a
+                # JSON client is undocumented: here, an error and a close.
+                self._send_error(conn, 400, f"the {self.stream.name} stream is msgpack only")
             self._control(conn, [{"T": "success", "msg": "connected"}])
             header_key = headers.get("APCA-API-KEY-ID")
             if header_key is not None:
@@ -652,7 +683,7 @@ class Simulator(SimEndpoints):
 
     def _subscribe(self, conn: _Conn, message: dict[str, Any], *, add: bool) -> None:
         changes: dict[str, list[str]] = {}
-        for channel in SUBSCRIBE_CHANNELS:
+        for channel in self._channels:
             value = message.get(channel)
             if value is None:
                 continue
@@ -696,12 +727,11 @@ class Simulator(SimEndpoints):
             self.stats_counters.omitted_from_subscription += 1
         return {ch: [s for s in symbols if s not in asked] for ch, symbols in changes.items()}
 
-    @staticmethod
-    def _subscription_message(conn: _Conn) -> dict[str, Any]:
+    def _subscription_message(self, conn: _Conn) -> dict[str, Any]:
         reply: dict[str, Any] = {"T": "subscription"}
-        for channel in SUBSCRIBE_CHANNELS:
+        for channel in self._channels:
             reply[channel] = list(conn.subs[channel])
-            if channel == "lulds":
+            if channel == "lulds" and self.stream.companions:
                 reply["corrections"] = list(conn.subs["trades"])
                 reply["cancelErrors"] = list(conn.subs["trades"])
         return reply
@@ -888,10 +918,21 @@ class Simulator(SimEndpoints):
         ]
         size = self.config.max_items_per_frame
         counters = self.stats_counters
+        transform = None if self.stream.name == "stocks" else self.stream.transform
         for item in items:
             counters.produced += 1
-            kind = item["T"]
-            produced = Produced(counters.produced, item, SUBSCRIPTION_BY_TYPE[kind], item["S"])
+            if transform is None:
+                produced = Produced(
+                    counters.produced, item, SUBSCRIPTION_BY_TYPE[item["T"]], item["S"]
+                )
+            else:
+                converted = transform(item)
+                if converted is None:  # the stream has no such item
+                    counters.unsent += 1
+                    continue
+                produced = Produced(
+                    counters.produced, converted, *self.stream.subscription_of(converted)
+                )
             targets = [c for c in conns if c.wants(produced.subscription, produced.symbol)]
             if not targets:
                 counters.unsent += 1
