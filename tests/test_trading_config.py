@@ -45,3 +45,25 @@ def test_bad_values_fail_with_one_line_and_no_secret(env, variable, value, expec
     message = str(failure.value)
     assert expected in message and "hunter2" not in message
     assert "\n" not in message
+
+
+def test_one_trade_updates_shard_per_key_pair_beside_market_data(env) -> None:
+    from ray_forwarder.ray.planning import plan
+
+    settings = load_settings(
+        alpaca_streams="stocks,trade_updates", alpaca_symbols="SPY,QQQ,AAPL",
+        alpaca_api_key_id="key-1", alpaca_secret_key="secret-1",
+        alpaca_credentials="key-2:secret-2,key-3:secret-3", alpaca_wire_format="msgpack",
+    )  # fmt: skip
+    trading = [p for p in plan(settings) if p.spec.stream == "trade_updates"]
+    assert [(p.spec.shard_id, p.spec.key_id, p.slot, p.spec.symbols) for p in trading] == [
+        ("trade_updates-0", "key-1", 0, ()),
+        ("trade_updates-1", "key-2", 0, ()),
+        ("trade_updates-2", "key-3", 0, ()),
+    ]
+    assert {p.spec.url for p in trading} == {"wss://paper-api.alpaca.markets/stream"}
+    assert {p.spec.stream for p in plan(settings)} == {"stocks", "trade_updates"}
+    only = load_settings(
+        alpaca_streams="trade_updates", alpaca_api_key_id="k", alpaca_secret_key="s"
+    )
+    assert [p.spec.stream for p in plan(only)] == ["trade_updates"]
