@@ -15,10 +15,17 @@ The paper endpoint sends **binary** frames that hold JSON (UTF-8), live sends te
 the frame's opcode says nothing about the encoding, so frames are decoded by the negotiated
 format (JSON unless msgpack was asked for with `Content-Type: application/msgpack`).
 
-`TradingProtocol` takes frames in and gives events out plus frames to send
-(`data_to_send()`); it never touches a socket or a clock. A malformed frame, an unknown
-stream or an invalid trade update becomes a counted `Skipped` event; an unknown `event`
-value is forwarded (the SDKs disagree on the list; docs/streams.md § 6.3) and counted.
+Two layers, neither touching a socket or a clock:
+
+- `TradingProtocol`, one per socket: frames in, events out, frames to send
+  (`data_to_send()`); the message-level states (`TradingState`).
+- `TradingConnection`, the trading family's `StreamConnection` (`alpaca/connection.py`),
+  driven by the same session pump as market data: reports, the fatal refusal, the re-asked
+  `listen`, the liveness probe and the deadlines that need time (`now` is passed in).
+
+A malformed frame, an unknown stream or an invalid trade update becomes a counted `Skipped`
+event; an unknown `event` value is forwarded (the SDKs disagree on the list;
+docs/streams.md § 6.3) and counted. Trade updates come out as `DataItem`s keyed by order id.
 """
 
 from __future__ import annotations
@@ -65,8 +72,6 @@ KNOWN_EVENTS = frozenset(
         "accepted", "restated", "held", "pending_review",
     }
 )  # fmt: skip
-#: Events after which the order takes no further fills (its lifecycle's last fact).
-TERMINAL_EVENTS = frozenset({"fill", "canceled", "expired", "replaced", "rejected"})
 
 #: Order ids are UUIDs; accept any short token of URL-safe characters (no `:`, which
 #: separates the dedup key's parts, no whitespace).
