@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                     rate=args.rate,
                     wire_format=args.wire_format,
                     duplicate_ratio=args.duplicate_ratio,
+                    streams=args.streams,
                 )
             )
         if command == "bench":
@@ -108,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=2000.0, help="simulated items/s (2000)")
     demo.add_argument("--wire-format", choices=["json", "msgpack"], default="msgpack")
     demo.add_argument("--duplicate-ratio", type=float, default=0.01)
+    demo.add_argument(
+        "--streams",
+        default="",
+        help="comma-separated streams to run (default: every stream the simulator speaks)",
+    )
     bench_module = dev_tool("bench")
     bench = sub.add_parser(
         "bench",

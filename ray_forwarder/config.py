@@ -107,6 +107,7 @@ class Settings(BaseSettings):
         default_factory=lambda: list(OPTIONS.default_channels)
     )
     alpaca_options_stream_url: str | None = None
+    alpaca_options_max_symbols_per_connection: int = Field(default=0, ge=0, le=1_000_000)
     alpaca_news_symbols: CommaList = Field(default_factory=lambda: list(NEWS.default_symbols))
     alpaca_news_stream_url: str | None = None
     alpaca_credentials: SecretStr | None = None  # more key pairs: "KEY1:SECRET1,KEY2:SECRET2"

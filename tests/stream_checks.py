@@ -23,6 +23,11 @@ def canonical(item: dict[str, Any]) -> bytes:
     return orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
 
 
+def item_key(item: dict[str, Any]) -> str:
+    """What an item is keyed by: its symbol, or (news) its article id."""
+    return item["S"] if "S" in item else str(item["id"])
+
+
 @dataclass
 class StreamReport:
     data: list[dict[str, Any]] = field(default_factory=list)  # non-final market data
@@ -51,9 +56,10 @@ def decode_and_check(
             report.status.append(envelope)
         else:
             assert envelope["source"] == "alpaca"
-            assert record.key == symbol.encode(), (record.key, symbol)
-            assert envelope["payload"]["S"] == symbol
-            seq_key = (channel, symbol)
+            key = item_key(envelope["payload"])
+            assert record.key == key.encode(), (record.key, key)
+            assert symbol == envelope["payload"].get("S")  # null for news
+            seq_key = (channel, key)
             is_final_bar = channel == "bars" and envelope["is_final"]
             (report.finals if is_final_bar else report.data).append(envelope)
         previous = last_seq.get(seq_key, 0)
@@ -82,11 +88,11 @@ def assert_symbol_order(report: StreamReport, sent_items: list[dict[str, Any]]) 
     """Per (channel, symbol), Kafka order equals the simulator's send order."""
     sent_order: dict[tuple[str, str], list[bytes]] = defaultdict(list)
     for item in sent_items:
-        sent_order[(item["T"], item["S"])].append(canonical(item))
+        sent_order[(item["T"], item_key(item))].append(canonical(item))
     got_order: dict[tuple[str, str], list[bytes]] = defaultdict(list)
     for envelope in report.data:  # already in per-partition offset order
         payload = envelope["payload"]
-        got_order[(payload["T"], payload["S"])].append(canonical(payload))
+        got_order[(payload["T"], item_key(payload))].append(canonical(payload))
     for key, order in sent_order.items():
         assert got_order[key] == order, f"order differs for {key}"
 
@@ -119,10 +125,10 @@ def assert_first_occurrence_order(report: StreamReport, sent_items: list[dict[st
     """Per (channel, symbol), the first arrival of each item follows the send order."""
     sent_order: dict[tuple[str, str], list[bytes]] = defaultdict(list)
     for item in sent_items:
-        sent_order[(item["T"], item["S"])].append(canonical(item))
+        sent_order[(item["T"], item_key(item))].append(canonical(item))
     got_order: dict[tuple[str, str], dict[bytes, None]] = defaultdict(dict)
     for envelope in report.data:
         payload = envelope["payload"]
-        got_order[(payload["T"], payload["S"])].setdefault(canonical(payload), None)
+        got_order[(payload["T"], item_key(payload))].setdefault(canonical(payload), None)
     for key, order in sent_order.items():
         assert list(got_order[key]) == order, f"order differs for {key}"

@@ -1,8 +1,9 @@
 """`ray-forwarder demo`: the whole path on one machine with no credentials.
 
 Starts (or reuses, if KAFKA_BOOTSTRAP_SERVERS is set) a local Apache Kafka broker, runs the
-built-in Alpaca-protocol feed simulator, runs the forwarder on a local single-node Ray for a
-bounded time, and prints a summary with one envelope read back from Kafka.
+built-in Alpaca-protocol feed simulator for every stream it speaks (stocks, crypto, options,
+news: one simulator each), runs the forwarder on a local single-node Ray for a bounded time,
+and prints a summary grouped by stream with one envelope per stream read back from Kafka.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 
 import orjson
@@ -23,6 +25,18 @@ from ray_forwarder_dev.local_kafka import kafka_for_tools
 SIM_KEY, SIM_SECRET = "sim-key", "sim-secret"
 
 
+#: Symbols the demo subscribes to on the streams other than stocks (stocks: --symbols).
+DEMO_SYMBOLS = {
+    "crypto": ["BTC/USD", "ETH/USD", "SOL/USD"],
+    "options": ["AAPL260116C00230000", "SPY260116P00590000"],
+    "news": ["*"],
+}
+#: What the simulated market of those streams is made of (news: the articles' tickers).
+_SIM_SYMBOLS = {**DEMO_SYMBOLS, "news": ["AAPL", "MSFT", "NVDA", "TSLA"]}
+#: Items/s of the other streams, as a share of --rate (stocks are the busy one).
+_OTHER_STREAM_RATE_SHARE = 0.1
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     duration: float = 20.0
@@ -30,54 +44,84 @@ class DemoOptions:
     rate: float = 2000.0
     wire_format: str = "msgpack"
     duplicate_ratio: float = 0.01
+    streams: str = ""  # empty: every stream the simulator speaks
+
+
+def demo_streams(requested: str, wire_format: str = "msgpack") -> list[str]:
+    """The streams to run: those asked for, else every stream of the table (STREAMS) that
+    the simulator speaks and that can use `wire_format` (options are msgpack only), in
+    table order."""
+    from ray_forwarder.alpaca.streams import STREAMS
+    from ray_forwarder_dev.sim.streams import SIM_STREAMS
+
+    names = [n.strip().lower() for n in requested.split(",") if n.strip()]
+    return names or [
+        name
+        for name, stream in STREAMS.items()
+        if name in SIM_STREAMS and wire_format in stream.wire_formats
+    ]
 
 
 def run_demo(options: DemoOptions) -> int:
+    from contextlib import ExitStack
+
+    from ray_forwarder.alpaca.streams import STREAMS
     from ray_forwarder.ops import logs
     from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 
     log_level = log_level_from_env("WARNING")
     logs.configure(log_level, component="demo")
     symbols = [s.strip().upper() for s in options.symbols.split(",") if s.strip()]
+    streams = demo_streams(options.streams, options.wire_format)
     announce = "demo: starting a local Apache Kafka broker (the first run downloads its jars) ..."
-    with kafka_for_tools(announce) as bootstrap:
-        sim_config = SimConfig(
-            symbols=symbols,
-            rate=options.rate,
-            duplicate_ratio=options.duplicate_ratio,
-            keys={SIM_KEY: SIM_SECRET},
+    with kafka_for_tools(announce) as bootstrap, ExitStack() as running:
+        sims = {}
+        stream_settings: dict[str, object] = {}
+        for name in streams:
+            sim_config = SimConfig(
+                stream=name,
+                symbols=symbols if name == "stocks" else _SIM_SYMBOLS[name],
+                rate=options.rate if name == "stocks" else options.rate * _OTHER_STREAM_RATE_SHARE,
+                duplicate_ratio=options.duplicate_ratio,
+                keys={SIM_KEY: SIM_SECRET},
+            )
+            sims[name] = sim = running.enter_context(SimulatorThread(sim_config))
+            definition = STREAMS[name]
+            stream_settings[definition.url_setting] = sim.url
+            if name != "stocks":
+                stream_settings[definition.symbols_setting] = DEMO_SYMBOLS[name]
+        if "crypto" in streams:  # every crypto channel the simulator produces
+            stream_settings["alpaca_crypto_channels"] = list(STREAMS["crypto"].subscribable)
+        settings = load_settings(
+            alpaca_api_key_id=SIM_KEY,
+            alpaca_secret_key=SIM_SECRET,
+            alpaca_streams=streams,
+            alpaca_symbols=symbols,
+            alpaca_wire_format=options.wire_format,
+            # every channel the simulator produces (it has no imbalances)
+            alpaca_channels=[c for c in MARKET_DATA_CHANNELS if c != "imbalances"],
+            kafka_bootstrap_servers=bootstrap,
+            kafka_create_topics=True,  # the demo's own broker starts empty
+            metrics_port=int(os.environ.get("METRICS_PORT", "0")),
+            bar_final_delay_seconds=2.0,
+            reconnect_initial=0.2,
+            reconnect_max=2.0,
+            log_level=log_level,
+            **stream_settings,
         )
-        with SimulatorThread(sim_config) as sim:
-            settings = load_settings(
-                alpaca_api_key_id=SIM_KEY,
-                alpaca_secret_key=SIM_SECRET,
-                alpaca_stream_url=sim.url,
-                alpaca_symbols=symbols,
-                alpaca_wire_format=options.wire_format,
-                # every channel the simulator produces (it has no imbalances)
-                alpaca_channels=[c for c in MARKET_DATA_CHANNELS if c != "imbalances"],
-                kafka_bootstrap_servers=bootstrap,
-                kafka_create_topics=True,  # the demo's own broker starts empty
-                metrics_port=int(os.environ.get("METRICS_PORT", "0")),
-                bar_final_delay_seconds=2.0,
-                reconnect_initial=0.2,
-                reconnect_max=2.0,
-                log_level=log_level,
-            )
-            print(
-                f"demo: simulator at {sim.url}, Kafka at {bootstrap}, symbols {','.join(symbols)}"
-            )
-            print(f"demo: running the forwarder on a local Ray for {options.duration:g}s ...")
-            from ray_forwarder.ray.driver import ensure_ray, run_forwarder
+        print(f"demo: Kafka at {bootstrap}; streams {', '.join(streams)}")
+        for name, sim in sims.items():
+            shown = symbols if name == "stocks" else DEMO_SYMBOLS[name]
+            print(f"  {name:<8} simulator at {sim.url}  symbols {','.join(shown)}")
+        print(f"demo: running the forwarder on a local Ray for {options.duration:g}s ...")
+        from ray_forwarder.ray.driver import ensure_ray, run_forwarder
 
-            asyncio.run(prepare_topics(settings))
-            ensure_ray(include_dashboard=False)
-            result = asyncio.run(
-                run_forwarder(settings, duration=options.duration, progress=_progress)
-            )
-            sim_stats = sim.stats()
-        envelope = asyncio.run(_read_one(settings))
-    _summary(result.snapshot, result.elapsed_s, sim_stats, envelope)
+        asyncio.run(prepare_topics(settings))
+        ensure_ray(include_dashboard=False)
+        result = asyncio.run(run_forwarder(settings, duration=options.duration, progress=_progress))
+        sim_stats = {name: sim.stats() for name, sim in sims.items()}
+        envelopes = asyncio.run(_read_one_each(settings))
+    _summary(result.snapshot, result.elapsed_s, sim_stats, envelopes)
     if result.error:
         print(f"demo: FAILED: {result.error}", file=sys.stderr)
         return 1
@@ -95,44 +139,65 @@ def _progress(snap: ForwarderSnapshot, elapsed: float) -> None:
     )
 
 
-async def _read_one(settings: Settings) -> dict[str, object] | None:
+async def _read_one_each(settings: Settings) -> dict[str, dict[str, object] | None]:
+    """One envelope per stream, read back from Kafka (its first data topic)."""
     from aiokafka import AIOKafkaConsumer
 
-    consumer = AIOKafkaConsumer(
-        settings.topic_trades,
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    try:
-        batch = await consumer.getmany(timeout_ms=5000, max_records=1)
-        for records in batch.values():
-            for record in records:
-                return orjson.loads(record.value)
-        return None
-    finally:
-        await consumer.stop()
-
-
-def _summary(snap: ForwarderSnapshot, elapsed: float, sim_stats: dict, envelope) -> None:
-    received, forwarded = snap.total("received"), snap.total("acked")
-    dedup, dropped = snap.total("deduplicated"), snap.total("dropped")
-    print("\ndemo summary")
-    print(
-        f"  ran {elapsed:.1f}s; the simulator sent {sim_stats['items']} items "
-        f"({sim_stats['distinct']} distinct, {sim_stats['duplicates']} duplicates injected)"
-    )
-    print(f"  {'channel':<14}{'received':>10}{'forwarded':>11}{'dedup':>8}{'dropped':>9}")
-    for channel in sorted(set(received) | set(forwarded)):
-        print(
-            f"  {channel:<14}{received[channel]:>10}{forwarded[channel]:>11}"
-            f"{dedup[channel]:>8}{dropped[channel]:>9}"
+    out: dict[str, dict[str, object] | None] = {}
+    for stream in settings.streams():
+        topic = getattr(settings, stream.channels[0].topic.setting)
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
         )
-    total = sum(forwarded.values())
-    print(f"  total forwarded {total} records, {total / max(elapsed, 1e-9):.0f} records/s")
+        await consumer.start()
+        try:
+            batch = await consumer.getmany(timeout_ms=5000, max_records=1)
+            records = [r for rs in batch.values() for r in rs]
+            out[stream.name] = orjson.loads(records[0].value) if records else None
+        finally:
+            await consumer.stop()
+    return out
+
+
+def _by_stream(snap: ForwarderSnapshot, name: str) -> dict[str, Counter[str]]:
+    totals: dict[str, Counter[str]] = {}
+    for shard in snap.shards:
+        totals.setdefault(shard.get("stream", "stocks"), Counter()).update(shard.get(name, {}))
+    return totals
+
+
+def _summary(
+    snap: ForwarderSnapshot,
+    elapsed: float,
+    sim_stats: dict[str, dict],
+    envelopes: dict[str, dict[str, object] | None],
+) -> None:
+    received, forwarded = _by_stream(snap, "received"), _by_stream(snap, "acked")
+    dedup, dropped = _by_stream(snap, "deduplicated"), _by_stream(snap, "dropped")
+    print("\ndemo summary")
+    print(f"  ran {elapsed:.1f}s")
+    total = 0
+    for stream, stats in sim_stats.items():
+        print(
+            f"\n  {stream}: the simulator sent {stats['items']} items ({stats['distinct']} "
+            f"distinct, {stats['duplicates']} duplicates injected)"
+        )
+        print(f"    {'channel':<14}{'received':>10}{'forwarded':>11}{'dedup':>8}{'dropped':>9}")
+        got, sent = received.get(stream, Counter()), forwarded.get(stream, Counter())
+        deduped, lost = dedup.get(stream, Counter()), dropped.get(stream, Counter())
+        for channel in sorted(set(got) | set(sent)):
+            print(
+                f"    {channel:<14}{got[channel]:>10}{sent[channel]:>11}"
+                f"{deduped[channel]:>8}{lost[channel]:>9}"
+            )
+        total += sum(sent.values())
+        envelope = envelopes.get(stream)
+        print("    one envelope read back from Kafka:")
+        print("     ", orjson.dumps(envelope).decode()[:300] if envelope else "(none found)")
+    print(f"\n  total forwarded {total} records, {total / max(elapsed, 1e-9):.0f} records/s")
     skipped = snap.total("skipped")
     if skipped:
         print(f"  skipped: {dict(skipped)}")
-    print("  one envelope read back from Kafka:")
-    print("   ", orjson.dumps(envelope).decode() if envelope else "(none found)")

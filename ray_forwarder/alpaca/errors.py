@@ -23,8 +23,10 @@ ERROR_MEANINGS: dict[int, tuple[str, ErrorAction]] = {
     405: ("symbol limit exceeded", ErrorAction.FATAL),
     406: ("connection limit exceeded", ErrorAction.RECONNECT_SLOW),
     407: ("slow client", ErrorAction.RECONNECT),
+    408: ("v2 not enabled", ErrorAction.FATAL),  # legacy: the account has no data v2
     409: ("insufficient subscription", ErrorAction.FATAL),
     410: ("invalid subscribe action for this feed", ErrorAction.FATAL),
+    411: ("insufficient scope", ErrorAction.FATAL),  # an OAuth token without the data scope
     500: ("internal error", ErrorAction.RECONNECT),
 }
 
@@ -45,5 +47,6 @@ def describe_error(code: int, msg: str | None = None) -> str:
         406: "another connection holds this key's slot",
         409: "the account's plan does not include this feed (try ALPACA_FEED=iex)",
         410: "a channel in ALPACA_CHANNELS is not offered on this feed",
+        411: "the token lacks the market-data scope",
     }.get(code)
     return f"alpaca error {code}: {text}" + (f" ({hint})" if hint else "")

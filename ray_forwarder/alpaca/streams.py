@@ -95,6 +95,9 @@ class StreamDefinition:
     #: Dedup identity in words, for docs and `describe()`; the key itself is always
     #: `channel:key:event_ts:digest` (digest = BLAKE2b of the item's sorted JSON).
     dedup_identity: str = "channel, symbol, t and the item's full content"
+    #: Settings field with the most symbols one connection may subscribe to (0: no limit);
+    #: the planner spreads the symbols over more connections to stay within it.
+    symbol_limit_setting: str | None = None
     #: Builds the family's `StreamConnection` from (SessionConfig, Timing); None = the
     #: market-data family's `MarketDataConnection`.
     connection_factory: Callable[[Any, Any], Any] | None = None
@@ -239,6 +242,9 @@ OPTIONS = StreamDefinition(
     symbol_pattern=re.compile(r"[A-Z0-9]{1,6}\d{6}[CP]\d{8}"),
     stale_channels=(),  # a contract can be quiet for minutes in market hours
     default_symbols=(),
+    # a per-connection subscription limit exists for options; Alpaca's docs read give no
+    # number, so it is a setting (ALPACA_OPTIONS_MAX_SYMBOLS_PER_CONNECTION, 0 = none)
+    symbol_limit_setting="alpaca_options_max_symbols_per_connection",
     dedup_identity="channel, contract, t and the item's full content (no trade id)",
 )
 

@@ -113,12 +113,12 @@ class SnapshotCollector(Collector):
         state = family("connection_state")
         gauges = [(family(key), value) for key, value in _SHARD_GAUGES]
         for shard in snap.shards:
-            sid = shard["shard_id"]
+            sid = [shard["shard_id"], shard.get("stream", "stocks")]
             for stats_key, counter in per_shard.items():
-                counter.add_metric([sid], shard.get(stats_key, 0))
-            state.add_metric([sid, str(shard.get("state"))], 1.0)
+                counter.add_metric(sid, shard.get(stats_key, 0))
+            state.add_metric([*sid, str(shard.get("state"))], 1.0)
             for gauge, value in gauges:
-                gauge.add_metric([sid], value(shard))
+                gauge.add_metric(sid, value(shard))
         yield from per_shard.values()
         yield state
         yield from (gauge for gauge, _ in gauges)
@@ -156,9 +156,8 @@ def _latency_histograms(snap: ForwarderSnapshot) -> Iterator[Metric]:
                 for bound, count in zip(bounds, row["buckets"], strict=True):
                     cumulative += count
                     buckets.append((bound, cumulative))
-                values = (
-                    [shard["shard_id"], row["channel"]] if kind == "event" else [shard["shard_id"]]
-                )
+                sid = [shard["shard_id"], shard.get("stream", "stocks")]
+                values = [*sid, row["channel"]] if kind == "event" else sid
                 histogram.add_metric(values, buckets, row["sum"])
         yield histogram
 

@@ -68,12 +68,18 @@ class MetricSpec:
         return (self.name,)
 
 
+def _with_stream(labels: tuple[str, ...]) -> tuple[str, ...]:
+    """Every per-shard series is also labelled with its stream (stocks, crypto, ...: the
+    shard's `alpaca/streams.py` name), right after `shard`."""
+    return ("shard", "stream", *labels[1:]) if labels[:1] == ("shard",) else labels
+
+
 def _actor(key: str, kind: Kind, labels: tuple[str, ...], help: str) -> MetricSpec:
-    return MetricSpec(key, kind, labels, help, "actor")
+    return MetricSpec(key, kind, _with_stream(labels), help, "actor")
 
 
 def _driver(key: str, kind: Kind, labels: tuple[str, ...], help: str) -> MetricSpec:
-    return MetricSpec(key, kind, labels, help, "driver")
+    return MetricSpec(key, kind, _with_stream(labels), help, "driver")
 
 
 LATENCY_HELP = {

@@ -234,8 +234,11 @@ class ShardMetrics:
         ("dead_letter_dropped", "shard_dead_letters_dropped"),
     )
 
-    def __init__(self, shard_id: str, recorder: LatencyRecorder | None = None) -> None:
+    def __init__(
+        self, shard_id: str, recorder: LatencyRecorder | None = None, stream: str = "stocks"
+    ) -> None:
         self.shard_id = shard_id
+        self.stream = stream
         self._by_channel = [(key, _DeltaCounter(name)) for key, name in self.SHARD_COUNTERS]
         self._skipped = _DeltaCounter("shard_items_skipped")
         self._errors = _DeltaCounter("shard_feed_errors")
@@ -269,13 +272,13 @@ class ShardMetrics:
         """Feed the recorder's new observations into Ray's histograms."""
         if self._recorder is None:
             return
-        shard = {"shard": self.shard_id}
+        shard = {"shard": self.shard_id, "stream": self.stream}
         for kind, channel, seconds in self._recorder.drain():
             tags = {**shard, "channel": channel} if kind == "event" else shard
             self._histograms[kind].observe(seconds, tags=tags)
 
     def update(self, stats: Mapping[str, Any]) -> None:
-        shard = {"shard": self.shard_id}
+        shard = {"shard": self.shard_id, "stream": self.stream}
         for key, counter in self._by_channel:
             for channel, value in (stats.get(key) or {}).items():
                 counter.update(value, {**shard, "channel": str(channel)})

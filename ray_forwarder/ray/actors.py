@@ -160,7 +160,7 @@ class ShardActor:
         self._latency = LatencyRecorder()  # fed by the outbox's ack hook, in this event loop
         self._core.outbox.observe_acks(self._latency.on_ack)
         self._metrics = StatsExporter(
-            self._core.stats, ShardMetrics(spec.shard_id, self._latency).update
+            self._core.stats, ShardMetrics(spec.shard_id, self._latency, spec.stream).update
         )
         self._running: asyncio.Task[dict[str, Any]] | None = None
 

@@ -61,6 +61,9 @@ def _plan_stream(settings: Settings, stream: StreamDefinition) -> list[PlannedSh
         wanted = settings.shards or (1 if wildcard else min(slots, len(symbols)))
     else:  # SHARDS caps the other streams' shards; `*` is one connection
         wanted = 1 if wildcard else min(settings.shards or slots, len(symbols))
+    limit = getattr(settings, stream.symbol_limit_setting or "", 0) or 0
+    if limit and not wildcard:
+        wanted = _within_limit(symbols, wanted, limit, slots, stream)
     if wanted > slots:
         raise ConfigError(
             f"SHARDS={wanted} asks for more shards than there are connections: "
@@ -115,6 +118,26 @@ def _plan_per_key(settings: Settings, stream: StreamDefinition) -> list[PlannedS
         )
         for index, (key, secret) in enumerate(settings.credentials())
     ]
+
+
+def _within_limit(
+    symbols: list[str], wanted: int, limit: int, slots: int, stream: StreamDefinition
+) -> int:
+    """The fewest shards (from `wanted` up) whose stable-hash buckets all hold at most
+    `limit` symbols, or a ConfigError when the connection slots do not suffice."""
+    for shards in range(max(wanted, -(-len(symbols) // limit)), slots + 1):
+        sizes = [0] * shards
+        for symbol in symbols:
+            sizes[stable_slot(symbol.encode(), shards)] += 1
+        if max(sizes) <= limit:
+            return shards
+    variable = (stream.symbol_limit_setting or "").upper()
+    raise ConfigError(
+        f"{len(symbols)} {stream.name} symbols at most {limit} per connection ({variable}) "
+        f"need more connections than the {slots} slot(s) there are (add key pairs to "
+        "ALPACA_CREDENTIALS, raise ALPACA_CONNECTIONS_PER_KEY if the plan allows, or "
+        "subscribe to fewer symbols)"
+    )
 
 
 def producer_names(settings: Settings) -> list[str]:
