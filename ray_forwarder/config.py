@@ -379,7 +379,7 @@ class Settings(BaseSettings):
         """Per enabled stream: its wire format, channels and symbol syntax (one line naming
         the variable). Streams that are not enabled are not checked."""
         for stream in self.streams():
-            if not stream.symbols_setting:  # trade_updates: no symbols, one wire format
+            if stream.symbols_setting is None:  # trade_updates: no symbols; always JSON
                 continue
             if self.alpaca_wire_format not in stream.wire_formats:
                 raise ValueError(
@@ -399,7 +399,7 @@ class Settings(BaseSettings):
                         if unknown
                         else f"{variable}: at least one channel is required"
                     )
-            if stream is STREAMS.get("stocks"):
+            if stream is STREAMS.get("stocks") or stream.symbols_setting is None:
                 continue  # ALPACA_SYMBOLS keeps its own, older check
             variable = stream.symbols_setting.upper()
             symbols = getattr(self, stream.symbols_setting)
@@ -422,8 +422,8 @@ class Settings(BaseSettings):
         return [STREAMS[name] for name in self.alpaca_streams]
 
     def stream_symbols(self, stream: StreamDefinition) -> list[str]:
-        if not stream.symbols_setting:  # trade_updates: the account's orders, no symbols
-            return []
+        if stream.symbols_setting is None:  # trade_updates: the account's orders
+            return ["*"]
         return list(dict.fromkeys(getattr(self, stream.symbols_setting)))
 
     def stream_channels(self, stream: StreamDefinition) -> list[str]:

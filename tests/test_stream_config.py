@@ -144,3 +144,22 @@ def test_an_options_symbol_limit_spreads_contracts_over_connections() -> None:
                 alpaca_options_max_symbols_per_connection=8,
             )
         )
+
+
+def test_health_reports_each_stream_and_names_the_shard_that_is_down() -> None:
+    from ray_forwarder.ray.stats import ForwarderSnapshot
+
+    snap = ForwarderSnapshot(
+        shards=[
+            {"shard_id": "stocks-0", "stream": "stocks", "subscribed": True, "state": "subscribed"},
+            {"shard_id": "crypto-0", "stream": "crypto", "subscribed": False,
+             "state": "reconnecting"},
+        ],
+        producers=[{"name": "producer-0", "ready": True}],
+    )  # fmt: skip
+    ok, body = snap.health()
+    assert not ok and body["problems"] == ["shard crypto-0 is reconnecting"]
+    assert body["streams"] == {
+        "stocks": {"shards": 1, "subscribed": 1},
+        "crypto": {"shards": 1, "subscribed": 0},
+    }

@@ -57,9 +57,9 @@ def test_one_trade_updates_shard_per_key_pair_beside_market_data(env) -> None:
     )  # fmt: skip
     trading = [p for p in plan(settings) if p.spec.stream == "trade_updates"]
     assert [(p.spec.shard_id, p.spec.key_id, p.slot, p.spec.symbols) for p in trading] == [
-        ("trade_updates-0", "key-1", 0, ()),
-        ("trade_updates-1", "key-2", 0, ()),
-        ("trade_updates-2", "key-3", 0, ()),
+        ("trade_updates-0", "key-1", 0, ("*",)),
+        ("trade_updates-1", "key-2", 0, ("*",)),
+        ("trade_updates-2", "key-3", 0, ("*",)),
     ]
     assert {p.spec.url for p in trading} == {"wss://paper-api.alpaca.markets/stream"}
     assert {p.spec.stream for p in plan(settings)} == {"stocks", "trade_updates"}

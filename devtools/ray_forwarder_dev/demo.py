@@ -80,7 +80,7 @@ def run_demo(options: DemoOptions) -> int:
         for name in streams:
             sim_config = SimConfig(
                 stream=name,
-                symbols=symbols if name == "stocks" else _SIM_SYMBOLS[name],
+                symbols=_SIM_SYMBOLS.get(name, symbols),
                 rate=options.rate if name == "stocks" else options.rate * _OTHER_STREAM_RATE_SHARE,
                 duplicate_ratio=options.duplicate_ratio,
                 keys={SIM_KEY: SIM_SECRET},
@@ -88,7 +88,7 @@ def run_demo(options: DemoOptions) -> int:
             sims[name] = sim = running.enter_context(SimulatorThread(sim_config))
             definition = STREAMS[name]
             stream_settings[definition.url_setting] = sim.url
-            if name != "stocks":
+            if name in DEMO_SYMBOLS and definition.symbols_setting is not None:
                 stream_settings[definition.symbols_setting] = DEMO_SYMBOLS[name]
         if "crypto" in streams:  # every crypto channel the simulator produces
             stream_settings["alpaca_crypto_channels"] = list(STREAMS["crypto"].subscribable)
@@ -111,7 +111,7 @@ def run_demo(options: DemoOptions) -> int:
         )
         print(f"demo: Kafka at {bootstrap}; streams {', '.join(streams)}")
         for name, sim in sims.items():
-            shown = symbols if name == "stocks" else DEMO_SYMBOLS[name]
+            shown = DEMO_SYMBOLS.get(name, symbols)
             print(f"  {name:<8} simulator at {sim.url}  symbols {','.join(shown)}")
         print(f"demo: running the forwarder on a local Ray for {options.duration:g}s ...")
         from ray_forwarder.ray.driver import ensure_ray, run_forwarder

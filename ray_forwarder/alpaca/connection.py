@@ -108,6 +108,12 @@ class StreamConnection(Protocol):
 
     definition: StreamDefinition
     state: State
+    # read by the session's stats (cumulative over the object's cycles)
+    subscribed: bool
+    missing: dict[str, list[str]]
+    unserved: set[tuple[str, str]]
+    last_data: float
+    counters: ConnectionCounters
 
     def connect(self, now: float) -> None:
         """A new socket is open: start a handshake cycle (may queue the first message)."""

@@ -71,7 +71,9 @@ class StreamDefinition:
     endpoint: Callable[[Any], str]
     #: Settings field of the URL override (e.g. `alpaca_stream_url`).
     url_setting: str
-    symbols_setting: str
+    #: Settings field with the symbol list (None: the stream has no symbols, e.g.
+    #: trade_updates; it is planned as one connection subscribed to `*`).
+    symbols_setting: str | None
     channels_setting: str | None
     wire_formats: tuple[WireFormat, ...]
     channels: tuple[ChannelDef, ...]
@@ -290,7 +292,7 @@ TRADE_UPDATES = StreamDefinition(
     family="trading",
     endpoint=lambda s: TRADING_STREAM_URLS[s.alpaca_trading_env],
     url_setting="alpaca_trading_stream_url",
-    symbols_setting="",  # no symbols: one connection per key pair gets the account's orders
+    symbols_setting=None,  # no symbols: one connection per key pair (that account's orders)
     channels_setting=None,
     wire_formats=("json",),  # paper sends it in binary frames, live in text frames
     channels=(

@@ -49,7 +49,7 @@ def _plan_stream(settings: Settings, stream: StreamDefinition) -> list[PlannedSh
     """Connection slots are numbered, not listed: slot i is key pair i // per_key,
     connection i % per_key, so the work is bounded by the shards and symbols, never by
     keys x slots."""
-    if not stream.symbols_setting:
+    if stream.symbols_setting is None:
         return _plan_per_key(settings, stream)
     credentials = settings.credentials()
     per_key = settings.alpaca_connections_per_key
@@ -110,7 +110,7 @@ def _plan_per_key(settings: Settings, stream: StreamDefinition) -> list[PlannedS
                 url=url,
                 key_id=key,
                 secret=secret,
-                symbols=(),
+                symbols=("*",),  # the whole account
                 channels=channels,
                 stream=stream.name,
             ),

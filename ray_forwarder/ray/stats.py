@@ -59,6 +59,18 @@ class ForwarderSnapshot:
             "problems": problems,
             "degraded": degraded,
             "shards": {s["shard_id"]: s.get("state") for s in self.shards},
+            "streams": self._streams(),
             "producers": {p["name"]: p.get("ready") for p in self.producers},
         }
         return not problems, body
+
+    def _streams(self) -> dict[str, dict[str, int]]:
+        """Per stream (stocks, crypto, ...): its shards and how many are subscribed."""
+        streams: dict[str, dict[str, int]] = {}
+        for shard in self.shards:
+            entry = streams.setdefault(
+                shard.get("stream", "stocks"), {"shards": 0, "subscribed": 0}
+            )
+            entry["shards"] += 1
+            entry["subscribed"] += 1 if shard.get("subscribed") else 0
+        return streams
