@@ -163,3 +163,29 @@ def test_health_reports_each_stream_and_names_the_shard_that_is_down() -> None:
         "stocks": {"shards": 1, "subscribed": 1},
         "crypto": {"shards": 1, "subscribed": 0},
     }
+
+
+def test_options_with_a_json_wire_format_is_refused_at_start_in_one_line() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(
+            alpaca_streams="stocks,options",
+            alpaca_wire_format="json",
+            alpaca_options_symbols="AAPL260116C00230000",
+        )
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "options" in message and "msgpack" in message and "ALPACA_WIRE_FORMAT" in message
+
+
+def test_the_cli_refuses_json_options_at_start_with_exit_code_2(monkeypatch, capsys) -> None:
+    from ray_forwarder.cli import main
+
+    monkeypatch.setenv("ALPACA_API_KEY_ID", "sim-key")
+    monkeypatch.setenv("ALPACA_SECRET_KEY", "sim-secret")
+    monkeypatch.setenv("ALPACA_STREAMS", "stocks,options")
+    monkeypatch.setenv("ALPACA_OPTIONS_SYMBOLS", "AAPL260116C00230000")
+    monkeypatch.setenv("ALPACA_WIRE_FORMAT", "json")
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "options" in err and "msgpack" in err
+    assert "sim-secret" not in err

@@ -142,20 +142,6 @@ async def test_a_stream_arrives_exactly_once_in_order_on_its_own_topics(
         assert all(e["key"].startswith(f"news:{e['payload']['id']}:") for e in report.data)
 
 
-def test_options_with_a_json_wire_format_is_refused_at_start_in_one_line() -> None:
-    from ray_forwarder.config import ConfigError
-
-    with pytest.raises(ConfigError) as refused:
-        load_settings(
-            alpaca_streams="stocks,options",
-            alpaca_wire_format="json",
-            alpaca_options_symbols="AAPL260116C00230000",
-        )
-    message = str(refused.value)
-    assert "\n" not in message
-    assert "options" in message and "msgpack" in message and "ALPACA_WIRE_FORMAT" in message
-
-
 async def test_all_market_data_streams_together_and_a_drop_on_one_leaves_the_others_alone(
     kafka_broker, kafka_topics
 ) -> None:
