@@ -147,3 +147,79 @@ async def test_a_listening_reply_without_the_stream_degrades_health(kafka_broker
     _, status = _check(await _read(kafka_broker, settings, emitted), settings)
     [mismatch] = [e for e in status if e["payload"]["event"] == "subscription_mismatch"]
     assert mismatch["payload"]["missing"] == {"listen": ["trade_updates"]}
+
+
+async def test_every_stream_together_and_a_drop_on_trade_updates_leaves_the_others_alone(
+    kafka_broker, kafka_topics
+):
+    from contextlib import ExitStack
+
+    from tests.stream_checks import assert_exactly_once, assert_symbol_order
+    from tests.test_streams_end_to_end import _settings as streams_settings
+    from tests.test_streams_end_to_end import _sim as market_sim
+    from tests.test_streams_end_to_end import _stream_report
+
+    market = ("stocks", "crypto", "options", "news")
+    dropped: list[int] = []
+    with ExitStack() as stack:
+        sims = {
+            s: stack.enter_context(market_sim(s, rate=500, duplicate_ratio=0.0)) for s in market
+        }
+        trading = stack.enter_context(_sim(total_events=300, rate=150, duplicate_ratio=0.05))
+
+        def drop_trading_once(_elapsed: float) -> None:
+            if not dropped and trading.stats()["events"] >= 100:
+                dropped.append(trading.drop_connections())
+
+        settings = streams_settings(
+            kafka_broker, kafka_topics, sims, alpaca_wire_format="msgpack",
+            alpaca_streams=",".join((*market, "trade_updates")),
+            alpaca_trading_stream_url=trading.url,
+        )  # fmt: skip
+        result = await run_until(
+            settings,
+            lambda: trading.finished and all(sim.finished for sim in sims.values()),
+            during=drop_trading_once,
+            timeout=150,
+        )
+        sent = {s: sim.distinct_items() for s, sim in sims.items()}
+        connections = {s: sim.stats()["connections"] for s, sim in sims.items()}
+        trades_sent = trading.distinct_events()
+        trading_connections = trading.stats()["connections"]
+    assert dropped == [1] and trading_connections == 2
+    assert result.error is None and result.drained
+    shards = {shard["stream"]: shard for shard in result.snapshot.shards}
+    assert set(shards) == {*market, "trade_updates"}
+    assert shards["trade_updates"]["reconnects"] == 1
+    for stream in market:
+        assert shards[stream]["reconnects"] == 0 and connections[stream] == 1, stream
+    emitted = sum(result.snapshot.total("emitted").values())
+    records = await consume_all(
+        kafka_broker.bootstrap_servers,
+        sorted({t for s in settings.streams() for t in _topics_of(settings, s)}),
+        expected_count=emitted,
+        timeout=60,
+        settle=1.0,
+    )
+    for stream in market:
+        report = _stream_report(settings, stream, records)
+        assert_exactly_once(report, sent[stream])
+        assert_symbol_order(report, sent[stream])
+    mine = [
+        r
+        for r in records
+        if r.topic == settings.topic_trade_updates
+        or (r.topic == settings.topic_status and b'"shard":"trade_updates-' in r.value)
+    ]
+    updates, status = _check(mine, settings)
+    assert Counter(canonical(e["payload"]) for e in updates) == Counter(
+        canonical(d) for d in trades_sent
+    )
+    assert _per_order([e["payload"] for e in updates]) == _per_order(trades_sent)
+    assert [e["payload"]["event"] for e in status].count("subscribed") == 2
+
+
+def _topics_of(settings: Any, stream: Any) -> list[str]:
+    from ray_forwarder.core.topics import topic_map
+
+    return list(topic_map(settings, stream).values())
