@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     # Trading API for the market clock/calendar (unset: Alpaca's live API, or the simulator
     # when the stream URL is a loopback ws:// URL); paper keys need paper-api.alpaca.markets.
     alpaca_trading_url: str | None = None
+    # The trading stream (trade_updates): paper or live endpoint, or an override.
+    alpaca_trading_env: Literal["paper", "live"] = "paper"
+    alpaca_trading_stream_url: str | None = None
     alpaca_wire_format: Literal["json", "msgpack"] = "msgpack"
     # Which streams run (alpaca/streams.py STREAMS); stocks alone unless told otherwise.
     alpaca_streams: CommaList = Field(default_factory=lambda: ["stocks"])
@@ -252,7 +255,7 @@ class Settings(BaseSettings):
             return value or None
         return value
 
-    @field_validator("alpaca_feed", mode="before")
+    @field_validator("alpaca_feed", "alpaca_trading_env", mode="before")
     @classmethod
     def _feed_lower_case(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -291,6 +294,7 @@ class Settings(BaseSettings):
         "alpaca_options_stream_url",
         "alpaca_news_stream_url",
         "alpaca_trading_url",
+        "alpaca_trading_stream_url",
         "alpaca_credentials",
         mode="before",
     )
@@ -303,6 +307,7 @@ class Settings(BaseSettings):
         "alpaca_crypto_stream_url",
         "alpaca_options_stream_url",
         "alpaca_news_stream_url",
+        "alpaca_trading_stream_url",
     )
     @classmethod
     def _websocket_url(cls, value: str | None) -> str | None:
@@ -353,6 +358,7 @@ class Settings(BaseSettings):
             ("ALPACA_OPTIONS_STREAM_URL", self.alpaca_options_stream_url),
             ("ALPACA_NEWS_STREAM_URL", self.alpaca_news_stream_url),
             ("ALPACA_TRADING_URL", self.alpaca_trading_url),
+            ("ALPACA_TRADING_STREAM_URL", self.alpaca_trading_stream_url),
         ):
             if url is None or self.alpaca_allow_insecure_stream:
                 continue
@@ -373,6 +379,8 @@ class Settings(BaseSettings):
         """Per enabled stream: its wire format, channels and symbol syntax (one line naming
         the variable). Streams that are not enabled are not checked."""
         for stream in self.streams():
+            if stream.symbols_setting is None:  # trade_updates: no symbols; always JSON
+                continue
             if self.alpaca_wire_format not in stream.wire_formats:
                 raise ValueError(
                     f"ALPACA_STREAMS includes {stream.name}, which Alpaca serves only as "
@@ -414,7 +422,7 @@ class Settings(BaseSettings):
         return [STREAMS[name] for name in self.alpaca_streams]
 
     def stream_symbols(self, stream: StreamDefinition) -> list[str]:
-        if stream.symbols_setting is None:
+        if stream.symbols_setting is None:  # trade_updates: the account's orders
             return ["*"]
         return list(dict.fromkeys(getattr(self, stream.symbols_setting)))
 

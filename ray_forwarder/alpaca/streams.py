@@ -272,8 +272,56 @@ NEWS = StreamDefinition(
     dedup_identity="article id, updated_at and the article's full content",
 )
 
-#: Every stream this build knows, by name. The trading family adds `trade_updates` here.
-STREAMS: dict[str, StreamDefinition] = {s.name: s for s in (STOCKS, CRYPTO, OPTIONS, NEWS)}
+# --- trade_updates (the trading stream: another protocol, alpaca/trading.py) -------------------
+
+#: The trading API's stream per ALPACA_TRADING_ENV (docs.alpaca.markets "Websocket Streaming").
+TRADING_STREAM_URLS: dict[str, str] = {
+    "paper": "wss://paper-api.alpaca.markets/stream",
+    "live": "wss://api.alpaca.markets/stream",
+}
+
+
+def _trading_connection(config: Any, timing: Any) -> Any:
+    from ray_forwarder.alpaca.trading import trading_connection  # this module imports nothing
+
+    return trading_connection(config, timing)
+
+
+TRADE_UPDATES = StreamDefinition(
+    name="trade_updates",
+    family="trading",
+    endpoint=lambda s: TRADING_STREAM_URLS[s.alpaca_trading_env],
+    url_setting="alpaca_trading_stream_url",
+    symbols_setting=None,  # no symbols: one connection per key pair (that account's orders)
+    channels_setting=None,
+    wire_formats=("json",),  # paper sends it in binary frames, live in text frames
+    channels=(
+        ChannelDef(
+            "trade_updates",
+            "trade_updates",  # the `stream` name, not a `T`
+            _topic("topic_trade_updates", "alpaca.trade_updates.v1"),
+            "trade_updates",
+        ),
+    ),
+    default_channels=("trade_updates",),
+    symbol_pattern=re.compile(r"[A-Za-z0-9._-]{1,64}"),  # the key: an order id (a UUID)
+    key_field="order.id",  # record key, seq key and dedup middle: every event of an order
+    time_field="timestamp",  # else order.updated_at (a `new` event may carry none)
+    key_is_symbol=False,  # the order's symbol stays in payload.order.symbol
+    filter_by_symbol=False,
+    always_open=True,  # orders can change at any hour; silence is normal: no data watchdog
+    default_symbols=(),
+    dedup_identity=(
+        "order id, event time and the event's full content (execution_id, qty, the order "
+        "snapshot): only a redelivered event is ever dropped"
+    ),
+    connection_factory=_trading_connection,
+)
+
+#: Every stream this build knows, by name.
+STREAMS: dict[str, StreamDefinition] = {
+    s.name: s for s in (STOCKS, CRYPTO, OPTIONS, NEWS, TRADE_UPDATES)
+}
 
 
 def register(definition: StreamDefinition) -> StreamDefinition:

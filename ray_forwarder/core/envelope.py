@@ -31,34 +31,38 @@ class Envelope(BaseModel):
     ingest_ts: str = Field(description="UTC ISO-8601 time the forwarder received the frame.")
     event_ts: str = Field(
         description="The item's event time, UTC ISO-8601 with nanoseconds kept: `t` for "
-        "stocks, crypto and options; `updated_at` (else `created_at`) for news."
+        "stocks, crypto and options; `updated_at` (else `created_at`) for news; "
+        "`timestamp` (else `order.updated_at`) for trade_updates."
     )
     channel: Channel = Field(
         description="Alpaca channel name, or `status` for own events. The stream is told "
         "by the topic (stocks: alpaca.trades.v1, ...; crypto: alpaca.crypto.*; options: "
-        "alpaca.options.*; news: alpaca.news.v1)."
+        "alpaca.options.*; news: alpaca.news.v1; order events: `trade_updates` on "
+        "alpaca.trade_updates.v1)."
     )
     symbol: str | None = Field(
         description="The item's symbol (stocks ticker, crypto pair `BTC/USD`, OCC option "
-        "contract); null for forwarder status and for news (an article names several "
-        "symbols: see `payload.symbols`)."
+        "contract); null for forwarder status, for news (an article names several "
+        "symbols: see `payload.symbols`) and for trade_updates (see `payload.order.symbol`)."
     )
     seq: int = Field(
         ge=1,
         description="Strictly increasing per (channel, symbol) within a topic; news: per "
-        "article id; status: per shard.",
+        "article id; trade_updates: per order id (the record key); status: per shard.",
     )
     payload: dict[str, Any] = Field(description="The original Alpaca item (or status body).")
     is_final: bool = Field(
         description="False for a record that may still be revised: minute bars (until "
         "their `is_final: true` record), daily bars, crypto order books. Trades, quotes, "
-        "options and news are final (an edited article is a new record)."
+        "options, news and trade_updates are final (an edited article or the next event "
+        "of an order is a new record)."
     )
     source: Literal["alpaca", "forwarder"]
     key: str = Field(
         description="Dedup key, equal only for redeliveries of one event: "
         "`channel:symbol:event_ts:digest` (digest: BLAKE2b-64 of the payload with sorted "
-        "keys); news: `news:article_id:updated_at:digest`; a final bar: "
+        "keys); news: `news:article_id:updated_at:digest`; trade_updates: "
+        "`trade_updates:order_id:event_ts:digest`; a final bar: "
         "`bars:symbol:bar_ts:final`."
     )
 

@@ -49,6 +49,8 @@ def _plan_stream(settings: Settings, stream: StreamDefinition) -> list[PlannedSh
     """Connection slots are numbered, not listed: slot i is key pair i // per_key,
     connection i % per_key, so the work is bounded by the shards and symbols, never by
     keys x slots."""
+    if stream.symbols_setting is None:
+        return _plan_per_key(settings, stream)
     credentials = settings.credentials()
     per_key = settings.alpaca_connections_per_key
     slots = len(credentials) * per_key
@@ -94,6 +96,28 @@ def _plan_stream(settings: Settings, stream: StreamDefinition) -> list[PlannedSh
             )
         )
     return planned
+
+
+def _plan_per_key(settings: Settings, stream: StreamDefinition) -> list[PlannedShard]:
+    """A stream without symbols (trade_updates: the account's order events) is one
+    connection per key pair: each key pair's account, in its own shard and slot 0."""
+    url = settings.stream_endpoint(stream)
+    channels = tuple(settings.stream_channels(stream))
+    return [
+        PlannedShard(
+            ShardSpec(
+                shard_id=f"{stream.name}-{index}",
+                url=url,
+                key_id=key,
+                secret=secret,
+                symbols=("*",),  # the whole account
+                channels=channels,
+                stream=stream.name,
+            ),
+            0,
+        )
+        for index, (key, secret) in enumerate(settings.credentials())
+    ]
 
 
 def _within_limit(
