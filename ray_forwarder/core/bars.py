@@ -70,3 +70,23 @@ class BarFinalizer:
         self._finalized[key] = None
         if len(self._finalized) > self._remember:
             self._finalized.popitem(last=False)
+
+    # --- backfill (see runtime/backfill.py) ---------------------------------------------
+
+    def state(self, symbol: str, bar_ts: str) -> str | None:
+        """`pending`, `final` or None (never seen, or forgotten): what a backfilled bar
+        for (symbol, bar_ts) meets."""
+        key = (symbol, bar_ts)
+        if key in self._pending:
+            return "pending"
+        return "final" if key in self._finalized else None
+
+    def revise_pending(self, symbol: str, bar_ts: str, payload: dict[str, Any]) -> None:
+        """A backfilled bar for a pending one: Alpaca's REST bar includes late trades the
+        stream may have sent as an updated bar during the gap, so it becomes the latest
+        revision (the one final record carries it)."""
+        self._pending[(symbol, bar_ts)].payload = payload
+
+    def mark_final(self, symbol: str, bar_ts: str) -> None:
+        """A backfilled final was emitted: a streamed revision after it is a late one."""
+        self._mark_finalized((symbol, bar_ts))

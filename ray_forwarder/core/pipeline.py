@@ -26,6 +26,7 @@ from ray_forwarder.alpaca.events import DataItem, Skipped
 from ray_forwarder.core.bars import BarFinalizer, PendingBar
 from ray_forwarder.core.dedup import DedupCache
 from ray_forwarder.core.envelope import (
+    encode_backfilled_envelope,
     encode_envelope,
     final_bar_key,
     item_dedup_key,
@@ -253,6 +254,70 @@ class EventPipeline:
             for bar in bars
         ]
 
+    def backfill_bars(
+        self, bars: list[dict[str, Any]], gap_id: str, open_from: str, now: float
+    ) -> tuple[list[OutRecord], Counter[str]]:
+        """Records for backfilled minute bars (stream-shaped payloads, `t` canonical),
+        merged with what the stream delivered so that each (symbol, minute) still gets
+        exactly one final record:
+
+        - a bar the finaliser holds as pending becomes its latest revision (the REST bar
+          counts late trades); the finaliser's one final carries it (`merged`);
+        - a bar already finalised is left out (`already_final`);
+        - otherwise one record: final (key `bars:S:t:final`) unless the stream may still
+          send it or its updated bar (its minute ended less than `BAR_REVISABLE_FOR` before
+          `open_from`, the event time data resumed at): then it is emitted like a streamed
+          bar and left to the finaliser (`open`).
+
+        The record's dedup key is that of the streamed bar with the same content, and it
+        is marked seen, so the stream's copy of it is not emitted again."""
+        out: list[OutRecord] = []
+        outcome: Counter[str] = Counter()
+        topic = self._topics.get("bars")
+        if topic is None:
+            return out, outcome
+        ingest_ts = utc_now_iso()
+        for payload in bars:
+            symbol, bar_ts = payload["S"], payload["t"]
+            if self._allowed is not None and symbol not in self._allowed:
+                outcome["unsubscribed"] += 1
+                continue
+            state = self._bars.state(symbol, bar_ts)
+            if state == "pending":
+                self._bars.revise_pending(symbol, bar_ts, payload)
+                outcome["merged"] += 1
+                continue
+            if state == "final":
+                outcome["already_final"] += 1
+                continue
+            body = serialise_payload(payload)
+            key = item_dedup_key("bars", symbol, bar_ts, body)
+            if self._dedup.seen(key, now):
+                outcome["duplicate"] += 1
+                continue
+            is_final = _revisable_until(bar_ts) <= open_from
+            if is_final:
+                self._bars.mark_final(symbol, bar_ts)
+                self.counters.finals += 1
+                key = final_bar_key(symbol, bar_ts)
+            else:
+                self._bars.observe(symbol, bar_ts, payload, now)
+            outcome["final" if is_final else "open"] += 1
+            self.counters.emitted["bars"] += 1
+            value = encode_backfilled_envelope(
+                ingest_ts=ingest_ts,
+                event_ts=bar_ts,
+                channel="bars",
+                symbol=symbol,
+                seq=self._seq.next("bars", symbol),
+                payload=orjson.Fragment(body),
+                is_final=is_final,
+                key=key,
+                gap_id=gap_id,
+            )
+            out.append(OutRecord(topic, symbol.encode(), value, "bars"))
+        return out, outcome
+
     def status_record(self, shard: str, event: str, body: dict[str, Any]) -> OutRecord:
         """A forwarder status event (`channel: status`), keyed by shard for per-shard order."""
         payload = {"event": event, "shard": shard, **body}
@@ -300,3 +365,17 @@ class EventPipeline:
             key=key,
         )
         return OutRecord(topic, (record_key or symbol or "").encode(), value, channel)
+
+
+#: How long after its `t` the stream may still send a minute bar or its updated bar: the
+#: bar comes after the minute, an updated bar after the following half-minute mark.
+BAR_REVISABLE_FOR_S = 120
+
+
+def _revisable_until(bar_ts: str) -> str:
+    """`t` + BAR_REVISABLE_FOR_S, canonical (same layout as event times, so string order
+    is time order)."""
+    from datetime import datetime, timedelta
+
+    start = datetime.fromisoformat(bar_ts[:19]) + timedelta(seconds=BAR_REVISABLE_FOR_S)
+    return start.strftime("%Y-%m-%dT%H:%M:%S") + bar_ts[19:]
