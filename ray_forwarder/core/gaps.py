@@ -166,14 +166,15 @@ class GapLedger:
         self._epoch = epoch
 
     def note(self, items: Sequence[DataItem], ingest_ts: str) -> Gap | None:
-        """A frame's data items arrived; closes the open gap, if any (returned)."""
-        event_ts = _frame_event_ts(items)
+        """A frame's data items arrived; closes the open gap, if any (returned), at the
+        frame's first item."""
+        event_ts = _last_event_ts(items)
         if event_ts is None:
             return None
         self._last_received, self._last_event = ingest_ts, event_ts
         if self._open_cause is None:
             return None
-        return self._close(Mark(ingest_ts, event_ts))
+        return self._close(Mark(ingest_ts, _first_event_ts(items) or event_ts))
 
     def interrupt(self, cause: str) -> None:
         """The data path is interrupted: open a gap from the last item (the first cause of
@@ -206,10 +207,18 @@ class GapLedger:
         return gap
 
 
-def _frame_event_ts(items: Sequence[DataItem]) -> str | None:
-    """The event time a frame marks: its last item's, skipping daily bars (their `t` is
+def _last_event_ts(items: Sequence[DataItem]) -> str | None:
+    """The event time a frame ends at: its last item's, skipping daily bars (their `t` is
     the day's start). O(1) for every frame that does not end in a daily bar."""
     for item in reversed(items):
+        if item.channel not in _UNMARKED_CHANNELS:
+            return item.event_ts
+    return None
+
+
+def _first_event_ts(items: Sequence[DataItem]) -> str | None:
+    """The event time of a frame's first item (daily bars skipped): where data resumed."""
+    for item in items:
         if item.channel not in _UNMARKED_CHANNELS:
             return item.event_ts
     return None

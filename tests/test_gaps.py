@@ -1,0 +1,165 @@
+"""The gap ledger and the pipeline's merge of backfilled bars: no I/O."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import orjson
+import pytest
+
+from ray_forwarder.alpaca.events import DataItem
+from ray_forwarder.core.bars import BarFinalizer
+from ray_forwarder.core.dedup import DedupCache
+from ray_forwarder.core.gaps import SYMBOLS_IN_EVENT, GapLedger, Mark, cause_of
+from ray_forwarder.core.pipeline import EventPipeline
+
+T0 = "2026-01-05T14:30:"
+
+
+def _trade(second: int, symbol: str = "SPY") -> DataItem:
+    ts = f"{T0}{second:02d}.000000000Z"
+    return DataItem("trades", symbol, ts, {"T": "t", "S": symbol, "i": second, "t": ts})
+
+
+def _daily(symbol: str = "SPY") -> DataItem:
+    ts = "2026-01-05T05:00:00.000000000Z"
+    return DataItem("dailyBars", symbol, ts, {"T": "d", "S": symbol, "t": ts})
+
+
+def _ingest(second: int) -> str:
+    return f"2026-11-27T10:00:{second:02d}.000000Z"
+
+
+def test_no_gap_without_an_interruption() -> None:
+    ledger = GapLedger("stocks", "stocks-0", ["trades"], ["SPY"])
+    assert ledger.note([_trade(1)], _ingest(1)) is None
+    assert ledger.note([_trade(2)], _ingest(2)) is None
+    assert ledger.last == Mark(_ingest(2), f"{T0}02.000000000Z")
+    assert not ledger.counts.gaps
+
+
+def test_a_disconnect_opens_a_gap_that_the_first_item_after_closes() -> None:
+    ledger = GapLedger("stocks", "stocks-0", ["trades", "bars"], ["SPY", "QQQ"])
+    ledger.note([_trade(1), _trade(3, "QQQ"), _daily()], _ingest(3))
+    ledger.interrupt(cause_of("ConnectionClosedError: no close frame received or sent"))
+    ledger.interrupt(cause_of("alpaca error 406: connection limit exceeded"))  # same gap
+    assert ledger.note([], _ingest(9)) is None  # a frame without data closes nothing
+    gap = ledger.note([_daily(), _trade(20), _trade(21)], _ingest(13))
+    assert gap is not None
+    assert gap.cause == "disconnect"  # the first cause wins
+    assert gap.start == Mark(_ingest(3), f"{T0}03.000000000Z")  # daily bars mark nothing
+    assert gap.end == Mark(_ingest(13), f"{T0}20.000000000Z")  # the first item after
+    assert gap.seconds == pytest.approx(10.0)
+    event = gap.event()
+    assert event["from"] == {"received_at": _ingest(3), "event_ts": f"{T0}03.000000000Z"}
+    assert event["to"]["event_ts"] == f"{T0}20.000000000Z"
+    assert event["symbols"] == ["SPY", "QQQ"] and event["channels"] == ["trades", "bars"]
+    assert event["stream"] == "stocks" and event["gap_id"] == "stocks-0:0:1"
+    assert orjson.loads(orjson.dumps(event)) == event  # machine-readable as it stands
+    assert ledger.counts.gaps == Counter({"disconnect": 1})
+    assert ledger.counts.seconds["disconnect"] == pytest.approx(10.0)
+    assert ledger.note([_trade(22)], _ingest(14)) is None  # closed once
+
+
+@pytest.mark.parametrize(
+    ("reason", "cause"),
+    [
+        ("stale stream: no frame for 61.0s", "stale_stream"),
+        ("stale data: no data item for 60.0s while the market is open", "stale_data"),
+        ("alpaca error 406: connection limit exceeded (another ...)", "connection_limit"),
+        ("alpaca error 407: slow client", "slow_client"),
+        ("alpaca error 500: internal error", "server_error"),
+        ("server closed the connection", "disconnect"),
+    ],
+)
+def test_causes_from_the_sessions_reasons(reason: str, cause: str) -> None:
+    assert cause_of(reason) == cause
+
+
+def test_a_restarted_incarnation_resumes_from_its_predecessors_mark() -> None:
+    ledger = GapLedger("stocks", "stocks-0", ["trades"], ["SPY"])
+    ledger.start_epoch(2)
+    mark = Mark.from_dict({"received_at": _ingest(5), "event_ts": f"{T0}05.5Z"})
+    assert mark == Mark(_ingest(5), f"{T0}05.5Z")
+    ledger.resume_from(mark, "restart")
+    assert ledger.last == mark  # reported again if this one dies before any data
+    gap = ledger.note([_trade(30)], _ingest(30))
+    assert gap is not None and gap.cause == "restart" and gap.start == mark
+    assert gap.gap_id == "stocks-0:2:1"
+
+
+def test_a_restart_with_nothing_known_opens_a_gap_without_start() -> None:
+    ledger = GapLedger("stocks", "stocks-0", ["trades"], ["SPY"])
+    ledger.resume_from(Mark.from_dict({}), "restart")
+    gap = ledger.note([_trade(30)], _ingest(30))
+    assert gap is not None and gap.start is None and gap.seconds == 0.0
+    assert gap.event()["from"] is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, [], {"received_at": 1, "event_ts": "x"}, {"received_at": "nope", "event_ts": "x"},
+     {"received_at": _ingest(1), "event_ts": "2026-13-01T00:00:00Z"}],
+)  # fmt: skip
+def test_marks_from_untrusted_records_are_checked(value: object) -> None:
+    assert Mark.from_dict(value) is None
+
+
+def test_many_symbols_are_referred_to_by_shard() -> None:
+    symbols = [f"S{i}" for i in range(SYMBOLS_IN_EVENT + 1)]
+    ledger = GapLedger("stocks", "stocks-3", ["bars"], symbols)
+    ledger.note([_trade(1)], _ingest(1))
+    ledger.interrupt("disconnect")
+    gap = ledger.note([_trade(2)], _ingest(2))
+    assert gap is not None
+    event = gap.event()
+    assert event["symbols"] is None
+    assert event["symbols_ref"] == {"shard": "stocks-3", "count": SYMBOLS_IN_EVENT + 1}
+
+
+# --- backfilled bars through the pipeline ---------------------------------------------------
+
+
+def _pipeline() -> EventPipeline:
+    topics = {"bars": "b", "updatedBars": "b", "status": "s", "trades": "t"}
+    return EventPipeline(topics, DedupCache(900, 1000), BarFinalizer(1.0), allowed_symbols=["SPY"])
+
+
+def _bar(minute: int, close: float, kind: str = "b") -> dict[str, object]:
+    ts = f"2026-01-05T14:{minute:02d}:00.000000000Z"
+    return {"T": kind, "S": "SPY", "o": 1.0, "h": 2.0, "l": 0.5, "c": close, "v": 10, "t": ts}
+
+
+def _item(bar: dict[str, object]) -> DataItem:
+    channel = "bars" if bar["T"] == "b" else "updatedBars"
+    return DataItem(channel, "SPY", str(bar["t"]), bar)
+
+
+def test_backfilled_bars_merge_with_what_the_stream_delivered() -> None:
+    pipeline = _pipeline()
+    ingest = "2026-11-27T10:00:00.000000Z"
+    # minute 30 streamed and finalised; minute 31 streamed, still pending
+    pipeline.process([_item(_bar(30, 1.0))], ingest, 0.0)
+    assert len(pipeline.finalize_due(5.0)) == 1
+    pipeline.process([_item(_bar(31, 1.1))], ingest, 10.0)
+    rest = [_bar(30, 9.0), _bar(31, 1.5), _bar(32, 1.2), _bar(35, 1.3), _bar(36, 1.4)]
+    resumed = "2026-01-05T14:37:10.000000000Z"  # data resumed in minute 37
+    records, outcome = pipeline.backfill_bars(rest, "stocks-0:0:1", resumed, 10.5)
+    assert outcome == Counter(already_final=1, merged=1, final=2, open=1)
+    envelopes = [orjson.loads(r.value) for r in records]
+    assert [(e["payload"]["t"][14:16], e["is_final"]) for e in envelopes] == [
+        ("32", True), ("35", True), ("36", False)
+    ]  # fmt: skip
+    for envelope in envelopes:
+        assert envelope["backfill"] == {"gap_id": "stocks-0:0:1", "via": "rest"}
+        assert envelope["channel"] == "bars" and envelope["source"] == "alpaca"
+    assert envelopes[0]["key"] == "bars:SPY:2026-01-05T14:32:00.000000000Z:final"
+    assert [e["seq"] for e in envelopes] == sorted(e["seq"] for e in envelopes)
+    # the streamed copy of a backfilled bar is a redelivery; the open one's update merges
+    assert pipeline.process([_item(_bar(32, 1.2)), _item(_bar(36, 1.4))], ingest, 11.0) == []
+    pipeline.process([_item(_bar(36, 1.45, "u"))], ingest, 11.0)
+    finals = [orjson.loads(r.value) for r in pipeline.finalize_due(20.0)]
+    assert [(f["payload"]["t"][14:16], f["payload"]["c"]) for f in finals] == [
+        ("31", 1.5), ("36", 1.45)
+    ]  # fmt: skip  # REST's revision of 31, the stream's update of 36
+    assert all("backfill" not in f for f in finals)
