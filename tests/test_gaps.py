@@ -163,3 +163,30 @@ def test_backfilled_bars_merge_with_what_the_stream_delivered() -> None:
         ("31", 1.5), ("36", 1.45)
     ]  # fmt: skip  # REST's revision of 31, the stream's update of 36
     assert all("backfill" not in f for f in finals)
+
+
+# --- hand-over marks read back from the status topic ----------------------------------------
+
+
+def _status(shard: str, event: str, **body: object) -> bytes:
+    payload = {"event": event, "shard": shard, **body}
+    return orjson.dumps({"channel": "status", "source": "forwarder", "payload": payload})
+
+
+def test_each_shard_resumes_from_its_last_word() -> None:
+    from ray_forwarder.runtime.resume import last_words
+
+    mark = {"received_at": _ingest(5), "event_ts": f"{T0}05.000000000Z"}
+    values = [
+        _status("stocks-0", "connected"),
+        _status("stocks-0", "stopped", last=mark),  # a graceful stop
+        _status("stocks-1", "stopped", last=mark),
+        _status("stocks-1", "connected"),  # ... then a run that never stopped gracefully
+        _status("stocks-2", "stopped", last=None),  # stopped before any data
+        b"not json",
+        orjson.dumps({"channel": "trades", "payload": {"shard": "stocks-0"}}),
+        _status("other-0", "stopped", last=mark),
+        None,
+    ]
+    marks = last_words(values, ["stocks-0", "stocks-1", "stocks-2", "stocks-3"])
+    assert marks == {"stocks-0": mark, "stocks-1": {}, "stocks-2": {}}

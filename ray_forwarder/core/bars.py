@@ -90,3 +90,7 @@ class BarFinalizer:
     def mark_final(self, symbol: str, bar_ts: str) -> None:
         """A backfilled final was emitted: a streamed revision after it is a late one."""
         self._mark_finalized((symbol, bar_ts))
+
+    def oldest_pending(self) -> str | None:
+        """The earliest `t` of the bars not final yet (O(pending): for hand-overs only)."""
+        return min((bar.bar_ts for bar in self._pending.values()), default=None)

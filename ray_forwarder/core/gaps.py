@@ -63,9 +63,15 @@ class Mark:
 
     received_at: str  # UTC ISO-8601 (the frame's ingest_ts)
     event_ts: str  # the item's `t`, canonical UTC ISO-8601
+    #: Only in a mark handed to a successor: the oldest minute bar not final yet. Those
+    #: die with the incarnation, so the successor's backfill starts there at the latest.
+    bars_from: str | None = None
 
     def as_dict(self) -> dict[str, str]:
-        return {"received_at": self.received_at, "event_ts": self.event_ts}
+        out = {"received_at": self.received_at, "event_ts": self.event_ts}
+        if self.bars_from is not None:
+            out["bars_from"] = self.bars_from
+        return out
 
     @classmethod
     def from_dict(cls, value: object) -> Mark | None:
@@ -73,13 +79,18 @@ class Mark:
         if not isinstance(value, Mapping):
             return None
         received, event = value.get("received_at"), value.get("event_ts")
+        bars_from = value.get("bars_from")
         if not isinstance(received, str) or not isinstance(event, str):
+            return None
+        if bars_from is not None and not isinstance(bars_from, str):
             return None
         try:
             _instant(received), _instant(event)
+            if bars_from is not None:
+                _instant(bars_from)
         except ValueError:
             return None
-        return cls(received, event)
+        return cls(received, event, bars_from)
 
 
 @dataclass(frozen=True)
@@ -188,6 +199,19 @@ class GapLedger:
         self._open_cause, self._open_start = cause, mark
         if mark is not None and self._last_received is None:
             self._last_received, self._last_event = mark.received_at, mark.event_ts
+
+    def handover(self, bars_from: str | None) -> Mark | None:
+        """The mark a successor resumes from: the last item, and the oldest bar not final
+        yet (`bars_from`, if any) or, while a gap is open, where that gap's window starts."""
+        last = self.last
+        if last is None:
+            return None
+        start = self._open_start
+        if start is not None and start.bars_from is not None:
+            bars_from = min(bars_from or start.bars_from, start.bars_from)
+        if self._open_cause is not None and start is not None:
+            last = Mark(start.received_at, start.event_ts)  # the gap is not over yet
+        return Mark(last.received_at, last.event_ts, bars_from)
 
     def _close(self, end: Mark) -> Gap:
         assert self._open_cause is not None

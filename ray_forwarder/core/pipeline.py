@@ -254,6 +254,10 @@ class EventPipeline:
             for bar in bars
         ]
 
+    def oldest_pending_bar(self) -> str | None:
+        """The earliest `t` of the minute bars not final yet (hand-over to a successor)."""
+        return self._bars.oldest_pending()
+
     def backfill_bars(
         self, bars: list[dict[str, Any]], gap_id: str, open_from: str, now: float
     ) -> tuple[list[OutRecord], Counter[str]]:

@@ -24,6 +24,7 @@ from ray_forwarder.ray.actors import ProducerActor, ShardActor
 from ray_forwarder.ray.planning import plan, producer_names
 from ray_forwarder.ray.shard import ShardSpec
 from ray_forwarder.ray.stats import ForwarderSnapshot
+from ray_forwarder.runtime.resume import read_handover_marks
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class Forwarder:
     settings: Settings
     shards: list[ShardSpec]
     producer_names: list[str] = field(default_factory=lambda: ["producer-0"])
+    #: Read the previous run's hand-over marks from the status topic (stop/start gaps).
+    resume_on_start: bool = True
 
     def __post_init__(self) -> None:
         self._producers: dict[str, Any] = {}
@@ -108,6 +111,10 @@ class Forwarder:
             await asyncio.gather(*(p.start.remote() for p in self._producers.values()))
         except ray.exceptions.RayTaskError as exc:
             raise ForwarderError(_cause(exc)) from None
+        if self.resume_on_start:
+            self._resume_marks.update(await read_handover_marks(
+                self.settings, [spec.shard_id for spec in self.shards]
+            ))  # fmt: skip
         for spec in self.shards:
             spec = dataclasses.replace(spec, run_id=self.run_id)
             self._specs[spec.shard_id] = spec

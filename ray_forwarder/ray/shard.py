@@ -240,13 +240,17 @@ class ShardCore:
     def _put_stopped(self) -> None:
         """Where this incarnation stopped, for whoever takes over (the driver passes it to
         the next `run()`; a new forwarder run reads it back from the status topic)."""
-        last = self.gaps.last
         body: dict[str, Any] = {
             "stream": self.spec.stream,
             "channels": list(self.spec.channels),
-            "last": None if last is None else last.as_dict(),
+            "last": self._handover(),
         }
         self._put_status("stopped", body)
+
+    def _handover(self) -> dict[str, str] | None:
+        """Where a successor resumes (the driver's `resume_from` for the next `run()`)."""
+        mark = self.gaps.handover(self.pipeline.oldest_pending_bar())
+        return None if mark is None else mark.as_dict()
 
     # --- status events ------------------------------------------------------------------
 
@@ -455,7 +459,7 @@ class ShardCore:
             "gaps": dict(self.gaps.counts.gaps),
             "gap_seconds": {k: round(v, 3) for k, v in self.gaps.counts.seconds.items()},
             "gap_open": self.gaps.open_cause,
-            "gap_mark": None if (last := self.gaps.last) is None else last.as_dict(),
+            "gap_mark": self._handover(),
             "stream": self.spec.stream,
             "backfill": {
                 **(self.backfill.stats() if self.backfill is not None else {}),

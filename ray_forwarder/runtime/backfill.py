@@ -312,7 +312,9 @@ class Backfiller:
         if gap.start is None:
             self._unfilled(gap, "no_start", {"detail": "nothing is known before the gap"})
             return
-        window = minute_window(gap.start.event_ts, gap.end.event_ts, cfg.max_seconds)
+        window = minute_window(
+            gap.start.event_ts, gap.end.event_ts, cfg.max_seconds, gap.start.bars_from
+        )
         start, end = rfc3339(window.first), rfc3339(window.last)
         deadline = self._clock() + cfg.timeout_seconds
         before = (self.client.requests, self.client.rate_limited)
