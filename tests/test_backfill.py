@@ -101,10 +101,13 @@ async def test_a_connection_dropped_for_minutes_is_backfilled_bar_for_bar(
             sim.refuse_connections(True)
             sim.drop_connections()
             state["dropped_at"] = _market_ns(sim)
-        elif "released" not in state and "dropped_at" in state:
-            if _market_ns(sim) - state["dropped_at"] >= 3 * MINUTE_NS:
-                sim.refuse_connections(False)
-                state["released"] = True
+        elif (
+            "released" not in state
+            and "dropped_at" in state
+            and _market_ns(sim) - state["dropped_at"] >= 3 * MINUTE_NS
+        ):
+            sim.refuse_connections(False)
+            state["released"] = True
 
     def done() -> bool:
         stats = _shard_stats(forwarders)
