@@ -21,7 +21,13 @@ from ray_forwarder.ray.driver import Forwarder
 from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from ray_forwarder_dev.sim.generator import MINUTE_NS, NS, parse_base_time
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET, forwarder_settings, read_back, run_until
-from tests.stream_checks import StreamReport, canonical, decode_and_check
+from tests.stream_checks import (
+    StreamReport,
+    assert_exactly_once,
+    assert_symbol_order,
+    canonical,
+    decode_and_check,
+)
 
 SYMBOLS = ["SPY", "QQQ", "AAPL"]
 CHANNELS = "trades,bars,updatedBars"
@@ -119,6 +125,7 @@ async def test_a_connection_dropped_for_minutes_is_backfilled_bar_for_bar(
             settings, done, during=drop_and_hold, on_forwarder=forwarders.append, timeout=150
         )
         by_conn = sim.sent_by_connection()
+        sent = sim.distinct_items()
         sim_bars = sim.minute_bars()
         sim_stats = sim.stats()
         rest_log = sim.rest_log()
@@ -144,15 +151,16 @@ async def test_a_connection_dropped_for_minutes_is_backfilled_bar_for_bar(
     # exactly one final per (symbol, minute), equal to the simulator's bar
     last_sent = max(_ns(r.item["t"]) for rs in by_conn.values() for r in rs)
     expected = _settled_minutes(sim_bars, last_sent)
-    finals = Counter((e["symbol"], e["payload"]["t"]) for e in report.finals)
+    all_finals = report.finals + report.backfilled
+    finals = Counter((e["symbol"], e["payload"]["t"]) for e in all_finals)
     assert all(n == 1 for n in finals.values()), "a bar was finalised twice"
     missing = set(expected) - set(finals)
     assert not missing, f"no final for {sorted(missing)[:5]}"
-    for envelope in report.finals:
+    for envelope in all_finals:
         key = (envelope["symbol"], envelope["payload"]["t"])
         if key in expected:
             assert _without_type(envelope["payload"]) == _without_type(expected[key]), key
-    backfilled = [e for e in report.finals if "backfill" in e]
+    backfilled = report.backfilled
     assert backfilled and all(e["backfill"]["gap_id"] == gap["gap_id"] for e in backfilled)
     # whole minutes inside the gap came from REST only
     inside = [k for k in expected if _ns(gap["from"]["event_ts"]) < _ns(k[1]) and
@@ -160,10 +168,10 @@ async def test_a_connection_dropped_for_minutes_is_backfilled_bar_for_bar(
     assert inside
     assert {k for k in inside} <= {(e["symbol"], e["payload"]["t"]) for e in backfilled}
 
-    # overlap: every live item once, nothing twice
+    # overlap: every item received live arrives once, in order; backfill repeats none
     _assert_no_duplicate_data(report)
-    got = {canonical(e["payload"]) for e in report.data}
-    assert {canonical(item) for item in before + after} <= got
+    assert_exactly_once(report, sent)
+    assert_symbol_order(report, sent)
 
     # rate limit: 429s were answered, and no 60 s window held more than the budget
     assert sim_stats["rest_rate_limited"] >= 1
@@ -205,7 +213,7 @@ async def test_a_gap_rest_refuses_is_reported_unfilled(kafka_broker, kafka_topic
     assert unfilled["gap_id"] == gap["gap_id"] and unfilled["reason"] == "refused"
     assert unfilled["from"] == gap["from"] and unfilled["to"] == gap["to"]
     assert "403" in unfilled["detail"]
-    assert not [e for e in report.finals if "backfill" in e]
+    assert not report.backfilled
     finals = Counter((e["symbol"], e["payload"]["t"]) for e in report.finals)
     assert finals and all(n == 1 for n in finals.values())
     assert set(finals) <= set(sim_bars)
@@ -253,7 +261,7 @@ async def test_a_killed_shard_actor_is_backfilled_across_the_restart(
     last_sent = max(_ns(r.item["t"]) for rs in by_conn.values() for r in rs)
     expected = _settled_minutes(sim_bars, last_sent)
     by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for envelope in report.finals:
+    for envelope in report.finals + report.backfilled:
         by_key.setdefault((envelope["symbol"], envelope["payload"]["t"]), []).append(envelope)
     missing = set(expected) - set(by_key)
     assert not missing, f"no final for {sorted(missing)[:5]}"
@@ -299,11 +307,11 @@ async def test_a_forwarder_stopped_and_started_again_backfills_the_pause(
     assert filled["gap_id"] == gap["gap_id"]
     last_sent = max(_ns(r.item["t"]) for rs in by_conn.values() for r in rs)
     expected = _settled_minutes(sim_bars, last_sent)
-    finals = Counter((e["symbol"], e["payload"]["t"]) for e in report.finals)
+    finals = Counter((e["symbol"], e["payload"]["t"]) for e in report.finals + report.backfilled)
     missing = set(expected) - set(finals)
     assert not missing, f"no final for {sorted(missing)[:5]}"
     assert all(n == 1 for n in finals.values()), "a bar was finalised twice"
-    for envelope in report.finals:
+    for envelope in report.finals + report.backfilled:
         key = (envelope["symbol"], envelope["payload"]["t"])
         if key in expected:
             assert _without_type(envelope["payload"]) == _without_type(expected[key]), key

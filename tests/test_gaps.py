@@ -138,31 +138,47 @@ def _item(bar: dict[str, object]) -> DataItem:
 def test_backfilled_bars_merge_with_what_the_stream_delivered() -> None:
     pipeline = _pipeline()
     ingest = "2026-11-27T10:00:00.000000Z"
-    # minute 30 streamed and finalised; minute 31 streamed, still pending
+    # minute 30 streamed and finalised; 31 and 33 streamed, still pending
     pipeline.process([_item(_bar(30, 1.0))], ingest, 0.0)
     assert len(pipeline.finalize_due(5.0)) == 1
-    pipeline.process([_item(_bar(31, 1.1))], ingest, 10.0)
-    rest = [_bar(30, 9.0), _bar(31, 1.5), _bar(32, 1.2), _bar(35, 1.3), _bar(36, 1.4)]
+    pipeline.process([_item(_bar(31, 1.1)), _item(_bar(33, 1.3, "u"))], ingest, 10.0)
+    rest = [_bar(30, 9.0), _bar(31, 1.5), _bar(32, 1.2), _bar(33, 1.3), _bar(35, 1.35),
+            _bar(36, 1.4)]  # fmt: skip
     resumed = "2026-01-05T14:37:10.000000000Z"  # data resumed in minute 37
     records, outcome = pipeline.backfill_bars(rest, "stocks-0:0:1", resumed, 10.5)
-    assert outcome == Counter(already_final=1, merged=1, final=2, open=1)
+    assert outcome == Counter(already_final=1, merged=1, same=1, final=2, open=1)
     envelopes = [orjson.loads(r.value) for r in records]
-    assert [(e["payload"]["t"][14:16], e["is_final"]) for e in envelopes] == [
-        ("32", True), ("35", True), ("36", False)
-    ]  # fmt: skip
+    assert [e["payload"]["t"][14:16] for e in envelopes] == ["32", "35"]
     for envelope in envelopes:
+        assert envelope["is_final"] and envelope["channel"] == "bars"
         assert envelope["backfill"] == {"gap_id": "stocks-0:0:1", "via": "rest"}
-        assert envelope["channel"] == "bars" and envelope["source"] == "alpaca"
+        assert envelope["source"] == "alpaca" and envelope["payload"]["T"] == "b"
     assert envelopes[0]["key"] == "bars:SPY:2026-01-05T14:32:00.000000000Z:final"
     assert [e["seq"] for e in envelopes] == sorted(e["seq"] for e in envelopes)
-    # the streamed copy of a backfilled bar is a redelivery; the open one's update merges
-    assert pipeline.process([_item(_bar(32, 1.2)), _item(_bar(36, 1.4))], ingest, 11.0) == []
-    pipeline.process([_item(_bar(36, 1.45, "u"))], ingest, 11.0)
+    # the stream's records stay as they are: a late copy of 32 is a late revision, 36's
+    # bar and update merge with the backfilled pending bar
+    late = pipeline.process([_item(_bar(32, 1.2))], ingest, 11.0)
+    assert len(late) == 1 and not orjson.loads(late[0].value)["is_final"]
+    assert pipeline.late_revisions == 1
+    assert (
+        len(pipeline.process([_item(_bar(36, 1.4)), _item(_bar(36, 1.45, "u"))], ingest, 11.0)) == 2
+    )
     finals = [orjson.loads(r.value) for r in pipeline.finalize_due(20.0)]
-    assert [(f["payload"]["t"][14:16], f["payload"]["c"]) for f in finals] == [
-        ("31", 1.5), ("36", 1.45)
-    ]  # fmt: skip  # REST's revision of 31, the stream's update of 36
-    assert all("backfill" not in f for f in finals)
+    assert [(f["payload"]["t"][14:16], f["payload"]["c"], f["payload"]["T"], "backfill" in f)
+            for f in finals] == [
+        ("31", 1.5, "b", True),  # REST's revision of a streamed bar: marked
+        ("33", 1.3, "u", False),  # REST equal to the stream's revision: unchanged
+        ("36", 1.45, "u", False),  # the stream revised the backfilled bar last
+    ]  # fmt: skip
+
+
+def test_a_backfilled_bar_the_stream_never_sends_is_finalised_marked() -> None:
+    pipeline = _pipeline()
+    resumed = "2026-01-05T14:37:10.000000000Z"
+    records, outcome = pipeline.backfill_bars([_bar(36, 1.4)], "g", resumed, 0.0)
+    assert records == [] and outcome == Counter(open=1)
+    [final] = [orjson.loads(r.value) for r in pipeline.finalize_due(5.0)]
+    assert final["is_final"] and final["backfill"]["gap_id"] == "g"
 
 
 # --- hand-over marks read back from the status topic ----------------------------------------

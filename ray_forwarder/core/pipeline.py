@@ -239,7 +239,11 @@ class EventPipeline:
         ingest_ts = utc_now_iso()
         self.counters.finals += len(bars)
         return [
-            self._record(
+            self._backfilled_final(
+                topic, ingest_ts, bar.symbol, bar.bar_ts, bar.payload, bar.gap_id
+            )
+            if bar.gap_id is not None
+            else self._record(
                 topic,
                 ingest_ts=ingest_ts,
                 event_ts=bar.bar_ts,
@@ -265,16 +269,17 @@ class EventPipeline:
         merged with what the stream delivered so that each (symbol, minute) still gets
         exactly one final record:
 
-        - a bar the finaliser holds as pending becomes its latest revision (the REST bar
-          counts late trades); the finaliser's one final carries it (`merged`);
+        - a bar the finaliser holds as pending: where the REST bar's content differs (it
+          counts late trades) it becomes the latest revision, and the finaliser's one final
+          carries it with the backfill marker (`merged`; else `same`);
         - a bar already finalised is left out (`already_final`);
-        - otherwise one record: final (key `bars:S:t:final`) unless the stream may still
-          send it or its updated bar (its minute ended less than `BAR_REVISABLE_FOR` before
-          `open_from`, the event time data resumed at): then it is emitted like a streamed
-          bar and left to the finaliser (`open`).
+        - a bar the stream may still send or revise (`t` less than BAR_REVISABLE_FOR_S
+          before `open_from`, the event time data resumed at) is handed to the finaliser as
+          pending (`open`): no record now, one final later, whichever source revised last;
+        - otherwise one final record now (key `bars:S:t:final`, backfill marker: `final`).
 
-        The record's dedup key is that of the streamed bar with the same content, and it
-        is marked seen, so the stream's copy of it is not emitted again."""
+        So each (symbol, minute) still gets exactly one final, and the stream's records
+        are never dropped or repeated because of backfill."""
         out: list[OutRecord] = []
         outcome: Counter[str] = Counter()
         topic = self._topics.get("bars")
@@ -288,39 +293,44 @@ class EventPipeline:
                 continue
             state = self._bars.state(symbol, bar_ts)
             if state == "pending":
-                self._bars.revise_pending(symbol, bar_ts, payload)
-                outcome["merged"] += 1
+                merged = self._bars.revise_pending(symbol, bar_ts, payload, gap_id)
+                outcome["merged" if merged else "same"] += 1
                 continue
             if state == "final":
                 outcome["already_final"] += 1
                 continue
-            body = serialise_payload(payload)
-            key = item_dedup_key("bars", symbol, bar_ts, body)
-            if self._dedup.seen(key, now):
-                outcome["duplicate"] += 1
+            if _revisable_until(bar_ts) > open_from:
+                self._bars.observe_backfilled(symbol, bar_ts, payload, now, gap_id)
+                outcome["open"] += 1
                 continue
-            is_final = _revisable_until(bar_ts) <= open_from
-            if is_final:
-                self._bars.mark_final(symbol, bar_ts)
-                self.counters.finals += 1
-                key = final_bar_key(symbol, bar_ts)
-            else:
-                self._bars.observe(symbol, bar_ts, payload, now)
-            outcome["final" if is_final else "open"] += 1
-            self.counters.emitted["bars"] += 1
-            value = encode_backfilled_envelope(
-                ingest_ts=ingest_ts,
-                event_ts=bar_ts,
-                channel="bars",
-                symbol=symbol,
-                seq=self._seq.next("bars", symbol),
-                payload=orjson.Fragment(body),
-                is_final=is_final,
-                key=key,
-                gap_id=gap_id,
-            )
-            out.append(OutRecord(topic, symbol.encode(), value, "bars"))
+            self._bars.mark_final(symbol, bar_ts)
+            self.counters.finals += 1
+            outcome["final"] += 1
+            out.append(self._backfilled_final(topic, ingest_ts, symbol, bar_ts, payload, gap_id))
         return out, outcome
+
+    def _backfilled_final(
+        self,
+        topic: str,
+        ingest_ts: str,
+        symbol: str,
+        bar_ts: str,
+        payload: dict[str, Any],
+        gap_id: str,
+    ) -> OutRecord:
+        self.counters.emitted["bars"] += 1
+        value = encode_backfilled_envelope(
+            ingest_ts=ingest_ts,
+            event_ts=bar_ts,
+            channel="bars",
+            symbol=symbol,
+            seq=self._seq.next("bars", symbol),
+            payload=orjson.Fragment(serialise_payload(payload)),
+            is_final=True,
+            key=final_bar_key(symbol, bar_ts),
+            gap_id=gap_id,
+        )
+        return OutRecord(topic, symbol.encode(), value, "bars")
 
     def status_record(self, shard: str, event: str, body: dict[str, Any]) -> OutRecord:
         """A forwarder status event (`channel: status`), keyed by shard for per-shard order."""

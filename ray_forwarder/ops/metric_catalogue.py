@@ -147,8 +147,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     _actor("shard_gaps_unfilled", "counter", ("shard", "stream", "reason"),
            "Gaps backfill could not fill (one `gap_unfilled` status event each), by reason."),
     _actor("shard_backfill_bars", "counter", ("shard", "stream", "outcome"),
-           "Backfilled minute bars: final, open (left to the finaliser), merged into a "
-           "pending bar, already_final, duplicate."),
+           "Backfilled minute bars: final, open (handed to the finaliser), merged into "
+           "a pending bar (or the same as it), already_final."),
     _actor("shard_backfill_requests", "counter", ("shard", "stream"),
            "REST requests made by backfill (429s included)."),
     _actor("shard_backfill_rate_limited", "counter", ("shard", "stream"),

@@ -332,7 +332,7 @@ class GapMetrics:
         backfill = stats.get("backfill") or {}
         for reason, value in (backfill.get("gaps_unfilled") or {}).items():
             self._unfilled.update(value, {**tags, "reason": str(reason)})
-        for outcome in ("final", "open", "merged", "already_final", "duplicate"):
+        for outcome in ("final", "open", "merged", "same", "already_final"):
             if outcome in backfill:
                 self._bars.update(backfill[outcome], {**tags, "outcome": outcome})
         self._requests.update(backfill.get("requests") or 0, tags)

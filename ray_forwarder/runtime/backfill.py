@@ -382,7 +382,9 @@ def backfiller_for(settings: Any, spec: Any, sink: BackfillSink) -> Backfiller |
     """The shard's backfiller, or None when BACKFILL_CHANNELS is empty or the stream has
     no REST bars endpoint yet."""
     endpoint = BARS_ENDPOINTS.get(spec.stream)
-    if "bars" not in settings.backfill_channels or endpoint is None:
+    if "bars" not in settings.backfill_channels or "bars" not in spec.channels:
+        return None
+    if endpoint is None:
         return None
     config = BackfillConfig(
         base_url=data_base_url(settings.alpaca_data_url, spec.url),
