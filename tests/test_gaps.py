@@ -206,3 +206,13 @@ def test_each_shard_resumes_from_its_last_word() -> None:
     ]
     marks = last_words(values, ["stocks-0", "stocks-1", "stocks-2", "stocks-3"])
     assert marks == {"stocks-0": mark, "stocks-1": {}, "stocks-2": {}}
+
+
+def test_a_successor_starts_where_the_bars_are_not_final() -> None:
+    finalizer = BarFinalizer(1.0)
+    assert finalizer.resume_from() is None
+    finalizer.observe("SPY", "2026-01-05T14:30:00.000000000Z", {}, 0.0)
+    finalizer.observe("QQQ", "2026-01-05T14:31:00.000000000Z", {}, 0.5)
+    assert finalizer.resume_from() == "2026-01-05T14:30:00.000000000Z"
+    finalizer.drain()  # a graceful stop finalises everything it saw
+    assert finalizer.resume_from() == "2026-01-05T14:32:00.000000000Z"

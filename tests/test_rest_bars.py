@@ -133,6 +133,9 @@ def test_the_minute_window_of_a_gap() -> None:
     window = minute_window("2026-01-05T14:31:20.5Z", "2026-01-05T14:35:02.000000001Z", 3600)
     assert window.first == _utc("2026-01-05T14:30:00") and window.last == _utc("2026-01-05T14:35")
     assert window.minutes == 6 and not window.clipped
+    handed_over = minute_window("2026-01-05T14:31:20Z", "2026-01-05T14:35:00Z", 3600,
+                                "2026-01-05T14:31:00.000000000Z")  # fmt: skip
+    assert handed_over.first == _utc("2026-01-05T14:31:00")  # not the minute before
     clipped = minute_window("2026-01-05T10:00:00Z", "2026-01-05T14:35:00Z", 600)
     assert clipped.clipped and clipped.first == _utc("2026-01-05T14:25:00")
 

@@ -223,12 +223,13 @@ def minute_window(
     A minute's bar is sent after the minute ends, and its updated bar after the following
     half-minute mark, so the minute before the one `start` falls in can still have been
     revised during the gap: the window starts there. It ends with the minute `end` falls
-    in (a bar whose `t` a resumed stream still delivers is merged, not duplicated). It
-    starts earlier when a predecessor left bars unfinalised (`bars_from`). At most
-    `max_seconds` back from `end`."""
+    in (a bar whose `t` a resumed stream still delivers is merged, not duplicated). After
+    a restart or a stop it starts where the predecessor said (`bars_from`: its oldest bar
+    not final, or the minute after the last bar it saw), so its finals are not repeated.
+    At most `max_seconds` back from `end`."""
     first = floor_minute(parse_instant(start_event_ts)) - MINUTE
-    if bars_from is not None:  # a predecessor's bars that were not final yet died with it
-        first = min(first, floor_minute(parse_instant(bars_from)))
+    if bars_from is not None:  # a predecessor said which bars it had not finalised
+        first = floor_minute(parse_instant(bars_from))
     last = floor_minute(parse_instant(end_event_ts))
     limit = floor_minute(parse_instant(end_event_ts) - timedelta(seconds=max_seconds))
     clipped = first < limit

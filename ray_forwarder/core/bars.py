@@ -32,6 +32,7 @@ class BarFinalizer:
         self._finalized: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._remember = remember
         self.late_revisions = 0
+        self.latest_seen: str | None = None  # the latest `t` observed (hand-overs)
 
     @property
     def pending(self) -> int:
@@ -48,6 +49,8 @@ class BarFinalizer:
             self.late_revisions += 1
         else:
             self._pending[key] = PendingBar(symbol, bar_ts, payload, now + self._delay)
+            if self.latest_seen is None or bar_ts > self.latest_seen:
+                self.latest_seen = bar_ts
 
     def due(self, now: float) -> list[PendingBar]:
         """Bars whose window has passed, oldest first (insertion order = due order)."""
@@ -115,6 +118,17 @@ class BarFinalizer:
     def oldest_pending(self) -> str | None:
         """The earliest `t` of the bars not final yet (O(pending): for hand-overs only)."""
         return min((bar.bar_ts for bar in self._pending.values()), default=None)
+
+    def resume_from(self) -> str | None:
+        """Where a successor's backfill starts: the oldest bar not final yet, else the
+        minute after the latest bar seen (every earlier one was finalised), else None."""
+        oldest = self.oldest_pending()
+        if oldest is not None or self.latest_seen is None:
+            return oldest
+        from datetime import datetime, timedelta
+
+        after = datetime.fromisoformat(self.latest_seen[:19]) + timedelta(minutes=1)
+        return after.strftime("%Y-%m-%dT%H:%M:%S") + self.latest_seen[19:]
 
 
 def _content(payload: dict[str, Any]) -> dict[str, Any]:

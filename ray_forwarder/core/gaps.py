@@ -63,8 +63,8 @@ class Mark:
 
     received_at: str  # UTC ISO-8601 (the frame's ingest_ts)
     event_ts: str  # the item's `t`, canonical UTC ISO-8601
-    #: Only in a mark handed to a successor: the oldest minute bar not final yet. Those
-    #: die with the incarnation, so the successor's backfill starts there at the latest.
+    #: Only in a mark handed to a successor: where its bar backfill starts (the oldest bar
+    #: not final yet, which dies with the incarnation, or the minute after the last bar).
     bars_from: str | None = None
 
     def as_dict(self) -> dict[str, str]:
@@ -202,7 +202,8 @@ class GapLedger:
 
     def handover(self, bars_from: str | None) -> Mark | None:
         """The mark a successor resumes from: the last item, and the oldest bar not final
-        yet (`bars_from`, if any) or, while a gap is open, where that gap's window starts."""
+        yet or the minute after the last bar seen (`bars_from`), or, while a gap is open,
+        where that gap's window starts."""
         last = self.last
         if last is None:
             return None

@@ -258,9 +258,9 @@ class EventPipeline:
             for bar in bars
         ]
 
-    def oldest_pending_bar(self) -> str | None:
-        """The earliest `t` of the minute bars not final yet (hand-over to a successor)."""
-        return self._bars.oldest_pending()
+    def bars_resume_from(self) -> str | None:
+        """Where a successor's bar backfill starts (`BarFinalizer.resume_from`)."""
+        return self._bars.resume_from()
 
     def backfill_bars(
         self, bars: list[dict[str, Any]], gap_id: str, open_from: str, now: float

@@ -249,7 +249,7 @@ class ShardCore:
 
     def _handover(self) -> dict[str, str] | None:
         """Where a successor resumes (the driver's `resume_from` for the next `run()`)."""
-        mark = self.gaps.handover(self.pipeline.oldest_pending_bar())
+        mark = self.gaps.handover(self.pipeline.bars_resume_from())
         return None if mark is None else mark.as_dict()
 
     # --- status events ------------------------------------------------------------------
