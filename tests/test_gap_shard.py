@@ -183,3 +183,124 @@ async def test_a_gap_rest_refuses_is_reported_unfilled_and_finals_still_follow()
     assert finals and all(n == 1 for n in finals.values()) and set(finals) <= set(sim_bars)
     assert not [e for e in envelopes if "backfill" in e]
     await asyncio.sleep(0)
+
+
+async def _run_until(core: ShardCore, done: Callable[[], bool], timeout: float = 120.0) -> None:
+    runner = asyncio.create_task(core.run())
+    deadline = time.monotonic() + timeout
+    try:
+        while not done():
+            assert time.monotonic() < deadline and not runner.done()
+            await asyncio.sleep(0.05)
+    finally:
+        assert await core.stop(20)
+        await asyncio.wait_for(runner, 20)
+
+
+def _core(sim: SimulatorThread, out: list[dict[str, Any]]) -> ShardCore:
+    async def send(records: list[tuple[str, bytes, bytes]], _ticket: Any) -> tuple[int, str]:
+        out.extend(orjson.loads(value) for _topic, _key, value in records)
+        return len(records), "receiver"
+
+    settings = load_settings(
+        alpaca_api_key_id=SIM_KEY, alpaca_secret_key=SIM_SECRET, alpaca_stream_url=sim.url,
+        alpaca_symbols=",".join(SYMBOLS), alpaca_channels="trades,bars,updatedBars",
+        kafka_bootstrap_servers="127.0.0.1:9", bar_final_delay_seconds=2.0,
+        reconnect_initial=0.1, reconnect_max=0.5, connection_limit_backoff=1.0,
+    )  # fmt: skip
+    [spec] = plan_shards(settings)
+    return ShardCore(settings, spec, [send])
+
+
+def _check_finals(
+    finals: list[dict[str, Any]], sim: SimulatorThread, *, exactly_once: bool
+) -> Counter[tuple[str, str]]:
+    """Every settled (symbol, minute) has a final equal to the simulator's bar."""
+    by_conn = sim.sent_by_connection()
+    last_sent = max(_ns(r.item["t"]) for rs in by_conn.values() for r in rs)
+    sim_bars = sim.minute_bars()
+    expected = {k: v for k, v in sim_bars.items() if _ns(k[1]) + 2 * MINUTE_NS <= last_sent}
+    counts = Counter((e["symbol"], e["payload"]["t"]) for e in finals)
+    assert not set(expected) - set(counts), sorted(set(expected) - set(counts))[:5]
+    if exactly_once:
+        assert all(n == 1 for n in counts.values()), "a bar was finalised twice"
+    for envelope in finals:
+        key = (envelope["symbol"], envelope["payload"]["t"])
+        if key in expected:
+            assert _content(envelope["payload"]) == _content(expected[key]), key
+    return counts
+
+
+def _finals(envelopes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in envelopes if e["channel"] == "bars" and e["is_final"]]
+
+
+async def test_a_successor_resumes_where_a_stopped_shard_left_off() -> None:
+    """A graceful stop's `stopped` record, handed to the next run (what the driver reads
+    back from the status topic), opens a `stop_start` gap that backfill fills: one final per
+    minute across both runs, although the market traded minutes on without anyone."""
+    first: list[dict[str, Any]] = []
+    second: list[dict[str, Any]] = []
+    with _sim(total_events=3000) as sim:
+        await _run_until(_core(sim, first), lambda: sim.stats()["items"] >= 500)
+        [stopped] = _status(first, "stopped")
+        paused_at = _market_ns(sim)
+        while _market_ns(sim) - paused_at < 2 * MINUTE_NS:  # the market trades on
+            await asyncio.sleep(0.05)
+        core = _core(sim, second)
+        runner = asyncio.create_task(core.run(0, stopped["last"]))
+        deadline = time.monotonic() + 120
+        try:
+            while not (sim.finished and core.stats()["backfill"].get("gaps_filled", 0) >= 1):
+                assert time.monotonic() < deadline and not runner.done()
+                await asyncio.sleep(0.05)
+        finally:
+            assert await core.stop(20)
+            await asyncio.wait_for(runner, 20)
+        [gap] = _status(second, "gap")
+        assert gap["cause"] == "stop_start" and gap["from"] == stopped["last"]
+        # every bar it saw was finalised: the successor starts after the last one
+        last = stopped["last"]
+        assert _ns(last["bars_from"]) >= _ns(last["event_ts"]) - MINUTE_NS
+        _check_finals(_finals(first) + _finals(second), sim, exactly_once=True)
+
+
+async def test_a_restarted_incarnation_backfills_what_died_with_its_predecessor() -> None:
+    """What the driver does for a shard actor restart, without Ray: the predecessor's last
+    stats `gap_mark` is the successor's `resume_from` (epoch 1). Whatever the predecessor
+    emitted after that look is taken as lost (it may or may not reach Kafka when a process
+    dies); its pending bars die with it. The successor's `restart` gap starts at the oldest
+    bar that was not final, so every minute has a final equal to the simulator's."""
+    first: list[dict[str, Any]] = []
+    second: list[dict[str, Any]] = []
+    with _sim(total_events=3000) as sim:
+        predecessor = _core(sim, first)
+        looked: dict[str, Any] = {}
+
+        def looked_once() -> bool:
+            if sim.stats()["items"] >= 600 and not looked:
+                looked["mark"], looked["kept"] = predecessor.stats()["gap_mark"], len(first)
+            return bool(looked)
+
+        await _run_until(predecessor, looked_once)
+        survived = first[: looked["kept"]]  # the rest "died with the process"
+        assert looked["mark"]["bars_from"] <= looked["mark"]["event_ts"]  # bars pending
+        core = _core(sim, second)
+        runner = asyncio.create_task(core.run(1, looked["mark"]))
+        deadline = time.monotonic() + 120
+        try:
+            while not (sim.finished and core.stats()["backfill"].get("gaps_filled", 0) >= 1):
+                assert time.monotonic() < deadline and not runner.done()
+                await asyncio.sleep(0.05)
+        finally:
+            assert await core.stop(20)
+            await asyncio.wait_for(runner, 20)
+        [gap] = _status(second, "gap")
+        assert gap["cause"] == "restart" and gap["gap_id"].startswith("stocks-0:1:")
+        finals = _finals(survived) + _finals(second)
+        counts = _check_finals(finals, sim, exactly_once=False)
+        keys: dict[tuple[str, str], set[str]] = {}
+        for e in finals:  # a repeated final is the same record key and content
+            keys.setdefault((e["symbol"], e["payload"]["t"]), set()).add(e["key"])
+        assert all(len(v) == 1 for v in keys.values())
+        assert max(counts.values()) <= 2

@@ -84,9 +84,13 @@ async def _tail(settings: Settings) -> list[bytes | None]:
     await consumer.start()
     try:
         topic = settings.topic_status
-        if topic not in await consumer.topics():
+        # `topics()` keeps the metadata it fetched to itself; this is the same request
+        # (all topics: naming one could auto-create it on a broker that allows that).
+        cluster = await consumer._client.fetch_all_metadata()
+        partitions = cluster.partitions_for_topic(topic)
+        if not partitions:
             return []
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         begins = await consumer.beginning_offsets(tps)
@@ -95,7 +99,8 @@ async def _tail(settings: Settings) -> list[bytes | None]:
         out: list[bytes | None] = []
         deadline = time.monotonic() + READ_TIMEOUT_S
         while time.monotonic() < deadline:
-            if all(await consumer.position(tp) >= ends[tp] for tp in tps):
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(position >= ends[tp] for position, tp in zip(positions, tps, strict=True)):
                 break
             batches = await consumer.getmany(*tps, timeout_ms=200)
             for records in batches.values():
