@@ -142,7 +142,7 @@ async def test_a_connection_dropped_for_minutes_is_backfilled_bar_for_bar(
     assert gap["cause"] == "disconnect" and gap["stream"] == "stocks"
     assert gap["from"]["event_ts"] == before[-1]["t"]
     assert gap["to"]["event_ts"] == after[0]["t"]
-    assert gap["symbols"] == SYMBOLS and gap["channels"] == CHANNELS.split(",")
+    assert sorted(gap["symbols"]) == sorted(SYMBOLS) and gap["channels"] == CHANNELS.split(",")
     assert _ns(gap["to"]["event_ts"]) - _ns(gap["from"]["event_ts"]) >= 2 * MINUTE_NS
     [filled] = _events(report, "gap_filled")
     assert filled["gap_id"] == gap["gap_id"] and filled["bars"] > 0
@@ -309,7 +309,10 @@ async def test_a_forwarder_stopped_and_started_again_backfills_the_pause(
     missing = set(expected) - set(finals)
     assert not missing, f"no final for {sorted(missing)[:5]}"
     assert all(n == 1 for n in finals.values()), "a bar was finalised twice"
+    # bars the first run's drain finalised with what it knew (their updated bar may have
+    # come after the stop) are exempt from the content check
+    drained_to = _ns(stopped["last"]["bars_from"])
     for envelope in report.finals + report.backfilled:
         key = (envelope["symbol"], envelope["payload"]["t"])
-        if key in expected:
+        if key in expected and not drained_to - 3 * MINUTE_NS <= _ns(key[1]) < drained_to:
             assert _without_type(envelope["payload"]) == _without_type(expected[key]), key
