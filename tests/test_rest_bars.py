@@ -258,3 +258,22 @@ async def test_a_secret_never_shows_in_the_config_repr() -> None:
     config = BackfillConfig(base_url="http://sim", key="k", secret="hunter2")
     assert "hunter2" not in repr(config)
     await asyncio.sleep(0)
+
+
+def test_backfill_settings_are_checked_at_start() -> None:
+    from ray_forwarder.config import ConfigError, load_settings
+    from ray_forwarder.runtime.backfill import LIVE_DATA_URL, data_base_url
+
+    assert load_settings().backfill_channels == ["bars"]
+    assert load_settings(backfill_channels="").backfill_channels == []
+    with pytest.raises(ConfigError, match="BACKFILL_CHANNELS: cannot backfill trades"):
+        load_settings(backfill_channels="bars,trades")
+    with pytest.raises(ConfigError, match="ALPACA_DATA_URL"):
+        load_settings(alpaca_data_url="http://data.example.com")  # the secret in clear
+    with pytest.raises(ConfigError, match="BACKFILL_REQUESTS_PER_MINUTE"):
+        load_settings(backfill_requests_per_minute=0)
+    assert data_base_url(None, "wss://stream.data.alpaca.markets/v2/sip") == LIVE_DATA_URL
+    assert data_base_url(None, "ws://127.0.0.1:8765/v2/sip") == "http://127.0.0.1:8765"
+    assert data_base_url("https://data.sandbox.alpaca.markets/", "ws://x") == (
+        "https://data.sandbox.alpaca.markets"
+    )
