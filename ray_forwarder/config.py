@@ -48,6 +48,9 @@ FEED_PATHS: dict[str, str] = STOCK_FEED_PATHS
 
 _TOPICS = topic_defaults()
 
+#: What BACKFILL_CHANNELS may name (trades and quotes backfill: not yet).
+BACKFILL_CHANNELS = ("bars",)
+
 #: Kafka's own rule for topic names (kafka.common.internals.Topic).
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
@@ -189,6 +192,18 @@ class Settings(BaseSettings):
     market_clock_refresh_seconds: float = Field(default=300.0, gt=0, le=HOUR)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
+    # Gaps and backfill (README § Gaps and backfill)
+    # Alpaca's market-data REST API (unset: https://data.alpaca.markets, or the simulator's
+    # port when the stream URL is a loopback ws:// URL).
+    alpaca_data_url: str | None = None
+    # What a closed gap is backfilled with from REST; empty: gaps are reported, not filled.
+    backfill_channels: CommaList = Field(default_factory=lambda: ["bars"])
+    backfill_requests_per_minute: int = Field(default=150, gt=0, le=100_000)
+    backfill_symbols_per_request: int = Field(default=200, gt=0, le=10_000)
+    backfill_page_limit: int = Field(default=10_000, gt=0, le=10_000)
+    backfill_max_seconds: float = Field(default=6 * HOUR, gt=0, le=7 * DAY)
+    backfill_timeout_seconds: float = Field(default=300.0, gt=0, le=DAY)
+
     _split = field_validator(
         "alpaca_symbols",
         "alpaca_channels",
@@ -200,6 +215,9 @@ class Settings(BaseSettings):
         "alpaca_news_symbols",
         mode="before",
     )(classmethod(lambda cls, v: _split_commas(v)))
+    _split_backfill = field_validator("backfill_channels", mode="before")(
+        classmethod(lambda cls, v: _split_commas(v))
+    )
 
     @field_validator("alpaca_symbols")
     @classmethod
@@ -295,6 +313,7 @@ class Settings(BaseSettings):
         "alpaca_news_stream_url",
         "alpaca_trading_url",
         "alpaca_trading_stream_url",
+        "alpaca_data_url",
         "alpaca_credentials",
         mode="before",
     )
@@ -313,7 +332,17 @@ class Settings(BaseSettings):
     def _websocket_url(cls, value: str | None) -> str | None:
         return _endpoint_url(value, ("ws", "wss"))
 
-    @field_validator("alpaca_trading_url")
+    @field_validator("backfill_channels")
+    @classmethod
+    def _backfillable(cls, channels: list[str]) -> list[str]:
+        unknown = sorted(set(channels) - set(BACKFILL_CHANNELS))
+        if unknown:
+            raise ValueError(
+                f"cannot backfill {', '.join(unknown)}; choose from {', '.join(BACKFILL_CHANNELS)}"
+            )
+        return channels
+
+    @field_validator("alpaca_trading_url", "alpaca_data_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         return _endpoint_url(value, ("http", "https"))
@@ -359,6 +388,7 @@ class Settings(BaseSettings):
             ("ALPACA_NEWS_STREAM_URL", self.alpaca_news_stream_url),
             ("ALPACA_TRADING_URL", self.alpaca_trading_url),
             ("ALPACA_TRADING_STREAM_URL", self.alpaca_trading_stream_url),
+            ("ALPACA_DATA_URL", self.alpaca_data_url),
         ):
             if url is None or self.alpaca_allow_insecure_stream:
                 continue

@@ -33,6 +33,8 @@ class StreamReport:
     data: list[dict[str, Any]] = field(default_factory=list)  # non-final market data
     finals: list[dict[str, Any]] = field(default_factory=list)
     status: list[dict[str, Any]] = field(default_factory=list)
+    # final bars whose content came from REST (the `backfill` marker): not streamed items
+    backfilled: list[dict[str, Any]] = field(default_factory=list)
     resent: int = 0  # records whose seq did not advance (re-sent batches)
 
 
@@ -61,7 +63,11 @@ def decode_and_check(
             assert symbol == envelope["payload"].get("S")  # null for news
             seq_key = (channel, key)
             is_final_bar = channel == "bars" and envelope["is_final"]
-            (report.finals if is_final_bar else report.data).append(envelope)
+            if "backfill" in envelope:
+                assert is_final_bar, "backfill emits final bars only"
+                report.backfilled.append(envelope)
+            else:
+                (report.finals if is_final_bar else report.data).append(envelope)
         previous = last_seq.get(seq_key, 0)
         if allow_resends and envelope["seq"] <= previous and envelope["key"] in seen_keys:
             report.resent += 1  # an at-least-once re-send of an earlier batch

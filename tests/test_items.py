@@ -379,7 +379,7 @@ def test_shard_stats_and_metrics_show_skips_dedup_evictions_and_window(tmp_path)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(lambda: ForwarderSnapshot(shards=[stats])))
     text = generate_latest(registry).decode()
-    assert 'ray_forwarder_dedup_evictions_total{shard="stocks-0"} 3.0' in text
-    assert 'ray_forwarder_dedup_window_seconds{shard="stocks-0"}' in text
-    assert 'ray_forwarder_dedup_keys{shard="stocks-0"} 5.0' in text
+    assert 'ray_forwarder_dedup_evictions_total{shard="stocks-0",stream="stocks"} 3.0' in text
+    assert 'ray_forwarder_dedup_window_seconds{shard="stocks-0",stream="stocks"}' in text
+    assert 'ray_forwarder_dedup_keys{shard="stocks-0",stream="stocks"} 5.0' in text
     assert 'ray_forwarder_items_skipped_total{reason="unencodable"} 1.0' in text

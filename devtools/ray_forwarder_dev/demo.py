@@ -4,6 +4,9 @@ Starts (or reuses, if KAFKA_BOOTSTRAP_SERVERS is set) a local Apache Kafka broke
 built-in Alpaca-protocol feed simulator for every stream it speaks (stocks, crypto, options,
 news: one simulator each), runs the forwarder on a local single-node Ray for a bounded time,
 and prints a summary grouped by stream with one envelope per stream read back from Kafka.
+A third of the way in, the stocks simulator drops its connection and refuses new ones
+for a few seconds (a few simulated minutes) while its market keeps trading: the summary
+shows the gap opened, closed and filled from the simulator's REST bars.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -44,6 +48,8 @@ class DemoOptions:
     rate: float = 2000.0
     wire_format: str = "msgpack"
     duplicate_ratio: float = 0.01
+    #: Seconds the stocks connection stays down a third of the way in (0: no gap).
+    outage_s: float = 3.0
     streams: str = ""  # empty: every stream the simulator speaks
 
 
@@ -106,6 +112,7 @@ def run_demo(options: DemoOptions) -> int:
             bar_final_delay_seconds=2.0,
             reconnect_initial=0.2,
             reconnect_max=2.0,
+            connection_limit_backoff=1.0,
             log_level=log_level,
             **stream_settings,
         )
@@ -118,7 +125,18 @@ def run_demo(options: DemoOptions) -> int:
 
         asyncio.run(prepare_topics(settings))
         ensure_ray(include_dashboard=False)
-        result = asyncio.run(run_forwarder(settings, duration=options.duration, progress=_progress))
+        outage = (
+            _Outage(sims["stocks"], options.duration / 3, options.outage_s)
+            if "stocks" in sims
+            else None
+        )
+
+        def progress(snap: ForwarderSnapshot, elapsed: float) -> None:
+            if outage is not None:
+                outage.tick(elapsed)
+            _progress(snap, elapsed)
+
+        result = asyncio.run(run_forwarder(settings, duration=options.duration, progress=progress))
         sim_stats = {name: sim.stats() for name, sim in sims.items()}
         envelopes = asyncio.run(_read_one_each(settings))
     _summary(result.snapshot, result.elapsed_s, sim_stats, envelopes)
@@ -126,6 +144,25 @@ def run_demo(options: DemoOptions) -> int:
         print(f"demo: FAILED: {result.error}", file=sys.stderr)
         return 1
     return 0 if result.drained else 1
+
+
+class _Outage:
+    """Drop the simulator's connections at `at` s and refuse new ones for `seconds`."""
+
+    def __init__(self, sim: object, at: float, seconds: float) -> None:
+        self._sim, self._at, self._seconds = sim, at, seconds
+        self._state = "before" if seconds > 0 else "done"
+
+    def tick(self, elapsed: float) -> None:
+        sim: Any = self._sim
+        if self._state == "before" and elapsed >= self._at:
+            print(f"demo: dropping the feed connection for {self._seconds:g}s ...", flush=True)
+            sim.refuse_connections(True)
+            sim.drop_connections()
+            self._state = "down"
+        elif self._state == "down" and elapsed >= self._at + self._seconds:
+            sim.refuse_connections(False)
+            self._state = "done"
 
 
 def _progress(snap: ForwarderSnapshot, elapsed: float) -> None:
@@ -201,3 +238,18 @@ def _summary(
     skipped = snap.total("skipped")
     if skipped:
         print(f"  skipped: {dict(skipped)}")
+    print(f"  gaps: {_gap_summary(snap)}")
+
+
+def _gap_summary(snap: ForwarderSnapshot) -> str:
+    """Gaps opened, closed, filled and unfilled over all shards, and the bars backfilled."""
+    closed = sum(sum((s.get("gaps") or {}).values()) for s in snap.shards)
+    still_open = sum(1 for s in snap.shards if s.get("gap_open"))
+    backfill = [s.get("backfill") or {} for s in snap.shards]
+    filled = sum(b.get("gaps_filled", 0) for b in backfill)
+    unfilled = sum(sum((b.get("gaps_unfilled") or {}).values()) for b in backfill)
+    bars = sum(b.get("final", 0) + b.get("open", 0) + b.get("merged", 0) for b in backfill)
+    return (
+        f"{closed + still_open} opened, {closed} closed, {filled} filled, {unfilled} unfilled; "
+        f"{bars} minute bars taken from REST"
+    )

@@ -20,13 +20,26 @@ from ray_forwarder.alpaca import timestamps
 from ray_forwarder.alpaca.channels import ALL_CHANNELS
 
 ENVELOPE_VERSION = 1
+#: Minor version of the v1 contract: 1 added the optional `backfill` marker.
+ENVELOPE_MINOR_VERSION = 1
 Channel = Literal[ALL_CHANNELS]  # type: ignore[valid-type]
+
+
+class BackfillMarker(BaseModel):
+    """Where a backfilled record came from (v1.1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gap_id: str = Field(description="The `gap_id` of the `gap` status event it fills.")
+    via: Literal["rest"] = Field(description="How it was fetched: Alpaca's historical REST API.")
 
 
 class Envelope(BaseModel):
     """One Kafka record value. Field names and meanings are the v1 contract."""
 
-    model_config = ConfigDict(extra="forbid", title="ray-forwarder envelope v1")
+    model_config = ConfigDict(
+        extra="forbid", title=f"ray-forwarder envelope v{ENVELOPE_VERSION}.{ENVELOPE_MINOR_VERSION}"
+    )
 
     ingest_ts: str = Field(description="UTC ISO-8601 time the forwarder received the frame.")
     event_ts: str = Field(
@@ -64,6 +77,11 @@ class Envelope(BaseModel):
         "keys); news: `news:article_id:updated_at:digest`; trade_updates: "
         "`trade_updates:order_id:event_ts:digest`; a final bar: "
         "`bars:symbol:bar_ts:final`."
+    )
+    backfill: BackfillMarker | None = Field(
+        default=None,
+        description="v1.1: present only on records fetched from Alpaca's REST API to fill "
+        "a gap (never on streamed ones); absent means streamed.",
     )
 
 
@@ -139,6 +157,36 @@ def encode_envelope(
             "is_final": is_final,
             "source": source,
             "key": key,
+        }
+    )
+
+
+def encode_backfilled_envelope(
+    *,
+    ingest_ts: str,
+    event_ts: str,
+    channel: str,
+    symbol: str,
+    seq: int,
+    payload: dict[str, Any] | orjson.Fragment,
+    is_final: bool,
+    key: str,
+    gap_id: str,
+) -> bytes:
+    """A record fetched by backfill: a streamed record's fields plus the `backfill` marker
+    (kept out of `encode_envelope`, the hot path)."""
+    return orjson.dumps(
+        {
+            "ingest_ts": ingest_ts,
+            "event_ts": event_ts,
+            "channel": channel,
+            "symbol": symbol,
+            "seq": seq,
+            "payload": payload,
+            "is_final": is_final,
+            "source": "alpaca",
+            "key": key,
+            "backfill": {"gap_id": gap_id, "via": "rest"},
         }
     )
 

@@ -27,6 +27,7 @@ from ray_forwarder.alpaca.streams import StreamDefinition
 from ray_forwarder.core.bars import BarFinalizer, PendingBar
 from ray_forwarder.core.dedup import DedupCache
 from ray_forwarder.core.envelope import (
+    encode_backfilled_envelope,
     encode_envelope,
     final_bar_key,
     item_dedup_key,
@@ -247,7 +248,11 @@ class EventPipeline:
         ingest_ts = utc_now_iso()
         self.counters.finals += len(bars)
         return [
-            self._record(
+            self._backfilled_final(
+                topic, ingest_ts, bar.symbol, bar.bar_ts, bar.payload, bar.gap_id
+            )
+            if bar.gap_id is not None
+            else self._record(
                 topic,
                 ingest_ts=ingest_ts,
                 event_ts=bar.bar_ts,
@@ -261,6 +266,80 @@ class EventPipeline:
             )
             for bar in bars
         ]
+
+    def bars_resume_from(self) -> str | None:
+        """Where a successor's bar backfill starts (`BarFinalizer.resume_from`)."""
+        return self._bars.resume_from()
+
+    def backfill_bars(
+        self, bars: list[dict[str, Any]], gap_id: str, open_from: str, now: float
+    ) -> tuple[list[OutRecord], Counter[str]]:
+        """Records for backfilled minute bars (stream-shaped payloads, `t` canonical),
+        merged with what the stream delivered so that each (symbol, minute) still gets
+        exactly one final record:
+
+        - a bar the finaliser holds as pending: where the REST bar's content differs (it
+          counts late trades) it becomes the latest revision, and the finaliser's one final
+          carries it with the backfill marker (`merged`; else `same`);
+        - a bar already finalised is left out (`already_final`);
+        - a bar the stream may still send or revise (`t` less than BAR_REVISABLE_FOR_S
+          before `open_from`, the event time data resumed at) is handed to the finaliser as
+          pending (`open`): no record now, one final later, whichever source revised last;
+        - otherwise one final record now (key `bars:S:t:final`, backfill marker: `final`).
+
+        So each (symbol, minute) still gets exactly one final, and the stream's records
+        are never dropped or repeated because of backfill."""
+        out: list[OutRecord] = []
+        outcome: Counter[str] = Counter()
+        topic = self._topics.get("bars")
+        if topic is None:
+            return out, outcome
+        ingest_ts = utc_now_iso()
+        for payload in bars:
+            symbol, bar_ts = payload["S"], payload["t"]
+            if self._allowed is not None and symbol not in self._allowed:
+                outcome["unsubscribed"] += 1
+                continue
+            state = self._bars.state(symbol, bar_ts)
+            if state == "pending":
+                merged = self._bars.revise_pending(symbol, bar_ts, payload, gap_id)
+                outcome["merged" if merged else "same"] += 1
+                continue
+            if state == "final":
+                outcome["already_final"] += 1
+                continue
+            if _revisable_until(bar_ts) > open_from:
+                self._bars.observe_backfilled(symbol, bar_ts, payload, now, gap_id)
+                outcome["open"] += 1
+                continue
+            self._bars.mark_final(symbol, bar_ts)
+            self.counters.finals += 1
+            outcome["final"] += 1
+            out.append(self._backfilled_final(topic, ingest_ts, symbol, bar_ts, payload, gap_id))
+        return out, outcome
+
+    def _backfilled_final(
+        self,
+        topic: str,
+        ingest_ts: str,
+        symbol: str,
+        bar_ts: str,
+        payload: dict[str, Any],
+        gap_id: str,
+    ) -> OutRecord:
+        self.counters.emitted["bars"] += 1
+        value = encode_backfilled_envelope(
+            ingest_ts=ingest_ts,
+            event_ts=bar_ts,
+            channel="bars",
+            symbol=symbol,
+            seq=self._seq.next("bars", symbol),
+            payload=orjson.Fragment(serialise_payload(payload)),
+            is_final=True,
+            key=final_bar_key(symbol, bar_ts),
+            gap_id=gap_id,
+        )
+        return OutRecord(topic, symbol.encode(), value, "bars")
 
     def status_record(self, shard: str, event: str, body: dict[str, Any]) -> OutRecord:
         """A forwarder status event (`channel: status`), keyed by shard for per-shard order."""
@@ -309,3 +388,17 @@ class EventPipeline:
             key=key,
         )
         return OutRecord(topic, (record_key or symbol or "").encode(), value, channel)
+
+
+#: How long after its `t` the stream may still send a minute bar or its updated bar: the
+#: bar comes after the minute, an updated bar after the following half-minute mark.
+BAR_REVISABLE_FOR_S = 120
+
+
+def _revisable_until(bar_ts: str) -> str:
+    """`t` + BAR_REVISABLE_FOR_S, canonical (same layout as event times, so string order
+    is time order)."""
+    from datetime import datetime, timedelta
+
+    start = datetime.fromisoformat(bar_ts[:19]) + timedelta(seconds=BAR_REVISABLE_FOR_S)
+    return start.strftime("%Y-%m-%dT%H:%M:%S") + bar_ts[19:]

@@ -145,6 +145,20 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     _actor("shard_receive_to_ack_latency_seconds", "histogram", SHARD, LATENCY_HELP["receive"]),
     _actor("shard_event_to_ack_latency_seconds", "histogram", SHARD_CHANNEL,
            LATENCY_HELP["event"]),
+    # gaps and backfill (GapMetrics; core/gaps.py, runtime/backfill.py)
+    _actor("shard_gaps", "counter", ("shard", "stream", "cause"),
+           "Closed gaps in a shard's data path (one `gap` status event each), by cause."),
+    _actor("shard_gap_seconds", "counter", ("shard", "stream", "cause"),
+           "Seconds without data in closed gaps (receive clock), by cause."),
+    _actor("shard_gaps_unfilled", "counter", ("shard", "stream", "reason"),
+           "Gaps backfill could not fill (one `gap_unfilled` status event each), by reason."),
+    _actor("shard_backfill_bars", "counter", ("shard", "stream", "outcome"),
+           "Backfilled minute bars: final, open (handed to the finaliser), merged into "
+           "a pending bar (or the same as it), already_final."),
+    _actor("shard_backfill_requests", "counter", ("shard", "stream"),
+           "REST requests made by backfill (429s included)."),
+    _actor("shard_backfill_rate_limited", "counter", ("shard", "stream"),
+           "REST requests answered 429."),
     # ---- actor: per producer (ProducerMetrics, from ProducerActor.stats())
     _actor("producer_batches", "counter", PRODUCER, "Batches fully acknowledged by Kafka."),
     _actor("producer_records", "counter", PRODUCER, "Records acknowledged by Kafka."),

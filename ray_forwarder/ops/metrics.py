@@ -241,6 +241,7 @@ class ShardMetrics:
         self.stream = stream
         self._by_channel = [(key, _DeltaCounter(name)) for key, name in self.SHARD_COUNTERS]
         self._skipped = _DeltaCounter("shard_items_skipped")
+        self._gaps = GapMetrics(shard_id)
         self._errors = _DeltaCounter("shard_feed_errors")
         self._by_reason = [(key, _DeltaCounter(name)) for key, name in self.REASON_COUNTERS]
         self._plain = [(key, _DeltaCounter(name)) for key, name in self.PLAIN_COUNTERS]
@@ -308,7 +309,37 @@ class ShardMetrics:
         latency = stats.get("last_ack_latency_s")
         if latency is not None:
             self._last_latency.update(latency, shard)
+        self._gaps.update(stats)
         self.drain()
+
+
+class GapMetrics:
+    """Gaps and backfill of one shard (ShardCore.stats(): `gaps`, `gap_seconds`,
+    `backfill`), labelled by stream."""
+
+    def __init__(self, shard_id: str) -> None:
+        self.shard_id = shard_id
+        self._gaps = _DeltaCounter("shard_gaps")
+        self._seconds = _DeltaCounter("shard_gap_seconds")
+        self._unfilled = _DeltaCounter("shard_gaps_unfilled")
+        self._bars = _DeltaCounter("shard_backfill_bars")
+        self._requests = _DeltaCounter("shard_backfill_requests")
+        self._limited = _DeltaCounter("shard_backfill_rate_limited")
+
+    def update(self, stats: Mapping[str, Any]) -> None:
+        tags = {"shard": self.shard_id, "stream": str(stats.get("stream") or "stocks")}
+        for cause, value in (stats.get("gaps") or {}).items():
+            self._gaps.update(value, {**tags, "cause": str(cause)})
+        for cause, value in (stats.get("gap_seconds") or {}).items():
+            self._seconds.update(value, {**tags, "cause": str(cause)})
+        backfill = stats.get("backfill") or {}
+        for reason, value in (backfill.get("gaps_unfilled") or {}).items():
+            self._unfilled.update(value, {**tags, "reason": str(reason)})
+        for outcome in ("final", "open", "merged", "same", "already_final"):
+            if outcome in backfill:
+                self._bars.update(backfill[outcome], {**tags, "outcome": outcome})
+        self._requests.update(backfill.get("requests") or 0, tags)
+        self._limited.update(backfill.get("rate_limited") or 0, tags)
 
 
 class ProducerMetrics:

@@ -164,19 +164,22 @@ class ShardActor:
         )
         self._running: asyncio.Task[dict[str, Any]] | None = None
 
-    async def run(self, epoch: int = 0) -> dict[str, Any]:
+    async def run(
+        self, epoch: int = 0, resume_from: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Runs until `stop()`; a fatal feed error fails this call with the reason.
 
         Called once per incarnation; a repeated call (the driver lost track of a live one)
-        waits for the running one instead of opening a second socket for the slot."""
+        waits for the running one instead of opening a second socket for the slot.
+        `resume_from`: where the predecessor stopped (see `ShardCore.run`)."""
         if self._running is None:
-            self._running = asyncio.get_running_loop().create_task(self._run(epoch))
+            self._running = asyncio.get_running_loop().create_task(self._run(epoch, resume_from))
         return await asyncio.shield(self._running)
 
-    async def _run(self, epoch: int) -> dict[str, Any]:
+    async def _run(self, epoch: int, resume_from: dict[str, Any] | None) -> dict[str, Any]:
         self._metrics.start()
         try:
-            await self._core.run(epoch)
+            await self._core.run(epoch, resume_from)
         finally:
             await self._metrics.stop()  # export the final counts
         return self._core.stats()

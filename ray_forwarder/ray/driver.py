@@ -24,6 +24,7 @@ from ray_forwarder.ray.actors import ProducerActor, ShardActor
 from ray_forwarder.ray.planning import plan, producer_names
 from ray_forwarder.ray.shard import ShardSpec
 from ray_forwarder.ray.stats import ForwarderSnapshot
+from ray_forwarder.runtime.resume import read_handover_marks
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class Forwarder:
     settings: Settings
     shards: list[ShardSpec]
     producer_names: list[str] = field(default_factory=lambda: ["producer-0"])
+    #: Read the previous run's hand-over marks from the status topic (stop/start gaps).
+    resume_on_start: bool = True
 
     def __post_init__(self) -> None:
         self._producers: dict[str, Any] = {}
@@ -93,6 +96,9 @@ class Forwarder:
         self._epochs: dict[str, int] = {}
         self._restarts: dict[str, int] = {}
         self._failures: dict[str, int] = {}
+        # per shard: where its data stopped, as last seen (the next incarnation resumes
+        # from it: a `restart` gap; the first run from the status topic: `stop_start`)
+        self._resume_marks: dict[str, dict[str, Any] | None] = {}
         self.snapshot = ForwarderSnapshot()
         self.run_id = uuid.uuid4().hex[:12]
 
@@ -105,6 +111,10 @@ class Forwarder:
             await asyncio.gather(*(p.start.remote() for p in self._producers.values()))
         except ray.exceptions.RayTaskError as exc:
             raise ForwarderError(_cause(exc)) from None
+        if self.resume_on_start:
+            self._resume_marks.update(await read_handover_marks(
+                self.settings, [spec.shard_id for spec in self.shards]
+            ))  # fmt: skip
         for spec in self.shards:
             spec = dataclasses.replace(spec, run_id=self.run_id)
             self._specs[spec.shard_id] = spec
@@ -127,7 +137,18 @@ class Forwarder:
             self.settings, spec, producers
         )
         self._shards[spec.shard_id] = actor
-        self._runs[spec.shard_id] = actor.run.remote(self._epochs[spec.shard_id])
+        self._runs[spec.shard_id] = actor.run.remote(
+            self._epochs[spec.shard_id], self._resume_from(spec.shard_id)
+        )
+
+    def _resume_from(self, shard_id: str) -> dict[str, Any] | None:
+        """What a shard's next `run()` resumes from: a restarted incarnation always opens a
+        gap (`{}`: nothing was received yet, so nothing is known to fill); a first run
+        only when an earlier run's `stopped` record was found."""
+        mark = self._resume_marks.get(shard_id)
+        if self._epochs[shard_id] > 0:
+            return mark or {}
+        return mark
 
     def _restart_shard(self, shard_id: str, exc: BaseException) -> None:
         """The shard's process died (killed, OOM, node lost): Ray restarts the actor; call
@@ -181,7 +202,9 @@ class Forwarder:
                     self._restart_shard(shard_id, exc)
                 else:
                     self._probing.discard(shard_id)
-                    self._runs[shard_id] = self._shards[shard_id].run.remote(self._epochs[shard_id])
+                    self._runs[shard_id] = self._shards[shard_id].run.remote(
+                        self._epochs[shard_id], self._resume_from(shard_id)
+                    )
             elif ready:
                 try:
                     await ref
@@ -197,6 +220,8 @@ class Forwarder:
                 snap.unreachable.append(f"shard {shard_id}")
             else:
                 self._failures[shard_id] = 0
+                if stats.get("gap_mark") is not None:
+                    self._resume_marks[shard_id] = stats["gap_mark"]
                 snap.shards.append({**stats, "restarts": self._restarts[shard_id]})
         for name, actor in self._producers.items():
             try:

@@ -31,8 +31,10 @@ from ray_forwarder.alpaca.streams import STREAMS, StreamDefinition
 from ray_forwarder.config import Settings
 from ray_forwarder.core.bars import BarFinalizer
 from ray_forwarder.core.dedup import DedupCache
+from ray_forwarder.core.gaps import Gap, GapLedger, Mark, cause_of
 from ray_forwarder.core.pipeline import EventPipeline, OutRecord
 from ray_forwarder.core.topics import topic_map
+from ray_forwarder.runtime.backfill import Backfiller, backfiller_for
 from ray_forwarder.runtime.outbox import BatchLimits, Outbox, SendBatch
 from ray_forwarder.runtime.session import AlpacaSession, FatalSessionError, SessionConfig
 
@@ -75,6 +77,8 @@ _EVENTS_NOT_STATES = frozenset(
 #: A dead-letter episode ends after this long without a new diversion; the next one
 #: starts a new episode (one `dead_letter` status event each, never one per record).
 _DEAD_LETTER_EPISODE_S = 60.0
+#: On a graceful stop, backfill still running gets this long to finish before the drain.
+_BACKFILL_DRAIN_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,8 @@ class ShardCore:
         )
         self.state = ShardState()
         self.epoch = 0
+        self.gaps = GapLedger(spec.stream, spec.shard_id, spec.channels, spec.symbols)
+        self.backfill: Backfiller | None = backfiller_for(settings, spec, self)
         self._dead_letter_topic = settings.topic_deadletter
         self._stopped = asyncio.Event()
         # Status events never compete with data for a full buffer: they wait here, in
@@ -171,6 +177,7 @@ class ShardCore:
         self._overflow: tuple[float, Counter[str]] | None = None  # (since, drops at start)
         self._dead_letters_seen: Counter[str] = Counter()  # diversions already reported
         self._last_dead_letter: float | None = None  # open episode: latest diversion
+        self._backfill_outcome: Counter[str] = Counter()  # backfilled bars: final, merged, ...
 
     # --- SessionHandler -----------------------------------------------------------------
 
@@ -178,6 +185,9 @@ class ShardCore:
         records = self.pipeline.process(items, ingest_ts, received)
         if records:
             self.outbox.put(records, received)
+        closed = self.gaps.note(items, ingest_ts)
+        if closed is not None:
+            self._gap_closed(closed)
 
     def on_skipped(self, skipped: Skipped) -> None:
         """Decode's skips and the pipeline's share one counter and one rate-limited log."""
@@ -195,8 +205,62 @@ class ShardCore:
         st.subscribed = self.session.subscribed or state == "subscribed"
         if state in ("disconnected", "reconnecting"):
             st.subscribed = False
+        if state == "disconnected":
+            self.gaps.interrupt(cause_of(str(info.get("reason", ""))))
         log.info("shard %s %s %s", self.spec.shard_id, state, _safe(info))
         self._put_status(state, info)
+
+    # --- gaps and backfill (core/gaps.py, runtime/backfill.py) ---------------------------
+
+    def _gap_closed(self, gap: Gap) -> None:
+        """One `gap` status event per closed gap, then its backfill (beside the stream)."""
+        info = gap.event()
+        log.warning("shard %s gap %s", self.spec.shard_id, _safe(info))
+        self._put_status("gap", info)
+        if self.backfill is not None:
+            self.backfill.submit(gap)
+
+    def _holding_finals(self) -> bool:
+        """No bar is finalised while a gap is open or being backfilled: the REST bar (late
+        trades included) may still revise it, and a final cannot be taken back."""
+        return self.backfill is not None and (
+            self.gaps.open_cause is not None or self.backfill.busy
+        )
+
+    def on_backfill_bars(self, gap: Gap, bars: list[Any]) -> None:
+        from ray_forwarder.alpaca.rest_bars import stream_bar
+
+        records, outcome = self.pipeline.backfill_bars(
+            [stream_bar(bar) for bar in bars], gap.gap_id, gap.end.event_ts, time.monotonic()
+        )
+        self._backfill_outcome.update(outcome)
+        if records:
+            self.outbox.put(records, time.monotonic())
+
+    def on_gap_filled(self, gap: Gap, info: dict[str, Any]) -> None:
+        body = {"gap_id": gap.gap_id, "stream": gap.stream, **info}
+        log.info("shard %s gap_filled %s", self.spec.shard_id, _safe(body))
+        self._put_status("gap_filled", body)
+
+    def on_gap_unfilled(self, gap: Gap, reason: str, info: dict[str, Any]) -> None:
+        body = {**gap.event(), "reason": reason, **info}
+        log.warning("shard %s gap_unfilled %s", self.spec.shard_id, _safe(body))
+        self._put_status("gap_unfilled", body)
+
+    def _put_stopped(self) -> None:
+        """Where this incarnation stopped, for whoever takes over (the driver passes it to
+        the next `run()`; a new forwarder run reads it back from the status topic)."""
+        body: dict[str, Any] = {
+            "stream": self.spec.stream,
+            "channels": list(self.spec.channels),
+            "last": self._handover(),
+        }
+        self._put_status("stopped", body)
+
+    def _handover(self) -> dict[str, str] | None:
+        """Where a successor resumes (the driver's `resume_from` for the next `run()`)."""
+        mark = self.gaps.handover(self.pipeline.bars_resume_from())
+        return None if mark is None else mark.as_dict()
 
     # --- status events ------------------------------------------------------------------
 
@@ -283,16 +347,28 @@ class ShardCore:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    async def run(self, epoch: int = 0) -> None:
+    async def run(self, epoch: int = 0, resume_from: dict[str, Any] | None = None) -> None:
         """Read and forward until `stop()`; raises FatalSessionError when the feed refuses us.
 
         `epoch` numbers this shard incarnation (0 first, higher after each restart): seq
-        continues above everything an earlier incarnation issued (see `Sequencer`)."""
+        continues above everything an earlier incarnation issued (see `Sequencer`).
+        `resume_from` is where a predecessor stopped (a `Mark` as a dict): the data path was
+        interrupted since, so a gap (`restart`, or `stop_start` for epoch 0) is open until
+        the first item arrives."""
         self.epoch = epoch
         self.pipeline.start_seq_epoch(epoch)
+        self.gaps.start_epoch(epoch)
+        if resume_from is not None:
+            self.gaps.resume_from(
+                Mark.from_dict(resume_from), "restart" if epoch > 0 else "stop_start"
+            )
         sender = asyncio.create_task(self.outbox.run(), name="outbox")
         finalizer = asyncio.create_task(self._finalize_loop(), name="bar-finalizer")
         clock = asyncio.create_task(self.market_clock.run(), name="market-clock")
+        backfill = asyncio.create_task(
+            self.backfill.run() if self.backfill is not None else asyncio.sleep(0),
+            name="backfill",
+        )
         try:
             await self.session.run()
         except FatalSessionError as exc:
@@ -307,7 +383,13 @@ class ShardCore:
                 await clock
             with contextlib.suppress(asyncio.CancelledError):
                 await finalizer
+            if self.backfill is not None and self.state.fatal is None:
+                await self.backfill.wait_idle(_BACKFILL_DRAIN_S)
+            backfill.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await backfill
             self._emit(self.pipeline.finalize_all())
+            self._put_stopped()
             self._check_overflow()
             self._flush_status(force=True)
             self.outbox.close()
@@ -326,7 +408,8 @@ class ShardCore:
     async def _finalize_loop(self) -> None:
         while True:
             await asyncio.sleep(_FINALIZE_INTERVAL_S)
-            self._emit(self.pipeline.finalize_due(time.monotonic()))
+            if not self._holding_finals():
+                self._emit(self.pipeline.finalize_due(time.monotonic()))
             self._check_overflow()
             self._check_dead_letters()
 
@@ -384,6 +467,14 @@ class ShardCore:
             "batches_failed": outbox.batches_failed,
             "batches_resent": outbox.batches_resent,
             "last_ack_latency_s": outbox.last_ack_latency_s,
+            "gaps": dict(self.gaps.counts.gaps),
+            "gap_seconds": {k: round(v, 3) for k, v in self.gaps.counts.seconds.items()},
+            "gap_open": self.gaps.open_cause,
+            "gap_mark": self._handover(),
+            "backfill": {
+                **(self.backfill.stats() if self.backfill is not None else {}),
+                **self._backfill_outcome,
+            },
         }
 
 

@@ -144,6 +144,10 @@ class Market:
         # so each kind shows up early in a run instead of only after 1/ratio ticks.
         self._specials: dict[str, float] = {k: 0.5 for k in ("l", "s", "c", "x")}
         self._update_acc = 0.5
+        #: Every closed minute's bar per symbol, as its latest revision (an updated bar's
+        #: content where one follows): what the REST bars endpoint serves, so a backfill
+        #: returns exactly what a dropped connection missed. (mark ns, bar) in time order.
+        self.minute_bars: dict[str, list[tuple[int, Item]]] = {}
 
     # --- driving ----------------------------------------------------------------------
 
@@ -355,10 +359,13 @@ class Market:
                 bar = sym.minute.bar("b", sym.name, minute_start)
                 self._push(mark, bar)
                 self._push(mark, sym.day.bar("d", sym.name, self._day_start))
+                latest = bar
                 self._update_acc += self.config.updated_bar_ratio
                 if self._update_acc >= 1.0:
                     self._update_acc -= 1.0
-                    self._push(mark + HALF_MINUTE_NS + 1, self._late_revision(sym.minute, bar))
+                    latest = self._late_revision(sym.minute, bar)
+                    self._push(mark + HALF_MINUTE_NS + 1, latest)
+                self.minute_bars.setdefault(sym.name, []).append((mark, latest))
                 sym.minute = _Agg()
             self._next_mark_ns = mark + MINUTE_NS
 
@@ -382,3 +389,16 @@ _RATIO_FIELD = {
     "c": "correction_ratio",
     "x": "cancel_error_ratio",
 }
+
+
+def bars_between(market: Market, symbol: str, start_ns: int, end_ns: int) -> list[Item]:
+    """`symbol`'s minute bars (latest revision) whose `t` is in [start_ns, end_ns] and whose
+    minute has closed by the market's current time, oldest first."""
+    out: list[Item] = []
+    for mark, bar in market.minute_bars.get(symbol, ()):
+        if mark > market.now_ns:
+            break
+        t_ns = mark - MINUTE_NS
+        if start_ns <= t_ns <= end_ns:
+            out.append(bar)
+    return out

@@ -12,6 +12,7 @@ is checkable.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import random
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qs
 
 import msgpack
 import orjson
@@ -37,7 +39,13 @@ from ray_forwarder.alpaca.channels import (
     TRADE_COMPANION_CHANNELS,
 )
 from ray_forwarder.alpaca.errors import ERROR_MEANINGS
-from ray_forwarder_dev.sim.generator import Item, Market, MarketConfig
+from ray_forwarder_dev.sim.generator import (
+    Item,
+    Market,
+    MarketConfig,
+    bars_between,
+    parse_base_time,
+)
 from ray_forwarder_dev.sim.streams import DEFAULT_FEEDS, SIM_STREAMS, SimStream
 
 log = logging.getLogger(__name__)
@@ -106,6 +114,10 @@ class SimConfig(BaseModel):
     #: What the trading API's `/v2/clock` and `/v2/calendar` (served on the same port over
     #: plain HTTP) say: open around the clock by default, or closed (no trading day).
     market_open: bool = True
+    #: The REST bars endpoint (`/v2/stocks/bars`) answers every Nth request with 429
+    #: (None: never), with `X-RateLimit-*` headers naming a window `rest_reset_seconds` on.
+    rest_429_every: int | None = Field(default=None, ge=1)
+    rest_reset_seconds: float = 1.0
 
     @field_validator("symbols", mode="before")
     @classmethod
@@ -242,6 +254,9 @@ class SimStats:
     starved_connections: int = 0
     omitted_from_subscription: int = 0  # subscribe requests answered without a symbol
     clock_requests: int = 0  # /v2/clock and /v2/calendar requests answered
+    rest_requests: int = 0  # /v2/stocks/bars requests, whatever the answer
+    rest_rate_limited: int = 0  # of which answered 429
+    rest_refused: int = 0  # of which refused (the refuse_rest fault, bad credentials)
 
 
 def encode_msgpack_item(item: Item) -> bytes:
@@ -315,6 +330,11 @@ class SimEndpoints:
         """Base URL of the simulated trading API (`/v2/clock`, `/v2/calendar`)."""
         return f"http://{self.config.host}:{self.port}"
 
+    @property
+    def data_url(self) -> str:
+        """Base URL of the simulated market-data REST API (`/v2/stocks/bars`)."""
+        return f"http://{self.config.host}:{self.port}"
+
 
 class Simulator(SimEndpoints):
     """The feed server. Runs on one asyncio loop; use `SimulatorThread` from other threads."""
@@ -338,6 +358,8 @@ class Simulator(SimEndpoints):
         self._omit: dict[str, int | None] = {}  # symbol -> subscribes to leave it out of
         self.market_open = self.config.market_open
         self._clock_available = True
+        self._rest_refusal: int | None = None  # the refuse_rest fault: this HTTP status
+        self.rest_log: list[tuple[float, int]] = []  # (time.monotonic(), status) per request
         self._junk_cursor = 0
         self._server: Server | None = None
         self._pump_task: asyncio.Task[None] | None = None
@@ -463,6 +485,15 @@ class Simulator(SimEndpoints):
         """While False, `/v2/clock` and `/v2/calendar` answer 503."""
         self._clock_available = flag
 
+    def refuse_rest(self, status: int | None = 403) -> None:
+        """While set, the REST bars endpoint answers every request with `status` (None:
+        served again)."""
+        self._rest_refusal = status
+
+    def set_rest_rate_limit(self, every: int | None) -> None:
+        """Answer every `every`-th REST bars request with 429 (None: never)."""
+        self.config = self.config.model_copy(update={"rest_429_every": every})
+
     def reject_auth(self, flag: bool = True) -> None:
         """While set, every auth attempt gets 402."""
         self._reject_auth = flag
@@ -567,6 +598,8 @@ class Simulator(SimEndpoints):
         path, _, query = request.path.partition("?")
         if path in ("/v2/clock", "/v2/calendar"):
             return self._trading_api(connection, request, path, query)
+        if path == REST_BARS_PATH:
+            return self._rest_bars(connection, request, query)
         if not self.stream.path.match(path):
             where = self.stream.url_path("{feed}")
             return connection.respond(HTTPStatus.NOT_FOUND, f"not found: use {where}\n")
@@ -594,6 +627,45 @@ class Simulator(SimEndpoints):
             return _json_response(connection, HTTPStatus.BAD_REQUEST, {"message": "bad date"})
         days = [] if not self.market_open else _every_day(start, min(end, start + timedelta(366)))
         return _json_response(connection, HTTPStatus.OK, days)
+
+    def _rest_bars(self, connection: ServerConnection, request: Request, query: str) -> Response:
+        """Alpaca's historical bars (`GET /v2/stocks/bars`, 1-minute bars) from the same
+        market the stream sends: each closed minute's bar as its latest revision, sorted by
+        symbol then time, paged by `limit` with an opaque `next_page_token`."""
+        counters = self.stats_counters
+        counters.rest_requests += 1
+        n = counters.rest_requests
+        status = self._rest_status(request, n)
+        self.rest_log.append((time.monotonic(), status))
+        if status == 429:
+            counters.rest_rate_limited += 1
+            response = _json_response(connection, HTTPStatus.TOO_MANY_REQUESTS,
+                                      {"message": "too many requests."})  # fmt: skip
+            reset = int(time.time() + self.config.rest_reset_seconds + 0.999)
+            for name, value in (("X-RateLimit-Limit", "200"), ("X-RateLimit-Remaining", "0"),
+                                ("X-RateLimit-Reset", str(reset))):  # fmt: skip
+                response.headers[name] = value
+            return response
+        if status != 200:
+            counters.rest_refused += 1
+            return _json_response(connection, HTTPStatus(status), {"message": "refused"})
+        try:
+            body = rest_bars_page(self.market, parse_qs(query))
+        except ValueError as exc:
+            return _json_response(connection, HTTPStatus.BAD_REQUEST, {"message": str(exc)})
+        return _json_response(connection, HTTPStatus.OK, body)
+
+    def _rest_status(self, request: Request, n: int) -> int:
+        headers = request.headers
+        key = headers.get("APCA-API-KEY-ID")
+        if key is None or self.config.keys.get(key) != headers.get("APCA-API-SECRET-KEY"):
+            return 401
+        if self._rest_refusal is not None:
+            return self._rest_refusal
+        every = self.config.rest_429_every
+        if every is not None and n % every == 0:
+            return 429
+        return 200
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None
@@ -991,6 +1063,59 @@ def _parse_client_message(message: str | bytes) -> Any:
         return orjson.loads(message)
     except orjson.JSONDecodeError:
         return None
+
+
+REST_BARS_PATH = "/v2/stocks/bars"
+_REST_MAX_LIMIT = 10_000
+
+
+def rest_bars_page(market: Market, params: dict[str, list[str]]) -> dict[str, Any]:
+    """One page of `GET /v2/stocks/bars` over `market` (see Simulator._rest_bars)."""
+
+    def one(name: str, default: str | None = None) -> str:
+        values = params.get(name)
+        if not values:
+            if default is None:
+                raise ValueError(f"missing {name}")
+            return default
+        return values[0]
+
+    if one("timeframe") not in ("1Min", "1T"):
+        raise ValueError("the simulator serves 1Min bars only")
+    symbols = sorted({s for s in one("symbols").split(",") if s})
+    start_ns = parse_base_time(one("start"))
+    end_ns = parse_base_time(one("end"))
+    limit = int(one("limit", "1000"))
+    if not 1 <= limit <= _REST_MAX_LIMIT:
+        raise ValueError("limit must be 1..10000")
+    after = _page_position(one("page_token", ""))
+    entries = [
+        (symbol, bar)
+        for symbol in symbols
+        for bar in bars_between(market, symbol, start_ns, end_ns)
+        if after is None or (symbol, bar["t"]) >= after
+    ]
+    page, rest = entries[:limit], entries[limit:]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for symbol, bar in page:
+        out.setdefault(symbol, []).append(
+            {"t": bar["t"][:19] + "Z", **{k: bar[k] for k in ("o", "h", "l", "c", "v", "n", "vw")}}
+        )
+    token = None
+    if rest:
+        symbol, bar = rest[0]
+        token = base64.urlsafe_b64encode(f"{symbol}|{bar['t']}".encode()).decode()
+    return {"bars": out, "next_page_token": token}
+
+
+def _page_position(token: str) -> tuple[str, str] | None:
+    if not token:
+        return None
+    try:
+        symbol, _, t = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError("bad page_token") from exc
+    return symbol, t
 
 
 def _json_response(connection: ServerConnection, status: HTTPStatus, body: Any) -> Response:

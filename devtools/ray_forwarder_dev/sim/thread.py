@@ -131,6 +131,26 @@ class SimulatorThread(SimEndpoints):
     def set_clock_available(self, flag: bool) -> None:
         self.call(self.simulator.set_clock_available, flag)
 
+    def refuse_rest(self, status: int | None = 403) -> None:
+        self.call(self.simulator.refuse_rest, status)
+
+    def set_rest_rate_limit(self, every: int | None) -> None:
+        self.call(self.simulator.set_rest_rate_limit, every)
+
+    def minute_bars(self) -> dict[tuple[str, str], Item]:
+        """Every closed minute's bar (latest revision) by (symbol, t), as REST serves it."""
+        return self.call(
+            lambda: {
+                (symbol, bar["t"]): bar
+                for symbol, bars in self.simulator.market.minute_bars.items()
+                for mark, bar in bars
+                if mark <= self.simulator.market.now_ns
+            }
+        )
+
+    def rest_log(self) -> list[tuple[float, int]]:
+        return self.call(lambda: list(self.simulator.rest_log))
+
     def reject_auth(self, flag: bool = True) -> None:
         self.call(self.simulator.reject_auth, flag)
 

@@ -1,0 +1,401 @@
+"""Backfill: fetch the minute bars a gap missed from Alpaca's REST API, beside the stream.
+
+`Backfiller` takes closed gaps from the shard (`submit`), fetches their bars one gap at a
+time on its own task (the live stream never waits for it), and hands each page's bars back
+to the shard, which turns them into records through the same pipeline and outbox. A gap it
+cannot fill (REST refused it, the request budget or the gap's deadline ran out, nothing is
+known about where it started) is reported as unfilled, with the reason.
+
+Rate limit, in two layers: `RequestBudget` spends at most BACKFILL_REQUESTS_PER_MINUTE
+requests in any 60 s (429s included: Alpaca counts them too), and a `429` waits until
+`X-RateLimit-Reset` (or a jittered exponential back-off without it) and asks again.
+`RequestBudget` and `retry_delay` are pure (injected clock), so they are tested without I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_forwarder.alpaca.rest_bars import (
+    BARS_ENDPOINTS,
+    BarsEndpoint,
+    BarsPage,
+    RestBar,
+    RestBarsError,
+    bars_params,
+    minute_window,
+    parse_bars_page,
+    rfc3339,
+)
+from ray_forwarder.core.gaps import Gap
+
+log = logging.getLogger(__name__)
+
+#: Alpaca's market-data REST API.
+LIVE_DATA_URL = "https://data.alpaca.markets"
+REQUEST_TIMEOUT_S = 30.0
+#: Back-off after a 429 without a usable reset header, or a 5xx / timeout.
+RETRY_INITIAL_S = 0.5
+RETRY_MAX_S = 30.0
+#: A 5xx or transport failure is retried this often per request before the gap is given up.
+MAX_TRANSIENT_FAILURES = 5
+#: HTTP statuses that refuse the request for good (credentials, plan, bad request).
+REFUSED = frozenset({400, 401, 403, 404, 422})
+
+
+class BackfillFailed(RuntimeError):
+    """A gap cannot be filled; `reason` is one of the `gap_unfilled` reasons."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class RequestBudget:
+    """At most `per_minute` requests in any 60 s window. Pure: `now` is passed in."""
+
+    def __init__(self, per_minute: int) -> None:
+        if per_minute <= 0:
+            raise ValueError("per_minute must be positive")
+        self.per_minute = per_minute
+        self._sent: deque[float] = deque()
+        self.spent = 0
+
+    def wait(self, now: float) -> float:
+        """Seconds until one more request fits the budget (0: now)."""
+        while self._sent and self._sent[0] <= now - 60.0:
+            self._sent.popleft()
+        if len(self._sent) < self.per_minute:
+            return 0.0
+        return self._sent[0] + 60.0 - now
+
+    def spend(self, now: float) -> None:
+        self._sent.append(now)
+        self.spent += 1
+
+
+def retry_delay(
+    attempt: int, headers: Mapping[str, str], wall_now: float, rng: random.Random
+) -> float:
+    """How long to wait after the `attempt`-th (0-based) 429 in a row: until the window
+    Alpaca names in `X-RateLimit-Reset` (Unix seconds) opens, and at least a jittered
+    exponential back-off (so many shards do not retry in lockstep), at most RETRY_MAX_S."""
+    ceiling = min(RETRY_MAX_S, RETRY_INITIAL_S * 2**attempt)
+    delay = rng.uniform(ceiling / 2, ceiling)
+    reset = headers.get("X-RateLimit-Reset")
+    if reset is not None:
+        with contextlib.suppress(ValueError):
+            delay = max(delay, float(reset) - wall_now)
+    return max(0.0, min(delay, RETRY_MAX_S))
+
+
+@dataclass(frozen=True)
+class BackfillConfig:
+    base_url: str
+    key: str
+    secret: str = field(repr=False)
+    feed: str = "sip"
+    endpoint: BarsEndpoint = BARS_ENDPOINTS["stocks"]
+    requests_per_minute: int = 150
+    symbols_per_request: int = 200
+    page_limit: int = 10_000
+    max_seconds: float = 6 * 3600.0
+    #: A gap not filled within this long is given up (`gap_unfilled`, reason `timeout`).
+    timeout_seconds: float = 300.0
+
+    def __repr__(self) -> str:  # the secret must never reach a log line
+        return f"BackfillConfig(base_url={self.base_url!r}, key=<masked>, feed={self.feed!r})"
+
+
+#: (status, headers, body) of one GET; the transport is injectable for tests.
+Response = tuple[int, Mapping[str, str], bytes]
+Get = Callable[[str, Mapping[str, str]], Awaitable[Response]]
+
+
+class BarsClient:
+    """Pages of 1-minute bars over HTTP, within the budget, retrying 429s and 5xx."""
+
+    def __init__(
+        self,
+        config: BackfillConfig,
+        get: Get | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.budget = RequestBudget(config.requests_per_minute)
+        self._get = get
+        self._session: Any = None
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self.requests = 0
+        self.rate_limited = 0
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def pages(
+        self, symbols: Sequence[str], start: str, end: str, deadline: float
+    ) -> Any:  # AsyncIterator[BarsPage]
+        """Every page of bars for `symbols` from `start` to `end`, following
+        `next_page_token`; raises BackfillFailed when the gap cannot be filled."""
+        cfg = self.config
+        for offset in range(0, len(symbols), cfg.symbols_per_request):
+            chunk = symbols[offset : offset + cfg.symbols_per_request]
+            token: str | None = None
+            while True:
+                params = bars_params(
+                    cfg.endpoint, chunk, start, end,
+                    feed=cfg.feed, limit=cfg.page_limit, page_token=token,
+                )  # fmt: skip
+                page = await self._page(params, deadline)
+                yield page
+                token = page.next_page_token
+                if not token:
+                    break
+
+    async def _page(self, params: Mapping[str, str], deadline: float) -> BarsPage:
+        limited = failures = 0
+        while True:
+            wait = self.budget.wait(self._clock())
+            if self._clock() + wait > deadline:
+                raise BackfillFailed("budget", "the request budget ran out before the deadline")
+            if wait > 0:
+                await self._sleep(wait)
+            self.budget.spend(self._clock())
+            self.requests += 1
+            try:
+                status, headers, body = await self._fetch(params)
+            except (OSError, TimeoutError) as exc:
+                status, headers, body = 0, {}, type(exc).__name__.encode()
+            if status == 200:
+                try:
+                    return parse_bars_page(body)
+                except RestBarsError as exc:
+                    raise BackfillFailed("bad_response", str(exc)) from None
+            if status in REFUSED:
+                raise BackfillFailed("refused", f"GET {self.config.endpoint.path}: HTTP {status}")
+            if status == 429:
+                self.rate_limited += 1
+                delay = retry_delay(limited, headers, time.time(), self._rng)
+                limited += 1
+            else:  # 5xx, other statuses, transport failures: transient, a few times
+                failures += 1
+                if failures > MAX_TRANSIENT_FAILURES:
+                    what = f"HTTP {status}" if status else body.decode(errors="replace")
+                    raise BackfillFailed("unavailable", f"GET {self.config.endpoint.path}: {what}")
+                delay = retry_delay(failures - 1, {}, time.time(), self._rng)
+            if self._clock() + delay > deadline:
+                raise BackfillFailed(
+                    "budget" if status == 429 else "timeout",
+                    "rate limited past the deadline" if status == 429 else "deadline passed",
+                )
+            await self._sleep(delay)
+
+    async def _fetch(self, params: Mapping[str, str]) -> Response:
+        url = self.config.base_url.rstrip("/") + self.config.endpoint.path
+        if self._get is not None:
+            return await self._get(url, params)
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+                headers={
+                    "APCA-API-KEY-ID": self.config.key,
+                    "APCA-API-SECRET-KEY": self.config.secret,
+                },
+            )
+        try:
+            async with self._session.get(url, params=params, allow_redirects=False) as response:
+                return response.status, dict(response.headers), await response.read()
+        except aiohttp.ClientError as exc:
+            # Only the type: aiohttp's texts can carry the URL, and a URL can carry userinfo.
+            raise OSError(type(exc).__name__) from None
+
+
+@dataclass
+class BackfillCounts:
+    gaps_filled: int = 0
+    gaps_unfilled: dict[str, int] = field(default_factory=dict)  # by reason
+    bars: int = 0  # REST bars received
+    requests: int = 0
+    rate_limited: int = 0
+    skipped: int = 0  # REST bars that failed validation
+
+
+class BackfillSink:
+    """What the backfiller reports to its shard."""
+
+    def on_backfill_bars(self, gap: Gap, bars: list[RestBar]) -> None: ...
+
+    def on_gap_filled(self, gap: Gap, info: dict[str, Any]) -> None: ...
+
+    def on_gap_unfilled(self, gap: Gap, reason: str, info: dict[str, Any]) -> None: ...
+
+
+class Backfiller:
+    """One shard's backfill: gaps in, bars out, one gap at a time, beside the stream."""
+
+    def __init__(
+        self, client: BarsClient, sink: BackfillSink, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.client = client
+        self._sink = sink
+        self._clock = clock
+        self._queue: asyncio.Queue[Gap] = asyncio.Queue()
+        self._busy = 0  # gaps submitted and not yet done
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.counts = BackfillCounts()
+
+    @property
+    def busy(self) -> bool:
+        return self._busy > 0
+
+    def submit(self, gap: Gap) -> None:
+        self._busy += 1
+        self._idle.clear()
+        self._queue.put_nowait(gap)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def run(self) -> None:
+        current: Gap | None = None
+        try:
+            while True:
+                current = await self._queue.get()
+                try:
+                    await self._fill(current)
+                except Exception as exc:  # a bug must cost a gap, never the shard
+                    log.exception("backfill of gap %s failed", current.gap_id)
+                    self._unfilled(current, "error", {"detail": type(exc).__name__})
+                finally:
+                    self._done()
+                current = None
+        except asyncio.CancelledError:  # the shard stops: say which gaps stay unfilled
+            left = [current] if current is not None else []
+            while not self._queue.empty():
+                left.append(self._queue.get_nowait())
+            for gap in left:
+                self._unfilled(gap, "stopped", {"detail": "the shard stopped first"})
+            raise
+        finally:
+            await self.client.close()
+
+    def _done(self) -> None:
+        self._busy -= 1
+        if self._busy == 0:
+            self._idle.set()
+
+    async def _fill(self, gap: Gap) -> None:
+        cfg = self.client.config
+        if gap.start is None:
+            self._unfilled(gap, "no_start", {"detail": "nothing is known before the gap"})
+            return
+        window = minute_window(
+            gap.start.event_ts, gap.end.event_ts, cfg.max_seconds, gap.start.bars_from
+        )
+        start, end = rfc3339(window.first), rfc3339(window.last)
+        deadline = self._clock() + cfg.timeout_seconds
+        before = (self.client.requests, self.client.rate_limited)
+        bars = skipped = 0
+        symbols = [s for s in gap.symbols if s != "*"]
+        try:
+            if not symbols:
+                raise BackfillFailed("wildcard", "a `*` subscription names no symbols to ask for")
+            async for page in self.client.pages(symbols, start, end, deadline):
+                bars += len(page.bars)
+                skipped += len(page.skipped)
+                if page.bars:
+                    self._sink.on_backfill_bars(gap, page.bars)
+        except BackfillFailed as failed:
+            self._account(before, bars, skipped)
+            self._unfilled(gap, failed.reason, {"detail": failed.detail, "start": start,
+                                               "end": end, "bars": bars})  # fmt: skip
+            return
+        self._account(before, bars, skipped)
+        info: dict[str, Any] = {"start": start, "end": end, "bars": bars,
+                                "requests": self.client.requests - before[0]}  # fmt: skip
+        if window.clipped:
+            self._unfilled(gap, "too_old", {"detail": "older than BACKFILL_MAX_SECONDS",
+                                            "filled_from": start})  # fmt: skip
+            return
+        self.counts.gaps_filled += 1
+        self._sink.on_gap_filled(gap, info)
+
+    def _account(self, before: tuple[int, int], bars: int, skipped: int) -> None:
+        c = self.counts
+        c.requests += self.client.requests - before[0]
+        c.rate_limited += self.client.rate_limited - before[1]
+        c.bars += bars
+        c.skipped += skipped
+
+    def _unfilled(self, gap: Gap, reason: str, info: dict[str, Any]) -> None:
+        self.counts.gaps_unfilled[reason] = self.counts.gaps_unfilled.get(reason, 0) + 1
+        self._sink.on_gap_unfilled(gap, reason, info)
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counts
+        return {
+            "gaps_filled": c.gaps_filled,
+            "gaps_unfilled": dict(c.gaps_unfilled),
+            "bars": c.bars,
+            "requests": c.requests,
+            "rate_limited": c.rate_limited,
+            "skipped": c.skipped,
+            "busy": self.busy,
+        }
+
+
+def data_base_url(explicit: str | None, stream_url: str) -> str:
+    """ALPACA_DATA_URL, else the simulator's port for a loopback ws:// stream URL (it
+    serves the REST bars too), else Alpaca's market-data API."""
+    from ray_forwarder.alpaca.market_clock import LIVE_TRADING_URL, trading_base_url
+
+    if explicit:
+        return explicit.rstrip("/")
+    derived = trading_base_url(None, stream_url)
+    return LIVE_DATA_URL if derived == LIVE_TRADING_URL else derived
+
+
+def backfiller_for(settings: Any, spec: Any, sink: BackfillSink) -> Backfiller | None:
+    """The shard's backfiller, or None when BACKFILL_CHANNELS is empty or the stream has
+    no REST bars endpoint yet."""
+    endpoint = BARS_ENDPOINTS.get(spec.stream)
+    if "bars" not in settings.backfill_channels or "bars" not in spec.channels:
+        return None
+    if endpoint is None:
+        return None
+    config = BackfillConfig(
+        base_url=data_base_url(settings.alpaca_data_url, spec.url),
+        key=spec.key_id,
+        secret=spec.secret,
+        feed=settings.alpaca_feed,
+        endpoint=endpoint,
+        requests_per_minute=settings.backfill_requests_per_minute,
+        symbols_per_request=settings.backfill_symbols_per_request,
+        page_limit=settings.backfill_page_limit,
+        max_seconds=settings.backfill_max_seconds,
+        timeout_seconds=settings.backfill_timeout_seconds,
+    )
+    return Backfiller(BarsClient(config), sink)
