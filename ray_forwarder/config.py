@@ -136,7 +136,13 @@ class Settings(BaseSettings):
     bar_final_delay_seconds: float = Field(default=35.0, ge=0, le=HOUR)
     batch_max_events: int = Field(default=500, gt=0, le=100_000)
     batch_max_ms: float = Field(default=20.0, gt=0, le=60_000)
-    batch_max_in_flight: int = Field(default=4, gt=0, le=256)
+    batch_max_in_flight: int = Field(default=64, gt=0, le=256)
+    # Key + value bytes per shard -> producer call: below Ray's 100 KiB limit for arguments
+    # sent inline with the call (bigger ones go through the object store).
+    batch_max_bytes: int = Field(default=90_000, ge=1024, le=64 * 1024**2)
+    # Key + value bytes in flight per shard -> producer lane (acks pipelined): the window
+    # is sized in bytes so that it never caps a lane (see README, "Shard → producer").
+    batch_max_in_flight_bytes: int = Field(default=8 * 1024**2, ge=1024, le=1024**3)
     buffer_max_events: int = Field(default=200_000, gt=0, le=10_000_000)
     buffer_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0, le=64 * 1024**3)
     spool_dir: str = ""  # empty: <system temp dir>/ray-forwarder-spool

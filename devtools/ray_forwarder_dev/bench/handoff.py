@@ -91,7 +91,6 @@ async def _create_topics(bootstrap: str, names: list[str], partitions: int) -> N
 
 
 async def _run(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
-    import ray
 
     from ray_forwarder.config import load_settings
     from ray_forwarder.ray.actors import ProducerActor, _sender
@@ -117,49 +116,45 @@ async def _run(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
     frames = [records[i : i + args.frame] for i in range(0, len(records), args.frame)]
     mean_bytes = statistics.fmean(len(r.key) + len(r.value) for r in records[:1000])
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-    try:
-        producer = ProducerActor.options(name=f"handoff-{run}").remote(settings, "producer-0")
-        await producer.start.remote()
-        pid = await producer.__ray_call__.remote(lambda _self: os.getpid())
-        producer_proc = psutil.Process(pid)
-        limits = _limits(settings, BatchLimits, lane_linger_ms)
-        outbox = Outbox([_sender(producer)], limits)
-        latencies: list[float] = []
-        outbox.observe_acks(lambda _r, received, _s, acked: latencies.append(acked - received))
-        # warm-up: metadata, producer id, Ray's first call
-        outbox.put(records[:10], time.monotonic())
-        sender = asyncio.create_task(outbox.run())
-        while outbox.snapshot().records_acked < 10:
-            await asyncio.sleep(0.01)
-        latencies.clear()
-        others = _ray_processes({pid})
-        me = psutil.Process()
-        cpu0 = (_cpu(me), _cpu(producer_proc), sum(_cpu(p) for p in others))
-        start = time.monotonic()
-        interval = args.frame / args.rate if args.rate else 0.0
-        for number, frame in enumerate(frames):
-            if interval:
-                delay = start + number * interval - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            else:
-                # flat out, but like a reader that the buffer holds back: wait for room
-                while outbox.snapshot().buffered > args.backlog:
-                    await asyncio.sleep(0.001)
-            outbox.put(frame, time.monotonic())
-            await asyncio.sleep(0)
-        fed = time.monotonic()
-        while outbox.snapshot().records_acked < args.records + 10:
-            await asyncio.sleep(0.002)
-        elapsed = time.monotonic() - start
-        cpu1 = (_cpu(me), _cpu(producer_proc), sum(_cpu(p) for p in others))
-        stats = outbox.snapshot()
-        outbox.close()
-        await sender
-        await producer.close.remote()
-    finally:
-        ray.shutdown()
+    producer = ProducerActor.options(name=f"handoff-{run}").remote(settings, "producer-0")
+    await producer.start.remote()
+    pid = await producer.__ray_call__.remote(lambda _self: os.getpid())
+    producer_proc = psutil.Process(pid)
+    limits = _limits(settings, BatchLimits, lane_linger_ms)
+    outbox = Outbox([_sender(producer)], limits)
+    latencies: list[float] = []
+    outbox.observe_acks(lambda _r, received, _s, acked: latencies.append(acked - received))
+    # warm-up: metadata, producer id, Ray's first call
+    outbox.put(records[:10], time.monotonic())
+    sender = asyncio.create_task(outbox.run())
+    while outbox.snapshot().records_acked < 10:
+        await asyncio.sleep(0.01)
+    latencies.clear()
+    others = _ray_processes({pid})
+    me = psutil.Process()
+    cpu0 = (_cpu(me), _cpu(producer_proc), sum(_cpu(p) for p in others))
+    start = time.monotonic()
+    interval = args.frame / args.rate if args.rate else 0.0
+    for number, frame in enumerate(frames):
+        if interval:
+            delay = start + number * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        else:
+            # flat out, but like a reader that the buffer holds back: wait for room
+            while outbox.snapshot().buffered > args.backlog:
+                await asyncio.sleep(0.001)
+        outbox.put(frame, time.monotonic())
+        await asyncio.sleep(0)
+    fed = time.monotonic()
+    while outbox.snapshot().records_acked < args.records + 10:
+        await asyncio.sleep(0.002)
+    elapsed = time.monotonic() - start
+    cpu1 = (_cpu(me), _cpu(producer_proc), sum(_cpu(p) for p in others))
+    stats = outbox.snapshot()
+    outbox.close()
+    await sender
+    await producer.close.remote()
     n = args.records
     latencies.sort()
     return {
@@ -218,6 +213,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--linger-ms", type=int, default=None)
     parser.add_argument("--bootstrap", default=None, help="an existing broker (else local)")
     args = parser.parse_args(argv)
+    import ray
+
+    # Started outside the event loop, as the forwarder's driver does.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    try:
+        _main(args)
+    finally:
+        ray.shutdown()
+
+
+def _main(args: argparse.Namespace) -> None:
     if args.bootstrap:
         result = asyncio.run(_run(args, args.bootstrap))
     else:
