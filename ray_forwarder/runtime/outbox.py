@@ -69,7 +69,8 @@ class Ticket:
 #: The lane hands over a `PackedBatch` (a Sequence of (topic, key, value)).
 SendBatch = Callable[[PackedBatch, Ticket], Awaitable[tuple[int, str]]]
 #: on_ack(records, oldest received, submitted, acked): monotonic seconds, called once per
-#: acknowledged batch (latency metrics; see ray_forwarder/ops/metrics.py). Must not raise.
+#: acknowledged batch (latency metrics; see ray_forwarder/ops/metrics.py) with the first
+#: record of each of its topics (what the metrics sample), not all. Must not raise.
 AckObserver = Callable[[Sequence[WireRecord], float, float, float], None]
 
 
@@ -487,7 +488,8 @@ class Lane:
         stats.last_ack_latency_s = now - batch.oldest_received
         if self.observer is not None:
             try:
-                self.observer(batch.records, batch.oldest_received, batch.submitted, now)
+                sample = list(batch.records.first_per_topic())
+                self.observer(sample, batch.oldest_received, batch.submitted, now)
             except Exception:  # metrics must never break delivery
                 log.warning("%s: ack observer failed", self._name, exc_info=True)
         while self._unacked and self._unacked[0].acked:
