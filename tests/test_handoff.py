@@ -165,3 +165,27 @@ async def test_no_spool_while_the_broker_keeps_up(tmp_path) -> None:
     await asyncio.wait_for(runner, 10)
     assert receiver.delivered == [_record(n, 300).value for n in range(15_000)]
     assert outbox.snapshot().spooled_total == 0
+
+
+async def test_lane_order_admits_a_whole_window_in_order_and_after_a_jump() -> None:
+    """Dozens of a lane's calls arrive in reverse; each is admitted right after its
+    predecessor. After a re-send the numbering jumps (the first names no predecessor)."""
+    from ray_forwarder.runtime.outbox import Ticket
+    from ray_forwarder.runtime.producer import LaneOrder
+
+    order = LaneOrder()
+    admitted: list[int] = []
+
+    async def arrive(number: int, after: int | None) -> None:
+        ticket = Ticket("lane", number, after, "token")
+        await order.wait_turn(ticket, timeout_s=5)
+        admitted.append(number)
+        await order.admitted(ticket)
+
+    calls = [arrive(n, n - 1 if n > 1 else None) for n in range(64, 0, -1)]
+    await asyncio.gather(*calls)
+    assert admitted == list(range(1, 65))
+    admitted.clear()
+    # a re-send after a failure: 500 names nothing, 501.. follow it; 501 arrives first
+    await asyncio.gather(arrive(502, 501), arrive(501, 500), arrive(500, None))
+    assert admitted == [500, 501, 502]
