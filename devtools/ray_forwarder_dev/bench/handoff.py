@@ -212,11 +212,15 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--linger-ms", type=int, default=None)
     parser.add_argument("--bootstrap", default=None, help="an existing broker (else local)")
+    parser.add_argument("--address", default=None, help="a running Ray (else a local one)")
     args = parser.parse_args(argv)
     import ray
 
     # Started outside the event loop, as the forwarder's driver does.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    if args.address:  # a running local Ray (e.g. one kept up on a busy machine)
+        ray.init(address=args.address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     try:
         _main(args)
     finally:
