@@ -94,8 +94,7 @@ class ProducerActor:
         """Send and await acks; returns (count, the producer's token).
 
         `records` is one buffer plus offsets (`PackedBatch`): Ray pickles it as a handful
-        of objects whatever the batch holds, and the lane keeps it below Ray's limit for
-        arguments sent inline with the call (`BATCH_MAX_BYTES`).
+        of objects whatever the batch holds (up to `BATCH_MAX_BYTES`).
 
         The token names this actor incarnation and its current Kafka producer. A batch
         addressed to an earlier one (the actor restarted, or its producer was discarded

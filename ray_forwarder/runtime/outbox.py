@@ -160,8 +160,7 @@ class BatchLimits:
     batch_max_ms: float
     max_in_flight: int  # batches in flight per lane
     retry_delay: float = 0.2
-    #: key + value bytes per batch: one Ray call's argument stays below Ray's inline
-    #: limit (100 KB), beyond which it would go through the object store
+    #: key + value bytes per batch (one Ray call's argument)
     batch_max_bytes: int = 1 << 62
     #: key + value bytes in flight per lane: the window that keeps acks pipelined
     max_in_flight_bytes: int = 1 << 62
