@@ -26,9 +26,9 @@ from ray_forwarder.runtime.outbox import (
     SendBatch,
     StaleProducerError,
     Ticket,
-    WireRecord,
 )
 from ray_forwarder.runtime.producer import KafkaSink
+from ray_forwarder.runtime.wire import PackedBatch
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,11 @@ class ProducerActor:
         await self._sink.start()
         return True
 
-    async def send_batch(self, records: list[WireRecord], ticket: Ticket) -> tuple[int, str]:
+    async def send_batch(self, records: PackedBatch, ticket: Ticket) -> tuple[int, str]:
         """Send and await acks; returns (count, the producer's token).
+
+        `records` is one buffer plus offsets (`PackedBatch`): Ray pickles it as a handful
+        of objects whatever the batch holds (up to `BATCH_MAX_BYTES`).
 
         The token names this actor incarnation and its current Kafka producer. A batch
         addressed to an earlier one (the actor restarted, or its producer was discarded
@@ -135,7 +138,7 @@ class ProducerActor:
 
 
 def _sender(producer: Any) -> SendBatch:
-    async def send(records: list[WireRecord], ticket: Ticket) -> tuple[int, str]:
+    async def send(records: PackedBatch, ticket: Ticket) -> tuple[int, str]:
         return await producer.send_batch.remote(records, ticket)
 
     return send

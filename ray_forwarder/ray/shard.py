@@ -41,6 +41,23 @@ from ray_forwarder.runtime.session import AlpacaSession, FatalSessionError, Sess
 log = logging.getLogger(__name__)
 
 
+def outbox_limits(settings: Settings, spool_dir: Path | None) -> BatchLimits:
+    """The outbox's bounds from the settings (the shard's, and the hand-off bench's)."""
+    return BatchLimits(
+        max_events=settings.buffer_max_events,
+        max_bytes=settings.buffer_max_bytes,
+        spool_dir=spool_dir,
+        spool_max_bytes=settings.spool_max_bytes,
+        batch_max_events=settings.batch_max_events,
+        batch_max_ms=lane_linger_ms(settings),
+        max_in_flight=settings.batch_max_in_flight,
+        batch_max_bytes=settings.batch_max_bytes,
+        max_in_flight_bytes=settings.batch_max_in_flight_bytes,
+        max_record_bytes=settings.max_record_bytes,
+        dead_letter_topic=settings.topic_deadletter,
+    )
+
+
 def lane_linger_ms(settings: Settings) -> float:
     """How long a lane waits to fill a batch: `BATCH_MAX_MS`, at most `PRODUCER_LINGER_MS`.
 
@@ -127,20 +144,7 @@ class ShardCore:
             name=f"shard {spec.shard_id}",
             stream=stream,
         )
-        self.outbox = Outbox(
-            senders,
-            BatchLimits(
-                max_events=settings.buffer_max_events,
-                max_bytes=settings.buffer_max_bytes,
-                spool_dir=spool_directory(settings, spec),
-                spool_max_bytes=settings.spool_max_bytes,
-                batch_max_events=settings.batch_max_events,
-                batch_max_ms=lane_linger_ms(settings),
-                max_in_flight=settings.batch_max_in_flight,
-                max_record_bytes=settings.max_record_bytes,
-                dead_letter_topic=settings.topic_deadletter,
-            ),
-        )
+        self.outbox = Outbox(senders, outbox_limits(settings, spool_directory(settings, spec)))
         self.market_clock = MarketClock(
             market_fetcher(settings, spec), self._put_market_status,
             refresh_s=settings.market_clock_refresh_seconds,

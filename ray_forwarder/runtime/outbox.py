@@ -28,6 +28,7 @@ import logging
 import time
 import uuid
 import zlib
+from array import array
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,10 +42,9 @@ from ray_forwarder.core.deadletter import (
 )
 from ray_forwarder.core.pipeline import OutRecord
 from ray_forwarder.runtime.spool import DiskSpool, SpoolFull
+from ray_forwarder.runtime.wire import MAX_TOPICS, PackedBatch, WireRecord
 
 log = logging.getLogger(__name__)
-
-WireRecord = tuple[str, bytes, bytes]  # (topic, key, value): cheap to pickle across Ray
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +65,13 @@ class Ticket:
     isolate: tuple[int, ...] = ()
 
 
-#: send(records, ticket) -> (acked count, token of the producer that acknowledged them)
-SendBatch = Callable[[list[WireRecord], Ticket], Awaitable[tuple[int, str]]]
+#: send(records, ticket) -> (acked count, token of the producer that acknowledged them).
+#: The lane hands over a `PackedBatch` (a Sequence of (topic, key, value)).
+SendBatch = Callable[[PackedBatch, Ticket], Awaitable[tuple[int, str]]]
 #: on_ack(records, oldest received, submitted, acked): monotonic seconds, called once per
-#: acknowledged batch (latency metrics; see ray_forwarder/ops/metrics.py). Must not raise.
-AckObserver = Callable[[list[WireRecord], float, float, float], None]
+#: acknowledged batch (latency metrics; see ray_forwarder/ops/metrics.py) with the first
+#: record of each of its topics (what the metrics sample), not all. Must not raise.
+AckObserver = Callable[[Sequence[WireRecord], float, float, float], None]
 
 
 class StaleProducerError(RuntimeError):
@@ -141,7 +143,7 @@ class OutboxStats:
 
 @dataclass(slots=True)
 class _Batch:
-    records: list[WireRecord]
+    records: PackedBatch
     channels: Counter[str]
     oldest_received: float
     record_channels: list[str] = field(default_factory=list)  # per record, for diversions
@@ -156,13 +158,52 @@ class BatchLimits:
     max_events: int  # memory buffer bound per lane, in records
     batch_max_events: int
     batch_max_ms: float
-    max_in_flight: int
+    max_in_flight: int  # batches in flight per lane
     retry_delay: float = 0.2
+    #: key + value bytes per batch (one Ray call's argument)
+    batch_max_bytes: int = 1 << 62
+    #: key + value bytes in flight per lane: the window that keeps acks pipelined
+    max_in_flight_bytes: int = 1 << 62
     max_bytes: int = 1 << 62  # memory buffer bound per lane, in key + value bytes
     spool_dir: Path | None = None  # overflow to disk here (a directory per lane)
     spool_max_bytes: int = 0  # 0: no spool
     max_record_bytes: int = 1 << 20  # key + value; larger records go to the dead letters
     dead_letter_topic: str | None = None  # None: refused records are dropped, counted
+
+
+class _Window:
+    """What a lane has in flight, bounded in batches and in bytes.
+
+    A batch is admitted while fewer than `max_batches` are in flight and the bytes in
+    flight are below `max_bytes` (so the last one admitted may overshoot by one batch, and
+    a batch bigger than the window still goes, alone). Sized in bytes, the window keeps
+    acks pipelined whatever the batches' size: a lane's rate is its window over the ack
+    round trip, and a few MB in flight are far beyond what one connection delivers."""
+
+    def __init__(self, max_batches: int, max_bytes: int) -> None:
+        self._max_batches = max_batches
+        self._max_bytes = max_bytes
+        self.batches = 0
+        self.bytes = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def has_room(self) -> bool:
+        return self.batches < self._max_batches and self.bytes < self._max_bytes
+
+    async def wait_for_room(self) -> None:
+        while not self.has_room():
+            self._room.clear()
+            await self._room.wait()
+
+    def add(self, size: int) -> None:
+        self.batches += 1
+        self.bytes += size
+
+    def release(self, size: int) -> None:
+        self.batches -= 1
+        self.bytes -= size
+        self._room.set()
 
 
 class Lane:
@@ -173,7 +214,8 @@ class Lane:
         self._limits = limits
         self._linger = limits.batch_max_ms / 1000
         self._name = name
-        self._window = asyncio.Semaphore(limits.max_in_flight)
+        self._window = _Window(limits.max_in_flight, limits.max_in_flight_bytes)
+        self._batch_full_bytes = min(limits.batch_max_bytes, limits.max_in_flight_bytes)
         self._buffer: deque[tuple[OutRecord, float]] = deque()
         self._buffered_bytes = 0
         self._spool: DiskSpool | None = None
@@ -193,6 +235,32 @@ class Lane:
         self.stats = OutboxStats()
         self.observer: AckObserver | None = None
 
+    def put_many(self, records: list[OutRecord], received: float) -> None:
+        """`put` for each record; the common case (memory has room) without a call each."""
+        buffer, limits = self._buffer, self._limits
+        append = buffer.append
+        max_record, max_events, max_bytes = (
+            limits.max_record_bytes, limits.max_events, limits.max_bytes
+        )  # fmt: skip
+        buffered_bytes = self._buffered_bytes
+        for position, record in enumerate(records):
+            size = len(record.key) + len(record.value)
+            if (
+                size > max_record
+                or self._spool
+                or len(buffer) >= max_events
+                or buffered_bytes >= max_bytes
+            ):
+                self._buffered_bytes = buffered_bytes
+                for rest in records[position:]:
+                    self.put(rest, received)
+                return
+            append((record, received))
+            buffered_bytes += size
+        self._buffered_bytes = buffered_bytes
+        if len(buffer) >= limits.batch_max_events or buffered_bytes >= self._batch_full_bytes:
+            self._wake.set()
+
     def put(self, record: OutRecord, received: float) -> None:
         """Buffer in memory; when that is full, spool to disk; when both are, drop (counted).
 
@@ -211,10 +279,14 @@ class Lane:
                 return
             self.stats.dead_lettered[OVER_MAX_RECORD_BYTES] += 1
             record = OutRecord(*diverted, DEAD_LETTER_CHANNEL)
+            size = len(record.key) + len(record.value)
         if not self._spool and self._memory_has_room():
             self._buffer.append((record, received))
-            self._buffered_bytes += len(record.key) + len(record.value)
-            if len(self._buffer) >= self._limits.batch_max_events:
+            self._buffered_bytes += size
+            if (
+                len(self._buffer) >= self._limits.batch_max_events
+                or self._buffered_bytes >= self._batch_full_bytes
+            ):
                 self._wake.set()
             return
         if self._spool is not None:
@@ -301,7 +373,11 @@ class Lane:
                     return
                 await self._sleep_unless_woken(self._linger)
                 continue
-            if len(self._buffer) < self._limits.batch_max_events and not self._closed:
+            if (
+                len(self._buffer) < self._limits.batch_max_events
+                and self._buffered_bytes < self._batch_full_bytes
+                and not self._closed
+            ):
                 age = time.monotonic() - self._buffer[0][1]
                 if age < self._linger:
                     await self._sleep_unless_woken(self._linger - age)
@@ -311,9 +387,8 @@ class Lane:
                 # batch could reach a replacement producer ahead of an older failed one.
                 await asyncio.gather(*self._inflight, return_exceptions=True)
                 continue
-            await self._window.acquire()
+            await self._window.wait_for_room()
             if self._failed:
-                self._window.release()
                 continue
             self._submit(self._take_batch())
 
@@ -323,32 +398,62 @@ class Lane:
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
     def _take_batch(self) -> _Batch:
-        count = min(self._limits.batch_max_events, len(self._buffer))
-        records: list[WireRecord] = []
+        """The oldest records, packed for the wire: up to `batch_max_events` records and
+        `batch_max_bytes` (the first record always goes, whatever its size)."""
+        buffer = self._buffer
+        count = min(self._limits.batch_max_events, len(buffer))
+        max_bytes = self._limits.batch_max_bytes
+        oldest = buffer[0][1]
+        popleft = buffer.popleft
+        topic_ids: dict[str, int] = {}
+        topic_of = bytearray()
+        parts: list[bytes] = []
+        bounds = array("I", [0])
         record_channels: list[str] = []
-        oldest = self._buffer[0][1]
-        popleft = self._buffer.popleft
+        end = largest = 0
         for _ in range(count):
-            record, _received = popleft()
-            records.append((record.topic, record.key, record.value))
-            self._buffered_bytes -= len(record.key) + len(record.value)
+            record = buffer[0][0]
+            key, value = record.key, record.value
+            size = len(key) + len(value)
+            if end + size > max_bytes and end:
+                break
+            index = topic_ids.get(record.topic)
+            if index is None:
+                if len(topic_ids) == MAX_TOPICS:
+                    break
+                index = topic_ids[record.topic] = len(topic_ids)
+            popleft()
+            topic_of.append(index)
+            parts.append(key)
+            parts.append(value)
+            bounds.append(end + len(key))
+            end += size
+            bounds.append(end)
+            if size > largest:
+                largest = size
             record_channels.append(record.channel)
+        self._buffered_bytes -= end
+        records = PackedBatch(
+            tuple(topic_ids), bytes(topic_of), b"".join(parts), bounds, largest
+        )  # fmt: skip
         return _Batch(records, Counter(record_channels), oldest, record_channels)
 
     def _submit(self, batch: _Batch) -> asyncio.Task[None]:
-        """Start sending (the caller holds a window slot); calls start in submit order."""
+        """Start sending (the window had room); calls start in submit order."""
+        size = batch.records.nbytes
+        self._window.add(size)
         self._unacked.append(batch)
         batch.attempts += 1
         batch.submitted = time.monotonic()
         self._submissions += 1
         after = self._submissions - 1 if self._instance is not None else None
         ticket = Ticket(self._uid, self._submissions, after, self._instance, batch.isolate)
-        task = asyncio.create_task(self._deliver(batch, ticket))
+        task = asyncio.create_task(self._deliver(batch, ticket, size))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         return task
 
-    async def _deliver(self, batch: _Batch, ticket: Ticket) -> None:
+    async def _deliver(self, batch: _Batch, ticket: Ticket, size: int) -> None:
         try:
             acked, instance_now = await self._send(batch.records, ticket)
         except RecordsRefused as exc:  # (Ray's wrapper is an instance of it too)
@@ -369,7 +474,7 @@ class Lane:
             self._failed = True
             return
         finally:
-            self._window.release()
+            self._window.release(size)
         batch.acked = True
         if self._instance is None:
             self._instance = instance_now
@@ -382,7 +487,8 @@ class Lane:
         stats.last_ack_latency_s = now - batch.oldest_received
         if self.observer is not None:
             try:
-                self.observer(batch.records, batch.oldest_received, batch.submitted, now)
+                sample = list(batch.records.first_per_topic())
+                self.observer(sample, batch.oldest_received, batch.submitted, now)
             except Exception:  # metrics must never break delivery
                 log.warning("%s: ack observer failed", self._name, exc_info=True)
         while self._unacked and self._unacked[0].acked:
@@ -418,7 +524,7 @@ class Lane:
                 isolate.append(len(records))
             records.append(record)
             record_channels.append(channel)
-        batch.records, batch.record_channels = records, record_channels
+        batch.records, batch.record_channels = PackedBatch.pack(records), record_channels
         batch.channels = Counter(record_channels)
         batch.isolate = tuple(isolate)
 
@@ -447,7 +553,7 @@ class Lane:
         # restarted one ahead of an older batch.
         self._instance = None
         if retry:
-            await self._window.acquire()
+            await self._window.wait_for_room()
             self.stats.batches_resent += 1
             await self._submit(retry[0])
             if self._failed:
@@ -455,9 +561,8 @@ class Lane:
                 return
             retry = retry[1:]
         for position, batch in enumerate(retry):
-            await self._window.acquire()
+            await self._window.wait_for_room()
             if self._failed:  # failed again while re-sending: keep the rest for next time
-                self._window.release()
                 self._unacked.extend(retry[position:])
                 return
             self.stats.batches_resent += 1
@@ -493,6 +598,8 @@ class Outbox:
             batch_max_events=limits.batch_max_events,
             batch_max_ms=limits.batch_max_ms,
             max_in_flight=limits.max_in_flight,
+            batch_max_bytes=limits.batch_max_bytes,
+            max_in_flight_bytes=limits.max_in_flight_bytes,
             retry_delay=limits.retry_delay,
             max_record_bytes=limits.max_record_bytes,
             dead_letter_topic=limits.dead_letter_topic,
@@ -520,6 +627,9 @@ class Outbox:
 
     def put(self, records: list[OutRecord], received: float) -> None:
         """Buffer records (never blocks); beyond a lane's bound they are dropped and counted."""
+        if len(self._lanes) == 1:
+            self._lanes[0].put_many(records, received)
+            return
         for record in records:
             self.lane_for(record.key).put(record, received)
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from aiokafka.partitioner import DefaultPartitioner
 
+from ray_forwarder.runtime.wire import PackedBatch
+
 _PARTITIONER = DefaultPartitioner()
 #: Keys memoised per topic; beyond it the memo starts over (a pure cache, so bounded).
 MAX_MEMO_KEYS = 100_000
@@ -37,6 +39,10 @@ class KeyPartitioner:
                 raise ValueError(f"topic {topic} has no partitions")
             self._partitions[topic] = current
             self._memo[topic] = {}
+
+    def memo(self, topic: str) -> dict[bytes, int]:
+        """The topic's memo of key -> partition (missing keys: call this partitioner)."""
+        return self._memo[topic]
 
     def __call__(self, topic: str, key: bytes) -> int:
         memo = self._memo[topic]
@@ -82,3 +88,28 @@ def split_by_partition(
         else:
             runs.append(Run([index]))
     return plan
+
+
+def partition_packed(
+    records: PackedBatch, partition_of: KeyPartitioner
+) -> dict[tuple[str, int], list[int]]:
+    """`split_by_partition` for a packed batch without isolated records: each
+    (topic, partition)'s indices, in batch order, reading keys straight off the buffer."""
+    topics = records.topics
+    memos = [partition_of.memo(topic) for topic in topics]
+    data, bounds = records.data, records.bounds
+    by_slot: dict[int, list[int]] = {}  # topic index * 2**32 + partition
+    start = 0
+    for index, topic in enumerate(records.topic_of):
+        key = data[bounds[start] : bounds[start + 1]]
+        start += 2
+        partition = memos[topic].get(key)
+        if partition is None:
+            partition = partition_of(topics[topic], key)
+        slot = topic << 32 | partition
+        indices = by_slot.get(slot)
+        if indices is None:
+            by_slot[slot] = [index]
+        else:
+            indices.append(index)
+    return {(topics[slot >> 32], slot & 0xFFFFFFFF): found for slot, found in by_slot.items()}

@@ -36,11 +36,15 @@ from ray_forwarder.runtime.kafka_tls import (
     ssl_context,
 )
 from ray_forwarder.runtime.outbox import RecordsRefused, StaleProducerError, Ticket
-from ray_forwarder.runtime.partitioning import KeyPartitioner, Run, split_by_partition
+from ray_forwarder.runtime.partitioning import (
+    KeyPartitioner,
+    Run,
+    partition_packed,
+    split_by_partition,
+)
+from ray_forwarder.runtime.wire import PackedBatch, WireRecord
 
 log = logging.getLogger(__name__)
-
-WireRecord = tuple[str, bytes, bytes]
 
 #: aiokafka's own default `max_request_size`.
 DEFAULT_MAX_REQUEST_SIZE = 1024 * 1024
@@ -144,32 +148,52 @@ def producer_options(settings: Settings) -> ProducerOptions:
 
 
 class LaneOrder:
-    """Admits each lane's batches in the order the lane numbered them (see `Ticket`)."""
+    """Admits each lane's batches in the order the lane numbered them (see `Ticket`).
+
+    A batch that arrives before its predecessor waits on a future of its own, which the
+    predecessor's admission resolves: with a lane's whole window (dozens of calls) in
+    flight, waking every waiter on every admission cost a coroutine resumption per
+    waiter and batch."""
 
     def __init__(self) -> None:
         self._admitted: dict[str, int] = {}
-        self._changed = asyncio.Condition()
+        #: (lane, number awaited) -> resolved once the lane admitted that number
+        self._waiting: dict[tuple[str, int], asyncio.Future[None]] = {}
 
     async def wait_turn(self, ticket: Ticket, timeout_s: float) -> None:
-        if ticket.after is None:
-            return  # the lane has nothing else in flight to this producer
-
-        def predecessor_admitted() -> bool:
-            return self._admitted.get(ticket.lane, -1) >= ticket.after  # type: ignore[operator]
-
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(predecessor_admitted), timeout_s)
-            except TimeoutError:
-                raise StaleProducerError(
-                    f"batch {ticket.after} of {ticket.lane} never arrived; re-send in order"
-                ) from None
+        after = ticket.after
+        if after is None or self._admitted.get(ticket.lane, -1) >= after:
+            return  # nothing else in flight to this producer, or its predecessor is in
+        key = (ticket.lane, after)
+        turn = self._waiting.get(key)
+        if turn is None:
+            turn = self._waiting[key] = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(turn), timeout_s)
+        except TimeoutError:
+            if self._waiting.get(key) is turn:
+                del self._waiting[key]
+            raise StaleProducerError(
+                f"batch {after} of {ticket.lane} never arrived; re-send in order"
+            ) from None
 
     async def admitted(self, ticket: Ticket) -> None:
-        async with self._changed:
-            previous = self._admitted.get(ticket.lane, -1)
-            self._admitted[ticket.lane] = max(previous, ticket.number)
-            self._changed.notify_all()
+        lane = ticket.lane
+        previous = self._admitted.get(lane, -1)
+        if ticket.number <= previous:
+            return
+        self._admitted[lane] = ticket.number
+        waiting = self._waiting
+        if not waiting:
+            return
+        if ticket.number - previous <= len(waiting):
+            keys = [(lane, n) for n in range(previous + 1, ticket.number + 1)]
+        else:  # the lane's numbers jumped (a re-send after a restart): look at the waiters
+            keys = [key for key in waiting if key[0] == lane and key[1] <= ticket.number]
+        for key in keys:
+            turn = waiting.pop(key, None)
+            if turn is not None and not turn.done():
+                turn.set_result(None)
 
 
 @dataclass(eq=False)
@@ -308,6 +332,7 @@ class KafkaSink:
         addressed to a producer that was discarded meanwhile (`ticket.token`) is refused
         unsent (StaleProducerError), so that it cannot overtake the lane's earlier ones.
         """
+        records = PackedBatch.pack(records)  # a lane's batch already is one
         if ticket is None:
             incarnation, delivered, flight = await self._enqueue(records, None, ())
         else:
@@ -344,7 +369,7 @@ class KafkaSink:
         return self._settings.kafka_request_timeout_ms / 1000 + 30.0
 
     async def _enqueue(
-        self, records: Sequence[WireRecord], expected_token: str | None, isolate: Sequence[int]
+        self, records: PackedBatch, expected_token: str | None, isolate: Sequence[int]
     ) -> tuple[_Incarnation, asyncio.Future[None], _InFlight]:
         """Hand the records to aiokafka; the future resolves once Kafka acknowledged all.
 
@@ -376,7 +401,7 @@ class KafkaSink:
     async def _hand_over_all(
         self,
         incarnation: _Incarnation,
-        records: Sequence[WireRecord],
+        records: PackedBatch,
         isolate: Sequence[int],
         flight: _InFlight,
         acks: _Acks,
@@ -385,17 +410,18 @@ class KafkaSink:
 
         A partition's feed hands its Kafka batches to aiokafka one after the other, so a
         partition's records keep the batch's order, isolated ones included."""
-        for index, (_topic, key, value) in enumerate(records):
-            size = len(key) + len(value)
-            if size + RECORD_OVERHEAD_BYTES > self._max_request_size:  # this record's fault
-                self._fail(incarnation, [(flight, [index])], MessageSizeTooLargeError(
-                    f"the record is {size} bytes, above max_request_size"
-                ))  # fmt: skip
-                return
+        if records.largest + RECORD_OVERHEAD_BYTES > self._max_request_size:
+            for index, (_topic, key, value) in enumerate(records):
+                size = len(key) + len(value)
+                if size + RECORD_OVERHEAD_BYTES > self._max_request_size:  # its own fault
+                    self._fail(incarnation, [(flight, [index])], MessageSizeTooLargeError(
+                        f"the record is {size} bytes, above max_request_size"
+                    ))  # fmt: skip
+                    return
         producer = incarnation.producer
         partition_of = incarnation.partition_of
         try:
-            for topic in {topic for topic, _, _ in records}:
+            for topic in records.topics:
                 partition_of.use(topic, await producer.partitions_for(topic))
         except Exception as exc:  # no metadata for the topic: nothing was queued
             self._fail(incarnation, [(flight, list(range(len(records))))], exc)
@@ -403,6 +429,14 @@ class KafkaSink:
         if incarnation.dead.done():
             return
         feeds = incarnation.feeds
+        if not isolate:  # the common case: one run per partition, read off the buffer
+            for slot, indices in partition_packed(records, partition_of).items():
+                feed = feeds.get(slot)
+                if feed is None:
+                    feed = feeds[slot] = _PartitionFeed(self, incarnation, *slot)
+                feed.append_packed(records, indices, flight, acks)
+                feed.start()
+            return
         for slot, runs in split_by_partition(records, partition_of, frozenset(isolate)).items():
             feed = feeds.get(slot)
             if feed is None:
@@ -551,10 +585,15 @@ class _Pending:
     parts: list[tuple[_InFlight, _Acks, list[int]]] = field(default_factory=list)
 
     def add(self, flight: _InFlight, acks: _Acks, index: int) -> None:
+        self.indices_of(flight, acks).append(index)
+
+    def indices_of(self, flight: _InFlight, acks: _Acks) -> list[int]:
+        """The list of this batch's indices from `flight` (the call's Kafka batch count
+        grows by one the first time)."""
         if not self.parts or self.parts[-1][0] is not flight:
             acks.expect()
             self.parts.append((flight, acks, []))
-        self.parts[-1][2].append(index)
+        return self.parts[-1][2]
 
 
 class _PartitionFeed:
@@ -601,6 +640,32 @@ class _PartitionFeed:
                 tail.builder.append(key=key, value=value, timestamp=None)
                 queue.append(tail)
             tail.add(flight, acks, index)
+
+    def append_packed(
+        self, records: PackedBatch, indices: list[int], flight: _InFlight, acks: _Acks
+    ) -> None:
+        """Append records (indices into `records`, in order) to the partition's open
+        Kafka batch, and to new ones as each fills: the per-record work is two slices of
+        the buffer and one append."""
+        queue = self._queue
+        tail = queue[-1] if queue else None
+        if tail is None:
+            tail = _Pending(self._incarnation.producer.create_batch())
+            queue.append(tail)
+        noted = tail.indices_of(flight, acks)
+        append = tail.builder.append
+        data, bounds = records.data, records.bounds
+        for index in indices:
+            start = 2 * index
+            middle = bounds[start + 1]
+            key, value = data[bounds[start] : middle], data[middle : bounds[start + 2]]
+            if append(key=key, value=value, timestamp=None) is None:  # full (or closed)
+                tail = _Pending(self._incarnation.producer.create_batch())
+                tail.builder.append(key=key, value=value, timestamp=None)  # always fits
+                queue.append(tail)
+                noted = tail.indices_of(flight, acks)
+                append = tail.builder.append
+            noted.append(index)
 
     def start(self) -> None:
         if self._queue and (self.task is None or self.task.done()):
