@@ -71,7 +71,7 @@ def run_demo(options: DemoOptions) -> int:
             from ray_forwarder.ray.driver import ensure_ray, run_forwarder
 
             asyncio.run(prepare_topics(settings))
-            ensure_ray(include_dashboard=False)
+            ensure_ray()  # a local Ray with only what the forwarder uses
             result = asyncio.run(
                 run_forwarder(settings, duration=options.duration, progress=_progress)
             )
