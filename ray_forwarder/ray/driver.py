@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -119,28 +120,65 @@ _STARTUP_TIMEOUT = "timed out during startup"
 
 def _start_local_ray(kwargs: dict[str, Any], attempts: int = LOCAL_START_ATTEMPTS) -> None:
     """`ray.init()` for a local start, tried again when Ray's own startup timed out; what
-    a failed attempt started (GCS, log monitor, ...) is stopped before the next one."""
+    a failed attempt started is stopped before the next one."""
     import psutil  # ray[default] ships it; importing ray put it on the path
 
-    me = psutil.Process()
     for attempt in range(1, attempts + 1):
-        before = {p.pid for p in me.children(recursive=True)}
-        try:
-            ray.init(**kwargs)
-            return
-        except Exception as exc:
-            if attempt == attempts or _STARTUP_TIMEOUT not in str(exc):
-                raise
-            ray.shutdown()
-            remains = [p for p in me.children(recursive=True) if p.pid not in before]
-            _stop_processes(psutil, remains)
-            log.warning(
-                "the local Ray did not start (attempt %d of %d: %s; the raylet's log says "
-                "why); starting it again",
-                attempt,
-                attempts,
-                exc,
-            )
+        with _Descendants(psutil) as started:
+            try:
+                ray.init(**kwargs)
+                return
+            except Exception as exc:
+                if attempt == attempts or _STARTUP_TIMEOUT not in str(exc):
+                    raise
+                failure = exc
+        ray.shutdown()
+        _stop_processes(psutil, started.alive())
+        log.warning(
+            "the local Ray did not start (attempt %d of %d: %s; the raylet's log says why); "
+            "starting it again",
+            attempt,
+            attempts,
+            failure,
+        )
+
+
+class _Descendants:
+    """Every process that appears under this one while the block runs, polled twice a
+    second. The agents of a raylet that aborted are no longer under it once it is gone
+    (they are re-parented to init), and, still importing, they would slow the next
+    attempt's agents down further; this is how they are found."""
+
+    def __init__(self, psutil: Any, interval: float = 0.5) -> None:
+        self._psutil = psutil
+        self._interval = interval
+        self._before = {p.pid for p in psutil.Process().children(recursive=True)}
+        self._seen: dict[int, Any] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="ray-start-watch", daemon=True)
+
+    def __enter__(self) -> _Descendants:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self._look()
+
+    def _poll(self) -> None:
+        while not self._done.wait(self._interval):
+            self._look()
+
+    def _look(self) -> None:
+        with contextlib.suppress(self._psutil.Error):
+            for proc in self._psutil.Process().children(recursive=True):
+                if proc.pid not in self._before:
+                    self._seen.setdefault(proc.pid, proc)
+
+    def alive(self) -> list[Any]:
+        """Those still running (the same processes: psutil checks the start time too)."""
+        return [p for p in self._seen.values() if p.is_running()]
 
 
 def _stop_processes(psutil: Any, procs: list[Any], grace: float = 5.0) -> None:
