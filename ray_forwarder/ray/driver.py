@@ -126,7 +126,9 @@ def _start_local_ray(kwargs: dict[str, Any], attempts: int = LOCAL_START_ATTEMPT
     for attempt in range(1, attempts + 1):
         with _Descendants(psutil) as started:
             try:
-                ray.init(**kwargs)
+                # A fresh _system_config each time: ray.init() writes the attempt's own
+                # object spilling directory into the dict it was given.
+                ray.init(**{**kwargs, "_system_config": dict(kwargs.get("_system_config", {}))})
                 return
             except Exception as exc:
                 if attempt == attempts or _STARTUP_TIMEOUT not in str(exc):
