@@ -50,13 +50,16 @@ def main(temp_dir: str) -> None:
             time.sleep(1.0)
     import psutil  # ray[default] ships it; importing ray put it on the path
 
-    processes = []
+    processes, rss_mb = [], {}
     for proc in psutil.Process().children(recursive=True):
         try:
-            processes.append(" ".join(proc.cmdline()) or proc.name())
+            command = " ".join(proc.cmdline()) or proc.name()
+            rss_mb[command[:80]] = round(proc.memory_info().rss / 2**20, 1)
         except psutil.Error:
             continue
+        processes.append(command)
     result = {"actor_pid": actor_pid, "exported": exported, "processes": processes}
+    result["rss_mb"] = rss_mb  # for the reader of the test's output: what each one costs
     print("RESULT " + json.dumps(result), flush=True)
     ray.shutdown()
 

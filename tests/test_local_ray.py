@@ -71,7 +71,7 @@ def _probe(*, extra_env: dict[str, str] | None = None) -> tuple[dict, str]:
         print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
     assert proc.returncode == 0 and lines, "the probe failed (its output is above)"
     out = json.loads(lines[-1].removeprefix("RESULT "))
-    print("\n".join(p[:160] for p in out["processes"]))
+    print("\n".join(f"{mb:7.1f} MB  {cmd}" for cmd, mb in out["rss_mb"].items()))
     return out, proc.stderr
 
 
