@@ -27,13 +27,11 @@ def ray_session():
     """A local single-node Ray shared by every test that needs one."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            address="local",  # never a stale cluster left in /tmp/ray by `ray start`
-            num_cpus=RAY_TEST_CPUS,
-            include_dashboard=False,
-            namespace="ray-forwarder-tests",
-            log_to_driver=True,
-        )
+    from ray_forwarder.ray.driver import ensure_ray
+
+    # The forwarder's own local start (no dashboard UI, no task events, no idle workers,
+    # tried again if Ray's startup times out), so every test runs on what `ray-forwarder
+    # run` runs on; `environ={}`: a fresh local Ray whatever RAY_ADDRESS says.
+    ensure_ray(environ={}, num_cpus=RAY_TEST_CPUS, namespace="ray-forwarder-tests")
     yield ray
     ray.shutdown()

@@ -124,7 +124,7 @@ def run_demo(options: DemoOptions) -> int:
         from ray_forwarder.ray.driver import ensure_ray, run_forwarder
 
         asyncio.run(prepare_topics(settings))
-        ensure_ray(include_dashboard=False)
+        ensure_ray()  # a local Ray with only what the forwarder uses
         outage = (
             _Outage(sims["stocks"], options.duration / 3, options.outage_s)
             if "stocks" in sims

@@ -10,9 +10,10 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,20 +44,60 @@ def plan_shards(settings: Settings) -> list[ShardSpec]:
     return [planned.spec for planned in plan(settings)]
 
 
-def ensure_ray(**init_kwargs: Any) -> None:
+#: A local Ray that the forwarder starts for itself (no RAY_ADDRESS) runs only what the
+#: forwarder uses (docs/DESIGN.md, "A local Ray"). The dashboard agent (Ray's metrics
+#: export port, which the actor metrics need), the log monitor (actor logs on the driver's
+#: terminal) and the runtime-env agent start whatever the options say.
+LOCAL_RAY_OPTIONS: dict[str, Any] = {
+    # No dashboard UI: Ray still starts a head process for usage stats alone, but not the
+    # dashboard's dozen module processes (about 1 GB RSS between them).
+    "include_dashboard": False,
+    # A cap, not an allocation: batches travel inline (below), so the object store holds
+    # next to nothing; Ray's default is 30 % of the machine's memory.
+    "object_store_memory": 128 * 1024 * 1024,
+}
+LOCAL_RAY_SYSTEM_CONFIG: dict[str, Any] = {
+    # Task events feed the dashboard's task views and the state API, neither of which a
+    # local start serves; recording them costs every actor call, and the GCS keeps up to
+    # 100,000 of them.
+    "task_events_report_interval_ms": 0,
+    # No idle workers: Ray prestarts one per CPU for the first driver and keeps up to one
+    # per CPU idle (each a Python process of ~60-100 MB); the forwarder's actors start
+    # the workers they need.
+    "prestart_worker_first_driver": False,
+    "num_workers_soft_limit": 0,
+}
+#: Options that only mean something to a Ray this process starts; joining a cluster they
+#: are dropped, whoever passed them.
+LOCAL_ONLY_OPTIONS = frozenset(
+    {"num_cpus", "include_dashboard", "object_store_memory", "_system_config", "_temp_dir"}
+)
+
+
+def ray_init_options(init_kwargs: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """The `ray.init()` keyword arguments: the caller's, over the local start's defaults
+    when this process starts Ray, without any local-only option when it joins a cluster."""
+    kwargs: dict[str, Any] = {"namespace": "ray-forwarder", "log_to_driver": True}
+    if environ.get("RAY_ADDRESS"):
+        kwargs.update({k: v for k, v in init_kwargs.items() if k not in LOCAL_ONLY_OPTIONS})
+        return kwargs
+    # Without RAY_ADDRESS, always a fresh local Ray: never a stale cluster that a
+    # `ray start` once left in /tmp/ray.
+    kwargs.update(LOCAL_RAY_OPTIONS, address="local")
+    kwargs.update(init_kwargs)
+    kwargs["_system_config"] = {**LOCAL_RAY_SYSTEM_CONFIG, **init_kwargs.get("_system_config", {})}
+    return kwargs
+
+
+def ensure_ray(*, environ: Mapping[str, str] | None = None, **init_kwargs: Any) -> None:
     """Join the cluster named by RAY_ADDRESS (set under `ray job submit`) or start a
-    local single-node Ray."""
+    local single-node Ray with only what the forwarder needs (`LOCAL_RAY_OPTIONS`).
+
+    `environ` (default: the process's) is where RAY_ADDRESS is looked up; `{}` always
+    starts a local Ray."""
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"namespace": "ray-forwarder", "log_to_driver": True}
-    kwargs.update(init_kwargs)
-    if os.environ.get("RAY_ADDRESS"):
-        kwargs.pop("num_cpus", None)
-        kwargs.pop("include_dashboard", None)
-    else:
-        # Without RAY_ADDRESS, always a fresh local Ray: never a stale cluster that a
-        # `ray start` once left in /tmp/ray.
-        kwargs.setdefault("address", "local")
+    kwargs = ray_init_options(init_kwargs, os.environ if environ is None else environ)
     # Under `uv run`, Ray would otherwise build a fresh uv environment for every worker
     # from the working directory; the driver's own environment is the right one here.
     # Ray reads the variable when it is imported, so set its constant too.
@@ -64,7 +105,93 @@ def ensure_ray(**init_kwargs: Any) -> None:
         from ray._private import ray_constants
 
         ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
-    ray.init(**kwargs)
+    if kwargs.get("address") == "local":
+        _start_local_ray(kwargs)
+    else:
+        ray.init(**kwargs)
+
+
+#: The raylet waits a fixed 15 s for the dashboard agent (a Python process importing much
+#: of Ray) to write its port files, then aborts, and `ray.init()` fails with "timed out
+#: during startup" (ray-project/ray#65983; RAY_agent_register_timeout_ms does not extend
+#: that wait in Ray 2.60). On a busy machine that happens; a second start usually wins.
+LOCAL_START_ATTEMPTS = 3
+_STARTUP_TIMEOUT = "timed out during startup"
+
+
+def _start_local_ray(kwargs: dict[str, Any], attempts: int = LOCAL_START_ATTEMPTS) -> None:
+    """`ray.init()` for a local start, tried again when Ray's own startup timed out; what
+    a failed attempt started is stopped before the next one."""
+    import psutil  # ray[default] ships it; importing ray put it on the path
+
+    for attempt in range(1, attempts + 1):
+        with _Descendants(psutil) as started:
+            try:
+                # A fresh _system_config each time: ray.init() writes the attempt's own
+                # object spilling directory into the dict it was given.
+                ray.init(**{**kwargs, "_system_config": dict(kwargs.get("_system_config", {}))})
+                return
+            except Exception as exc:
+                if attempt == attempts or _STARTUP_TIMEOUT not in str(exc):
+                    raise
+                failure = exc
+        ray.shutdown()
+        _stop_processes(psutil, started.alive())
+        log.warning(
+            "the local Ray did not start (attempt %d of %d: %s; the raylet's log says why); "
+            "starting it again",
+            attempt,
+            attempts,
+            failure,
+        )
+
+
+class _Descendants:
+    """Every process that appears under this one while the block runs, polled twice a
+    second. The agents of a raylet that aborted are no longer under it once it is gone
+    (they are re-parented to init), and, still importing, they would slow the next
+    attempt's agents down further; this is how they are found."""
+
+    def __init__(self, psutil: Any, interval: float = 0.5) -> None:
+        self._psutil = psutil
+        self._interval = interval
+        self._before = {p.pid for p in psutil.Process().children(recursive=True)}
+        self._seen: dict[int, Any] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="ray-start-watch", daemon=True)
+
+    def __enter__(self) -> _Descendants:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self._look()
+
+    def _poll(self) -> None:
+        while not self._done.wait(self._interval):
+            self._look()
+
+    def _look(self) -> None:
+        with contextlib.suppress(self._psutil.Error):
+            for proc in self._psutil.Process().children(recursive=True):
+                if proc.pid not in self._before:
+                    self._seen.setdefault(proc.pid, proc)
+
+    def alive(self) -> list[Any]:
+        """Those still running (the same processes: psutil checks the start time too)."""
+        return [p for p in self._seen.values() if p.is_running()]
+
+
+def _stop_processes(psutil: Any, procs: list[Any], grace: float = 5.0) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The product under test: `python -m ray_forwarder_dev.bench.ray_runner --expect N` runs the
 forwarder exactly as `ray-forwarder run` does (configured by the environment, on a fresh
-local Ray with the dashboard and the metrics endpoint), in a process of its own, so that the
-bench can account for every process of it: this driver and everything Ray starts under it
-(gcs_server, raylet, dashboard and agents, the shard and producer actors).
+local Ray started with the same options: no dashboard UI, Ray's metrics agent and the
+driver's metrics endpoint), in a process of its own, so that the bench can account for every
+process of it: this driver and everything Ray starts under it (gcs_server, raylet, the
+dashboard head and agents, the shard and producer actors).
 
 Ray's session files go to a temp dir of this run (`--temp-dir`), and `ray.shutdown()` at
 the end stops the cluster this process started - never anybody else's.
