@@ -46,6 +46,7 @@ TOPIC_FIELDS = (
     "lulds",
     "imbalances",
     "trade_updates",
+    "deadletter",
 )
 
 

@@ -64,7 +64,8 @@ def demo_streams(requested: str, wire_format: str = "msgpack") -> list[str]:
     return names or [
         name
         for name, stream in STREAMS.items()
-        if name in SIM_STREAMS and wire_format in stream.wire_formats
+        if (name in SIM_STREAMS and wire_format in stream.wire_formats)
+        or stream.family == "trading"  # its own simulator; always JSON, whatever the format
     ]
 
 
@@ -84,6 +85,17 @@ def run_demo(options: DemoOptions) -> int:
         sims = {}
         stream_settings: dict[str, object] = {}
         for name in streams:
+            if STREAMS[name].family == "trading":
+                from ray_forwarder_dev.sim.trading import TradingSimConfig, TradingSimulatorThread
+
+                trading = TradingSimConfig(
+                    keys={SIM_KEY: SIM_SECRET},
+                    rate=options.rate * _OTHER_STREAM_RATE_SHARE,
+                    duplicate_ratio=options.duplicate_ratio,
+                )
+                sims[name] = running.enter_context(TradingSimulatorThread(trading))
+                stream_settings[STREAMS[name].url_setting] = sims[name].url
+                continue
             sim_config = SimConfig(
                 stream=name,
                 symbols=_SIM_SYMBOLS.get(name, symbols),
@@ -118,8 +130,10 @@ def run_demo(options: DemoOptions) -> int:
         )
         print(f"demo: Kafka at {bootstrap}; streams {', '.join(streams)}")
         for name, sim in sims.items():
-            shown = DEMO_SYMBOLS.get(name, symbols)
-            print(f"  {name:<8} simulator at {sim.url}  symbols {','.join(shown)}")
+            shown = ",".join(DEMO_SYMBOLS.get(name, symbols))
+            if STREAMS[name].family == "trading":
+                shown = "(the account's orders)"
+            print(f"  {name:<8} simulator at {sim.url}  symbols {shown}")
         print(f"demo: running the forwarder on a local Ray for {options.duration:g}s ...")
         from ray_forwarder.ray.driver import ensure_ray, run_forwarder
 
@@ -137,7 +151,7 @@ def run_demo(options: DemoOptions) -> int:
             _progress(snap, elapsed)
 
         result = asyncio.run(run_forwarder(settings, duration=options.duration, progress=progress))
-        sim_stats = {name: sim.stats() for name, sim in sims.items()}
+        sim_stats = {name: _sim_stats(sim) for name, sim in sims.items()}
         envelopes = asyncio.run(_read_one_each(settings))
     _summary(result.snapshot, result.elapsed_s, sim_stats, envelopes)
     if result.error:
@@ -163,6 +177,14 @@ class _Outage:
         elif self._state == "down" and elapsed >= self._at + self._seconds:
             sim.refuse_connections(False)
             self._state = "done"
+
+
+def _sim_stats(sim: Any) -> dict[str, int]:
+    """What a simulator sent, in one shape for both protocols (the trading simulator counts
+    `events` where the market-data one counts `items`)."""
+    stats = dict(sim.stats())
+    stats.setdefault("items", stats.get("events", 0))
+    return stats
 
 
 def _progress(snap: ForwarderSnapshot, elapsed: float) -> None:
