@@ -61,6 +61,20 @@ def test_a_disconnect_opens_a_gap_that_the_first_item_after_closes() -> None:
     assert ledger.note([_trade(22)], _ingest(14)) is None  # closed once
 
 
+def test_a_fresh_run_interrupted_before_its_first_item_opens_no_gap() -> None:
+    """A 406 or a drop before any data flowed (a slow start, a feed that refuses the first
+    connections) missed nothing the run had begun forwarding: no gap, and the first gap
+    opens only once data has flowed."""
+    ledger = GapLedger("stocks", "stocks-0", ["trades"], ["SPY"])
+    ledger.interrupt(cause_of("alpaca error 406: connection limit exceeded"))
+    assert ledger.open_cause is None
+    assert ledger.note([_trade(1)], _ingest(1)) is None
+    ledger.interrupt(cause_of("ConnectionClosedError: no close frame received or sent"))
+    gap = ledger.note([_trade(5)], _ingest(5))
+    assert gap is not None and gap.cause == "disconnect" and gap.start is not None
+    assert ledger.counts.gaps == Counter({"disconnect": 1})
+
+
 @pytest.mark.parametrize(
     ("reason", "cause"),
     [

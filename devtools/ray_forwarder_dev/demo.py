@@ -147,7 +147,8 @@ def run_demo(options: DemoOptions) -> int:
 
         def progress(snap: ForwarderSnapshot, elapsed: float) -> None:
             if outage is not None:
-                outage.tick(elapsed)
+                stocks = _by_stream(snap, "received").get("stocks", Counter())
+                outage.tick(elapsed, flowing=sum(stocks.values()) > 0)
             _progress(snap, elapsed)
 
         result = asyncio.run(run_forwarder(settings, duration=options.duration, progress=progress))
@@ -161,20 +162,23 @@ def run_demo(options: DemoOptions) -> int:
 
 
 class _Outage:
-    """Drop the simulator's connections at `at` s and refuse new ones for `seconds`."""
+    """Drop the simulator's connections at `at` s, once data flows (a gap needs data on
+    both sides: on a slow start the drop would come before the first item), and refuse new
+    ones for `seconds`."""
 
     def __init__(self, sim: object, at: float, seconds: float) -> None:
         self._sim, self._at, self._seconds = sim, at, seconds
         self._state = "before" if seconds > 0 else "done"
+        self._down_at = 0.0
 
-    def tick(self, elapsed: float) -> None:
+    def tick(self, elapsed: float, flowing: bool = True) -> None:
         sim: Any = self._sim
-        if self._state == "before" and elapsed >= self._at:
+        if self._state == "before" and elapsed >= self._at and flowing:
             print(f"demo: dropping the feed connection for {self._seconds:g}s ...", flush=True)
             sim.refuse_connections(True)
             sim.drop_connections()
-            self._state = "down"
-        elif self._state == "down" and elapsed >= self._at + self._seconds:
+            self._state, self._down_at = "down", elapsed
+        elif self._state == "down" and elapsed >= self._down_at + self._seconds:
             sim.refuse_connections(False)
             self._state = "done"
 

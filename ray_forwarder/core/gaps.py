@@ -189,8 +189,11 @@ class GapLedger:
 
     def interrupt(self, cause: str) -> None:
         """The data path is interrupted: open a gap from the last item (the first cause of
-        an interruption wins: a drop followed by a 406 on reconnect stays a drop)."""
-        if self._open_cause is None:
+        an interruption wins: a drop followed by a 406 on reconnect stays a drop). Before
+        the first item of a fresh run nothing was missed that anyone could name: the run
+        starts when data first flows, so no gap opens (a run that takes over from a
+        predecessor opened its gap in `resume_from`)."""
+        if self._open_cause is None and self.last is not None:
             self._open_cause, self._open_start = cause, self.last
 
     def resume_from(self, mark: Mark | None, cause: str) -> None:
