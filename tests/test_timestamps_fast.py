@@ -75,3 +75,16 @@ def test_msgpack_timestamps_are_unchanged() -> None:
     moment = datetime(2026, 1, 5, 14, 30, tzinfo=UTC)
     stamp = msgpack.Timestamp(int(moment.timestamp()), 5)
     assert timestamps.canonical(stamp) == "2026-01-05T14:30:00.000000005Z"
+
+
+@given(
+    seconds=st.integers(min_value=-(2**40), max_value=2**40),
+    nanoseconds=st.integers(min_value=0, max_value=999_999_999),
+)
+def test_msgpack_timestamps_render_like_from_unix_nanos(seconds: int, nanoseconds: int) -> None:
+    import msgpack
+
+    stamp = msgpack.Timestamp(seconds, nanoseconds)
+    assert _outcome(timestamps.canonical, stamp) == _outcome(  # type: ignore[arg-type]
+        lambda s: timestamps.from_unix_nanos(s.seconds, s.nanoseconds), stamp
+    )

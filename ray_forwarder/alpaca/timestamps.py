@@ -89,8 +89,9 @@ def canonical(value: object) -> str:
     """
     if type(value) is str:
         return _fast_utc(value) or _parse(value)
-    if type(value) is msgpack.Timestamp:
-        return from_msgpack(value)
+    if type(value) is msgpack.Timestamp:  # from_msgpack, inlined
+        prefix = _EPOCH_CACHE.get(value.seconds) or _second_prefix(value.seconds)
+        return f"{prefix}.{value.nanoseconds:09d}Z"
     raise ValueError(f"not a timestamp: {type(value).__name__}")
 
 
