@@ -28,7 +28,7 @@ from ray_forwarder.alpaca.events import (
     Subscription,
     Success,
 )
-from ray_forwarder.alpaca.items import field_type_error, is_symbol
+from ray_forwarder.alpaca.items import FIELD_CHECKS, is_symbol
 from ray_forwarder.alpaca.streams import STOCKS, StreamDefinition
 
 MSGPACK_CONTENT_TYPE = "application/msgpack"
@@ -91,11 +91,22 @@ def decode_frame(frame: bytes | str, stream: StreamDefinition | None = None) -> 
     if not isinstance(messages, list):
         return [Skipped("malformed_frame", f"top level is not an array: {_clip(frame)}")]
     events: list[Event] = []
+    append = events.append
+    by_type = CHANNEL_BY_TYPE if stream is None else stream.channel_by_type
+    by_symbol = stream is None or stream.key_field == "S"
     for message in messages:
         try:
-            events.append(decode_message(message, stream))
+            # Hot path: a data item (a map whose `T` names an item type of the stream, keyed
+            # by `S`) goes straight to `_decode_item`; everything else takes
+            # `decode_message`'s general route.
+            kind = message.get("T") if type(message) is dict else None
+            channel = by_type.get(kind) if by_symbol and type(kind) is str else None
+            if channel is not None:
+                append(_decode_item(channel, kind, message))  # type: ignore[arg-type]
+            else:
+                append(decode_message(message, stream))
         except Exception as exc:  # a defect here must cost one item, not the session
-            events.append(Skipped("invalid_item", f"{type(exc).__name__}: {_clip(message)}"))
+            append(Skipped("invalid_item", f"{type(exc).__name__}: {_clip(message)}"))
     return events
 
 
@@ -144,7 +155,8 @@ def _decode_item(channel: str, kind: str, item: dict[Any, Any]) -> Event:
         event_ts = timestamps.canonical(raw_ts)
     except ValueError as exc:
         return Skipped("bad_timestamp", f"{channel} item with t={_clip(raw_ts)}: {exc}")
-    wrong = field_type_error(kind, item)
+    check = FIELD_CHECKS.get(kind)
+    wrong = None if check is None else check(item)
     if wrong is not None:
         return Skipped(
             "bad_field_type", f"{channel} item with {wrong}={_clip(item[wrong])}: {_clip(item)}"

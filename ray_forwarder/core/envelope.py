@@ -90,7 +90,7 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _json_default(value: object) -> str:
+def json_default(value: object) -> str:
     """orjson's hook for types it does not know (called only for those, so free on the hot
     path): a msgpack Timestamp anywhere in an item is rendered like `t`; anything else
     (bytes, ext types, ...) has no JSON form."""
@@ -110,7 +110,7 @@ def serialise_payload(payload: dict[str, Any]) -> bytes:
     msgpack ext types, Timestamps no calendar can show, maps with non-string keys, nesting
     beyond 254 levels.
     """
-    return orjson.dumps(payload, default=_json_default, option=orjson.OPT_SORT_KEYS)
+    return orjson.dumps(payload, default=json_default, option=orjson.OPT_SORT_KEYS)
 
 
 def _digest(body: bytes) -> str:

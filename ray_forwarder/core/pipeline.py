@@ -18,7 +18,9 @@ import math
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from hashlib import blake2b as _blake2b
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -30,12 +32,16 @@ from ray_forwarder.core.envelope import (
     encode_backfilled_envelope,
     encode_envelope,
     final_bar_key,
-    item_dedup_key,
+    json_default,
     serialise_payload,
     utc_now_iso,
 )
 
 log = logging.getLogger(__name__)
+
+_dumps = orjson.dumps
+_Fragment = orjson.Fragment
+_SORT_KEYS = orjson.OPT_SORT_KEYS
 
 #: Channels whose records are not final when emitted (they may still be revised).
 REVISABLE_CHANNELS = frozenset({"bars", "updatedBars", "dailyBars"})
@@ -43,14 +49,21 @@ REVISABLE_CHANNELS = frozenset({"bars", "updatedBars", "dailyBars"})
 MINUTE_BAR_CHANNELS = frozenset({"bars", "updatedBars"})
 
 
-@dataclass(slots=True, frozen=True)
-class OutRecord:
-    """One Kafka record: topic, record key (the symbol), serialised envelope."""
+class OutRecord(NamedTuple):
+    """One Kafka record: topic, record key (the symbol), serialised envelope.
+
+    A NamedTuple (immutable, attribute access, positional construction like the frozen
+    dataclass it replaces): built once per event, and a tuple is the cheapest thing to
+    build and to pickle."""
 
     topic: str
     key: bytes
     value: bytes
     channel: str
+
+
+#: `OutRecord((topic, key, value, channel))` without the Python-level `__new__`.
+_new_record = partial(tuple.__new__, OutRecord)
 
 
 @dataclass
@@ -189,48 +202,63 @@ class EventPipeline:
         """Records for the items of one frame, in arrival order; duplicates are dropped.
 
         Never raises for an item's content: an item that cannot be forwarded is skipped and
-        counted, before it is marked seen or numbered, and its frame-mates go on."""
+        counted, before it is marked seen or numbered, and its frame-mates go on.
+
+        Hot path: per item one serialisation (`serialise_payload`, inlined), one digest,
+        one dedup `setdefault`, one seq number and one `orjson.dumps` of the envelope
+        (what `_record` builds, inlined; tests/test_pipeline_fast.py compares the two)."""
         out: list[OutRecord] = []
+        append = out.append
         counters = self.counters
+        received, emitted = counters.received, counters.emitted
         allowed = self._allowed
+        topics = self._topics
+        seen = self._dedup.seen
+        next_seq = self._seq.next
+        # per stream: news and trade_updates key by article / order id (`symbol` null)
+        minute_bars, revisable = self._minute_bars, self._revisable
+        key_is_symbol = self._key_is_symbol
         for item in items:
             channel, symbol = item.channel, item.symbol
+            event_ts, payload = item.event_ts, item.payload
             if allowed is not None and symbol not in allowed:
                 self.skip(Skipped("unsubscribed_symbol", f"{channel} item for {symbol[:40]!r}"))
                 continue
             try:
-                body = serialise_payload(item.payload)
+                body = _dumps(payload, default=json_default, option=_SORT_KEYS)
             except TypeError as exc:  # orjson.JSONEncodeError: bin, ext, non-str keys, depth
                 self.skip(Skipped("unencodable", f"{channel} {symbol} item: {exc}"))
                 continue
-            if b"null" in body and has_non_finite(item.payload):  # orjson writes NaN as null
+            if b"null" in body and has_non_finite(payload):  # orjson writes NaN as null
                 self.skip(Skipped("non_finite_number", f"{channel} {symbol} item: NaN or Inf"))
                 continue
-            counters.received[channel] += 1
-            topic = self._topics.get(channel)
+            received[channel] += 1
+            topic = topics.get(channel)
             if topic is None:
                 counters.unrouted[channel] += 1
                 continue
-            key = item_dedup_key(channel, symbol, item.event_ts, body)
-            if self._dedup.seen(key, now):
+            key = f"{channel}:{symbol}:{event_ts}:{_blake2b(body, digest_size=8).hexdigest()}"
+            if seen(key, now):
                 counters.deduplicated[channel] += 1
                 continue
-            if channel in self._minute_bars:
-                self._bars.observe(symbol, item.event_ts, item.payload, now)
-            out.append(
-                self._record(
-                    topic,
-                    ingest_ts=ingest_ts,
-                    event_ts=item.event_ts,
-                    channel=channel,
-                    symbol=symbol if self._key_is_symbol else None,
-                    payload=orjson.Fragment(body),
-                    is_final=channel not in self._revisable,
-                    key=key,
-                    seq_symbol=None if self._key_is_symbol else symbol,
-                    record_key=None if self._key_is_symbol else symbol,
-                )
+            if channel in minute_bars:
+                self._bars.observe(symbol, event_ts, payload, now)
+            seq = next_seq(channel, symbol)
+            emitted[channel] += 1
+            value = _dumps(
+                {
+                    "ingest_ts": ingest_ts,
+                    "event_ts": event_ts,
+                    "channel": channel,
+                    "symbol": symbol if key_is_symbol else None,
+                    "seq": seq,
+                    "payload": _Fragment(body),
+                    "is_final": channel not in revisable,
+                    "source": "alpaca",
+                    "key": key,
+                }
             )
+            append(_new_record((topic, symbol.encode(), value, channel)))
         return out
 
     def finalize_due(self, now: float) -> list[OutRecord]:
