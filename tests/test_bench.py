@@ -330,9 +330,12 @@ async def test_baseline_writes_the_products_records(kafka_broker, kafka_topics) 
     quote = {"T": "q", "S": "QQQ", "bp": 1.0, "ap": 1.01, "t": "2026-01-05T14:30:02.5Z"}
     bar = {"T": "b", "S": "SPY", "o": 1, "h": 2, "l": 1, "c": 2, "v": 9, "vw": 1.5, "n": 3,
            "t": msgpack.Timestamp(1767623400, 0)}  # fmt: skip
+    nan_quote = {"T": "q", "S": "QQQ", "bp": float("nan"), "ap": 1.0, "t": "2026-01-05T14:30:03Z"}
+    raw_trade = {"T": "t", "S": "SPY", "i": 2, "p": 1.0, "s": 1, "t": "2026-01-05T14:30:04Z",
+                 "c": b"raw"}  # fmt: skip
     frames = [
         (orjson.dumps([trade, quote, trade]), True),  # the second trade: a redelivery
-        (msgpack.packb([bar], datetime=False), False),
+        (msgpack.packb([bar, nan_quote, raw_trade], datetime=False), False),  # 2 unforwardable
     ]
 
     producer = producer_options(settings).create_producer()
@@ -347,11 +350,14 @@ async def test_baseline_writes_the_products_records(kafka_broker, kafka_topics) 
     finally:
         await producer.stop()
     assert (baseline.received, baseline.deduplicated, baseline.acked) == (4, 1, 3)
+    # what JSON cannot carry is skipped and counted, as the product does, not sent as null
+    assert baseline.skipped == {"non_finite_number": 1, "unencodable": 1}
 
     pipeline = EventPipeline(topic_map(settings), DedupCache(900, 1000), BarFinalizer(35))
     expected = []
     for frame, is_json in frames:
         items = decode_frame(frame.decode() if is_json else frame)
+        items = [item for item in items if isinstance(item, DataItem)]
         for record in pipeline.process(items, "ingest", 0.0):
             envelope = orjson.loads(record.value)
             expected.append((record.topic, record.key, {**envelope, "ingest_ts": None}))
@@ -361,3 +367,42 @@ async def test_baseline_writes_the_products_records(kafka_broker, kafka_topics) 
     assert sorted(got, key=repr) == sorted(expected, key=repr)
     json_trade = next(e for _, _, e in got if e["channel"] == "trades")
     assert json_trade["payload"]["t"] == "2026-01-05T14:30:01Z"  # as Alpaca sent it
+
+
+async def test_baseline_dedup_window_is_bounded_like_the_products(
+    kafka_broker, kafka_topics
+) -> None:
+    """DEDUP_MAX_KEYS bounds the baseline's dedup window as it bounds the product's
+    DedupCache: beyond it the oldest key is forgotten, so its redelivery goes through, while
+    a recent one is still dropped."""
+    from ray_forwarder.config import load_settings
+    from ray_forwarder.core.dedup import DedupCache
+    from ray_forwarder.runtime.producer import producer_options
+    from ray_forwarder_dev.bench.baseline import Baseline
+    from ray_forwarder_dev.bench.kafka_io import create_topics, topic_env
+
+    bootstrap = kafka_broker.bootstrap_servers
+    prefix = kafka_topics("bounded")
+    await create_topics(bootstrap, prefix)
+    settings = load_settings(
+        kafka_bootstrap_servers=bootstrap,
+        dedup_max_keys=3,
+        **{k.lower(): v for k, v in topic_env(prefix).items()},
+    )
+    trades = [{"T": "t", "S": "SPY", "i": i, "p": 1.0, "s": 1, "t": "2026-01-05T14:30:01Z"}
+              for i in range(5)]  # fmt: skip
+    feed = [*trades, trades[0], trades[4], trades[3]]  # 0 is forgotten, 3 and 4 are not
+    producer = producer_options(settings).create_producer()
+    await producer.start()
+    try:
+        baseline = Baseline(settings, producer)
+        await baseline.warm_up()
+        for item in feed:
+            baseline.process(orjson.dumps([item]), is_json=True)
+    finally:
+        await producer.stop()
+
+    product = DedupCache(settings.dedup_ttl_seconds, settings.dedup_max_keys)
+    dropped = sum(product.seen(dedup_key("trades", "SPY", t["t"], t), 0.0) for t in feed)
+    assert baseline.deduplicated == dropped == 2
+    assert baseline.emitted == len(feed) - 2
