@@ -18,8 +18,17 @@ from ray_forwarder.alpaca.events import DataItem
 from ray_forwarder.core.envelope import dedup_key, encode_envelope, final_bar_key
 from ray_forwarder_dev.bench.accounting import envelope_key, match_deliveries, percentiles
 from ray_forwarder_dev.bench.procstats import ProcessSampler, psutil, ray_role, terminate
-from ray_forwarder_dev.bench.report import BenchReport, CeilingReport, SystemReport, format_report
+from ray_forwarder_dev.bench.report import (
+    BenchReport,
+    CeilingReport,
+    RoleReport,
+    SystemReport,
+    fill_delivery,
+    format_report,
+)
 from ray_forwarder_dev.bench.runner import BenchOptions, SystemSpec, run_all
+from ray_forwarder_dev.bench.suite import format_summary, issue9_cases
+from ray_forwarder_dev.bench.targets import evaluate
 from ray_forwarder_dev.loadgen.feed import FeedSpec, build_feed, frames_for, item_key
 from tests.kafka_fixture import consume_all
 
@@ -46,6 +55,142 @@ def test_match_uses_first_send_and_first_append() -> None:
     assert sorted(round(x, 6) for x in got.latencies) == [0.2, 0.3]
     assert got.first_sent == 10.0 and got.last_acked == 10.8
     assert got.rate == pytest.approx(2 / 0.8)
+
+
+def test_match_splits_by_connection_and_measures_the_steady_rate() -> None:
+    # connection 0: 100 items sent at 1 ms spacing, appended at 1000/s; connection 1: 50
+    # items, the last 10 never appended
+    sent = [(f"a{i}", i / 1000, 0) for i in range(100)]
+    sent += [(f"b{i}", i / 1000, 1) for i in range(50)]
+    acked = [(f"a{i}", 1 + i / 1000) for i in range(100)]
+    acked += [(f"b{i}", 1 + i / 500) for i in range(40)]
+    got = match_deliveries(sent, acked)
+    assert (got.sent, got.delivered, got.lost) == (150, 140, 10)
+    a, b = got.streams[0], got.streams[1]
+    assert (a.sent, a.delivered, b.sent, b.delivered) == (100, 100, 50, 40)
+    assert a.rate == pytest.approx(100 / 1.099)
+    assert got.send_rate == pytest.approx(150 / 0.099)
+    # the middle 80 % of 140 sorted appends: a steady 1000 + 500 per second
+    assert 1200 < got.sustained_rate < 1800
+
+
+@pytest.mark.parametrize(
+    ("append_every", "lose", "kept_up"),
+    [(1 / 1000, 0, True), (1 / 600, 0, False), (1 / 1000, 3, False)],
+)
+def test_kept_up_means_the_rate_was_held_and_nothing_lost(append_every, lose, kept_up) -> None:
+    n = 2000
+    sent = [(f"k{i}", i / 1000) for i in range(n)]
+    acked = [(f"k{i}", 0.05 + i * append_every) for i in range(lose, n)]
+    report = SystemReport("ray S=1 P=1", "ray", pid=1, generator_pid=2)
+    fill_delivery(report, match_deliveries(sent, acked), rate=1000)
+    assert report.kept_up is kept_up
+    flat = SystemReport("ray S=1 P=1", "ray", pid=1, generator_pid=2)
+    fill_delivery(flat, match_deliveries(sent, acked), rate=0)
+    assert flat.kept_up is None  # flat out there is no rate to keep up with
+
+
+def _system(label: str, rate: float, **fields) -> SystemReport:
+    kind = "baseline" if label == "baseline" else "ray"
+    s = SystemReport(label, kind, pid=1, generator_pid=2, e2e_items_per_s=rate,
+                     sustained_items_per_s=rate, sent=100, delivered=100)  # fmt: skip
+    for name, value in fields.items():
+        setattr(s, name, value)
+    return s
+
+
+def _run(systems: list[SystemReport], **options) -> BenchReport:
+    base = {"events": 100, "symbols": 100, "wire_format": "json", "rate": 0.0, "linger_ms": 50}
+    return BenchReport({**base, **options}, None, systems)
+
+
+def test_targets_say_met_or_not_with_the_gap_and_never_pass_a_missing_run() -> None:
+    reports = [
+        # 1: one shard at 1.6x the baseline, clean -> met; 1,000 symbols at 1.2x -> gap
+        _run([_system("baseline", 80_000), _system("ray S=1 P=1", 128_000)]),
+        _run([_system("baseline", 80_000), _system("ray S=1 P=1", 96_000)], symbols=1000),
+        # 1 without the ray run: not measured
+        _run([_system("baseline", 80_000)], wire_format="msgpack"),
+        # 2 and 3 at 20k/s: 31 µs/event, p99 60 ms at linger 50 -> CPU gap, latency met
+        _run(
+            [
+                _system(
+                    "ray S=1 P=1",
+                    20_000,
+                    cpu_us_per_event=31.0,
+                    kept_up=True,
+                    latency_ms={"p50": 30.0, "p99": 60.0, "max": 80.0},
+                )
+            ],
+            rate=20_000,
+            wire_format="msgpack",
+        ),
+        # 3 at 50k/s, linger 5: did not keep up
+        _run(
+            [
+                _system(
+                    "ray S=1 P=1",
+                    25_600,
+                    kept_up=False,
+                    latency_ms={"p50": 900.0, "p99": 5700.0, "max": 6000.0},
+                )
+            ],
+            rate=50_000,
+            linger_ms=5,
+        ),
+        # 4: 10k symbols flat out, shard actor 500 MB, 120 records spooled
+        _run(
+            [
+                _system(
+                    "ray S=1 P=1",
+                    20_000,
+                    spooled=120,
+                    roles=[RoleReport("shard actor", 1, 10.0, 500.0)],
+                )
+            ],
+            symbols=10_000,
+        ),
+    ]
+    checks = evaluate(reports)
+    by_target: dict[int, list] = defaultdict(list)
+    for check in checks:
+        by_target[check.target].append(check)
+    assert [c.target for c in checks] == sorted(c.target for c in checks)
+    assert [c.met for c in by_target[1]] == [True, False, None]
+    assert by_target[1][1].gap == "24,000 items/s short"
+    assert "1.20x" in by_target[1][1].measured and "NOT MET" in by_target[1][1].verdict
+    assert by_target[1][2].verdict == "not measured"
+    [cpu] = by_target[2]
+    assert (cpu.met, cpu.gap) == (False, "16.0 µs/event over")
+    latency_20k, latency_50k = by_target[3]
+    assert latency_20k.met is True and latency_20k.goal == "p99 <= 70 ms"
+    assert latency_50k.met is False and "did not keep up" in latency_50k.gap
+    assert latency_50k.goal == "p99 <= 55 ms, kept up"
+    memory = {c.goal: c for c in by_target[4]}
+    assert memory["shard actor <= 300 MB"].gap == "200 MB over"
+    assert memory["no spool use (Kafka healthy)"].met is False
+
+
+def test_issue9_suite_covers_the_issues_table() -> None:
+    runs = issue9_cases(BenchOptions(events=1000, systems=("baseline", "ray:1:1")), 2.0)
+    flat = {(r.wire_format, r.symbols) for r in runs if not r.rate}
+    assert flat == {("json", 100), ("msgpack", 100), ("json", 1000), ("msgpack", 1000),
+                    ("msgpack", 10_000)}  # fmt: skip
+    fixed = {(r.rate, r.linger_ms, r.symbols) for r in runs if r.rate}
+    assert fixed == {(20_000, 50, 100), (20_000, 5, 100), (50_000, 50, 100), (50_000, 5, 100),
+                     (20_000, 50, 10_000)}  # fmt: skip
+    assert all(r.events >= r.rate * 2.0 for r in runs)  # long enough to tell "kept up"
+    assert all(r.systems == ("baseline", "ray:1:1") for r in runs)
+    assert all(r.ceiling == (not r.rate) for r in runs)
+
+
+def test_summary_flags_a_generator_that_cannot_outrun_the_system() -> None:
+    report = _run([_system("baseline", 80_000), _system("ray S=1 P=1", 40_000)])
+    report.ceiling = CeilingReport(100, 0.001, 200_000, 1, 2)  # 2.5x the fastest system
+    assert report.ceiling_ok is False
+    assert "TOO LOW" in format_summary([report])
+    report.ceiling = CeilingReport(100, 0.001, 400_000, 1, 2)
+    assert report.ceiling_ok is True and "TOO LOW" not in format_summary([report])
 
 
 def _envelope(item: dict, channel: str, *, is_final: bool, key: str | None = None) -> bytes:
@@ -102,13 +247,17 @@ def test_report_says_whether_the_generator_outran_the_systems(ceiling, verdict) 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("baseline", SystemSpec("baseline")), ("ray:2:3", SystemSpec("ray", 2, 3)),
-     ("ray", SystemSpec("ray", 1, 1)), ("ray:4", SystemSpec("ray", 4, 1))],
+     ("ray", SystemSpec("ray", 1, 1)), ("ray:4", SystemSpec("ray", 4, 1)),
+     ("cluster:3:3:1", SystemSpec("cluster", 3, 1, 3)),
+     ("cluster", SystemSpec("cluster", 2, 1, 2))],
 )  # fmt: skip
 def test_system_names(text: str, expected: SystemSpec) -> None:
     assert SystemSpec.parse(text) == expected
 
 
-@pytest.mark.parametrize("text", ["rayy", "ray:0", "ray:1:2:3", "ray:x", "base"])
+@pytest.mark.parametrize(
+    "text", ["rayy", "ray:0", "ray:1:2:3", "ray:x", "base", "cluster:2:2:1:1", "cluster:0"]
+)
 def test_bad_system_names_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="not a system"):
         SystemSpec.parse(text)
