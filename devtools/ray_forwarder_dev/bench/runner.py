@@ -10,13 +10,13 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import msgpack
 
 from ray_forwarder_dev.bench.accounting import match_deliveries
-from ray_forwarder_dev.bench.children import Child
+from ray_forwarder_dev.bench.children import Child, ChildFailed
 from ray_forwarder_dev.bench.kafka_io import (
     DATA_TOPICS,
     create_topics,
@@ -35,7 +35,9 @@ from ray_forwarder_dev.bench.report import (
 from ray_forwarder_dev.loadgen.feed import BENCH_CHANNELS, bench_symbols
 
 SAMPLE_INTERVAL_S = 0.2
-STARTUP_TIMEOUT_S = 180.0  # a fresh local Ray on a loaded machine can be slow
+#: A fresh local Ray on a loaded machine can be slow: three start attempts (ray_runner's)
+#: of up to two minutes each were seen with a load average of 20 on 2 cores.
+STARTUP_TIMEOUT_S = 600.0
 
 
 #: Ray's raylet dies if its dashboard agent has not registered within 30 s, and reaps
@@ -58,6 +60,7 @@ class BenchOptions:
     systems: tuple[str, ...] = ("baseline", "ray:1:1")  # "ray:SHARDS:PRODUCERS"
     ceiling: bool = True
     keep_topics: bool = False  # leave the run's topics in Kafka (tests inspect them)
+    keep_going: bool = False  # a system that fails is reported as failed, the rest still run
     run_timeout: float = 600.0
     seed: int = 0
 
@@ -288,7 +291,15 @@ async def run_all(
 ) -> BenchReport:
     report = BenchReport(options={**options.__dict__, "systems": list(options.systems)})
     for text in options.systems:
-        result = await run_system(SystemSpec.parse(text), options, bootstrap, workdir)
+        spec = SystemSpec.parse(text)
+        try:
+            result = await run_system(spec, options, bootstrap, workdir)
+        except ChildFailed as exc:
+            if not options.keep_going:
+                raise
+            # the other runs still count; this one is reported as failed, not as zero
+            result = SystemReport(spec.label, spec.kind, 0, 0)
+            result.notes.append(f"FAILED: {str(exc).splitlines()[0]}")
         report.systems.append(result)
         if on_system is not None:
             on_system(result)
@@ -315,7 +326,7 @@ def bench_main(
         SystemSpec.parse(text)  # fail before starting anything
     if suite:
         seconds = suites.RATE_SECONDS if rate_seconds is None else rate_seconds
-        runs = suites.cases(suite, options, seconds)
+        runs = suites.cases(suite, replace(options, keep_going=True), seconds)
     else:
         runs = [options]
     workdir = Path(tempfile.mkdtemp(prefix="ray-forwarder-bench-"))
@@ -325,14 +336,15 @@ def bench_main(
         for number, run in enumerate(runs, 1):
             if len(runs) > 1:
                 print(f"run {number}/{len(runs)}: {suites.run_name(run.__dict__)}", flush=True)
-            reports.append(
-                await run_all(
-                    run,
-                    bootstrap,
-                    workdir,
-                    on_system=lambda s: print(f"  done: {format_row(s)}", flush=True),
-                )
+            report = await run_all(
+                run,
+                bootstrap,
+                workdir,
+                on_system=lambda s: print(f"  done: {format_row(s)}", flush=True),
             )
+            reports.append(report)
+            if len(runs) > 1:  # each run in full as it ends: a long suite cut short keeps them
+                print(f"\n{format_report(report)}\n", flush=True)
 
     try:
         with kafka_for_tools("bench: starting a local Kafka broker") as bootstrap:
@@ -340,7 +352,7 @@ def bench_main(
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print()
-    text = suites.format_suite(reports) if suite else format_report(reports[0])
+    text = suites.format_suite(reports, with_runs=False) if suite else format_report(reports[0])
     print(text, flush=True)
     if json_path:
         data = {"reports": [r.to_dict() for r in reports]}

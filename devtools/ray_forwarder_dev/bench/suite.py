@@ -77,8 +77,8 @@ def format_summary(reports: list[BenchReport]) -> str:
     return "\n".join(lines)
 
 
-def format_suite(reports: list[BenchReport]) -> str:
-    parts = [format_report(r) for r in reports]
+def format_suite(reports: list[BenchReport], with_runs: bool = True) -> str:
+    parts = [format_report(r) for r in reports] if with_runs else []
     parts.append(format_summary(reports))
     parts.append(format_checks(evaluate(reports)))
     return "\n\n".join(parts)

@@ -59,7 +59,7 @@ def check_speedup(report: BenchReport) -> Check | None:
         return None
     base, ray = _system(report, BASELINE), _system(report, ONE_SHARD)
     goal = f">= {SPEEDUP:g}x the baseline, nothing lost or duplicated"
-    if base is None or ray is None or base.e2e_items_per_s <= 0:
+    if base is None or ray is None or not base.delivered or not ray.delivered:
         return Check(1, run_name(o), goal, "needs baseline and ray:1:1", None)
     ratio = ray.e2e_items_per_s / base.e2e_items_per_s
     measured = f"{ratio:.2f}x ({ray.e2e_items_per_s:,.0f} vs {base.e2e_items_per_s:,.0f}/s)"
