@@ -10,6 +10,7 @@ import sys
 import time
 from collections import defaultdict
 
+import msgpack
 import orjson
 import pytest
 
@@ -17,6 +18,7 @@ from ray_forwarder.alpaca.codec import decode_frame
 from ray_forwarder.alpaca.events import DataItem
 from ray_forwarder.core.envelope import dedup_key, encode_envelope, final_bar_key
 from ray_forwarder_dev.bench.accounting import envelope_key, match_deliveries, percentiles
+from ray_forwarder_dev.bench.kafka_io import read_back
 from ray_forwarder_dev.bench.procstats import ProcessSampler, psutil, ray_role, terminate
 from ray_forwarder_dev.bench.report import (
     BenchReport,
@@ -415,6 +417,60 @@ async def test_small_real_run_reports_consistent_counts(kafka_broker, tmp_path) 
     text = format_report(report)
     assert "baseline" in text and "ray S=1 P=1" in text and "ceiling" in text
     assert orjson.loads(orjson.dumps(report.to_dict()))["systems"][1]["label"] == "ray S=1 P=1"
+    for system in report.systems:  # flat out: a steady rate, no rate to keep up with
+        assert system.kept_up is None and system.sustained_items_per_s > 0
+        assert system.send_items_per_s > 0 and system.spooled == 0
+        [stream] = system.streams  # one connection, which carried everything
+        assert (stream.sent, stream.delivered) == (3000, 3000)
+        assert stream.label == "bench-key-0"
+
+
+async def test_lost_and_doubled_records_are_found_on_real_data(kafka_broker, tmp_path) -> None:
+    """A real run (the baseline: no Ray, seconds), then the head of one partition deleted
+    and three of its records written once more: accounting the same run again finds
+    exactly those lost and doubled."""
+    options = BenchOptions(events=2000, symbols=10, wire_format="json", linger_ms=5,
+                           systems=("baseline",), ceiling=False, keep_topics=True)  # fmt: skip
+    bootstrap = kafka_broker.bootstrap_servers
+    [system] = (await run_all(options, bootstrap, tmp_path)).systems
+    assert (system.delivered, system.lost, system.duplicates) == (2000, 0, 0)
+
+    await _lose_and_double(bootstrap, system.topics[0], lose=5, double=3)
+    sent = msgpack.unpackb((tmp_path / "baseline.sent").read_bytes())["sent"]
+    acked, _ = await read_back(bootstrap, system.topics)
+    again = match_deliveries(sent, acked)
+    assert (again.lost, again.duplicates, again.unexpected) == (5, 3, 0)
+    assert again.delivered == 2000 - 5
+
+
+async def _lose_and_double(bootstrap: str, topic: str, *, lose: int, double: int) -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+
+    partition = TopicPartition(topic, 0)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([partition])
+        await consumer.seek_to_beginning(partition)
+        batch = await consumer.getmany(partition, timeout_ms=10_000, max_records=lose + double)
+        head = batch[partition]
+    finally:
+        await consumer.stop()
+    assert len(head) == lose + double
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_records({partition: RecordsToDelete(head[lose].offset)})
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for record in head[lose:]:
+            await producer.send_and_wait(topic, record.value, key=record.key, partition=0)
+    finally:
+        await producer.stop()
 
 
 def _started_by(pid: int, system) -> bool:
@@ -457,7 +513,6 @@ async def test_baseline_writes_the_products_records(kafka_broker, kafka_topics) 
     pipeline: the same topic, record key and envelope, ingest time aside - for JSON with
     Alpaca's short time form (kept as sent) and msgpack Timestamps (rendered), and a
     redelivery dropped by both."""
-    import msgpack
 
     from ray_forwarder.config import load_settings
     from ray_forwarder.core.bars import BarFinalizer
@@ -555,3 +610,31 @@ async def test_baseline_dedup_window_is_bounded_like_the_products(
     dropped = sum(product.seen(dedup_key("trades", "SPY", t["t"], t), 0.0) for t in feed)
     assert baseline.deduplicated == dropped == 2
     assert baseline.emitted == len(feed) - 2
+
+
+@pytest.mark.timeout(1200)
+async def test_cluster_run_shows_records_from_every_shard(kafka_broker, tmp_path) -> None:
+    """Target 5: two shards on a two-node `ray.cluster_utils.Cluster`: every shard's
+    connection delivers, each has its own rate, and the actors ran on more than one node."""
+    options = BenchOptions(events=2000, symbols=20, wire_format="msgpack", linger_ms=5,
+                           systems=("cluster:2:2:1",), ceiling=False)  # fmt: skip
+    report = await run_all(options, kafka_broker.bootstrap_servers, tmp_path)
+
+    [system] = report.systems
+    assert system.label == "cluster N=2 S=2 P=1"
+    assert (system.sent, system.delivered, system.lost, system.duplicates) == (2000, 2000, 0, 0)
+    assert sorted(st.label for st in system.streams) == ["bench-key-0", "bench-key-1"]
+    assert all(st.delivered > 0 and st.e2e_items_per_s > 0 for st in system.streams)
+    assert sum(st.delivered for st in system.streams) == 2000
+    assert len(system.stats["shards"]) == 2
+    assert sorted(system.stats["nodes"].values()) == ["head", "worker-1"]
+    placement = system.stats["placement"]
+    assert sorted(placement) == [
+        "producer-0",
+        *sorted(s["shard_id"] for s in system.stats["shards"]),
+    ]
+    assert len(set(placement.values())) == 2  # SPREAD used both nodes
+    roles = {r.role: r.processes for r in system.roles}
+    assert roles["raylet"] == 2  # one raylet per node, all accounted for
+    text = format_report(report)
+    assert "actors by node: " in text and "per connection (shard)" in text
