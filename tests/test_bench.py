@@ -195,6 +195,13 @@ def test_summary_flags_a_generator_that_cannot_outrun_the_system() -> None:
     assert report.ceiling_ok is True and "TOO LOW" not in format_summary([report])
 
 
+def test_a_failed_run_is_shown_failed_and_its_targets_not_measured() -> None:
+    failed = _system("ray S=1 P=1", 0, failed="ray did not start", delivered=0, sent=0)
+    report = _run([_system("baseline", 80_000), failed], rate=20_000, wire_format="msgpack")
+    assert all(c.met is None for c in evaluate([report]))
+    assert "FAILED" in format_summary([report]) and "FAILED" in format_report(report)
+
+
 def _envelope(item: dict, channel: str, *, is_final: bool, key: str | None = None) -> bytes:
     return encode_envelope(
         ingest_ts="2026-01-05T14:30:00.000001Z",

@@ -74,6 +74,7 @@ class SystemReport:
     stats: dict[str, Any] = field(default_factory=dict)  # the system's own counters
     topics: list[str] = field(default_factory=list)  # the run's data topics
     notes: list[str] = field(default_factory=list)
+    failed: str = ""  # why the run failed (its numbers are then not measurements)
 
     def role_rss_mb(self, role: str) -> float:
         """Peak RSS of one role's processes together (0 if it has none)."""
@@ -192,6 +193,8 @@ def _kept_up(s: SystemReport) -> str:
 
 
 def format_row(s: SystemReport) -> str:
+    if s.failed:
+        return f"{s.label:<22} FAILED: {s.failed[:90]}"
     lat = s.latency_ms
     cols = (
         f"{lat['p50']:7.1f} {lat['p99']:7.1f} {lat['max']:7.1f}"

@@ -255,6 +255,13 @@ async def run_system(
     return report
 
 
+def _last_error(text: str) -> str:
+    """The most telling line of a child's failure: its last exception line, if any."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "Exception" in line]
+    return (errors or lines or [""])[-1][:300]
+
+
 async def run_ceiling(options: BenchOptions, workdir: Path) -> CeilingReport:
     """The generator flat out against a client that reads and discards."""
     out = workdir / "ceiling.sent"
@@ -299,7 +306,8 @@ async def run_all(
                 raise
             # the other runs still count; this one is reported as failed, not as zero
             result = SystemReport(spec.label, spec.kind, 0, 0)
-            result.notes.append(f"FAILED: {str(exc).splitlines()[0]}")
+            result.failed = str(exc).splitlines()[0]
+            result.notes.append(f"FAILED: {_last_error(str(exc))}")
         report.systems.append(result)
         if on_system is not None:
             on_system(result)

@@ -61,6 +61,9 @@ def format_summary(reports: list[BenchReport]) -> str:
     for report in reports:
         name = run_name(report.options)
         for s in report.systems:
+            if s.failed:
+                lines.append(f"{name:<44} {s.label:<22} FAILED (see its run)")
+                continue
             lat = s.latency_ms or {}
             kept = "-" if s.kept_up is None else ("yes" if s.kept_up else "NO")
             lines.append(
