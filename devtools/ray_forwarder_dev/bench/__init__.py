@@ -14,6 +14,13 @@ memory with psutil, and reads Kafka afterwards. Systems:
 * `ray:S:P`: `ray-forwarder run` with S shards and P producers, on a fresh local Ray
   started by its own driver process (with the dashboard, as the product runs), torn down by
   that driver; every process of it is accounted for.
+* `cluster:N:S:P`: the same on a `ray.cluster_utils.Cluster` of N nodes on this machine
+  (N raylets, one CPU each; shards placed with SPREAD): shows every shard's records
+  arriving, its rate per connection, and which node each actor ran on.
+
+`--suite issue9` runs issue #9's whole table (flat out JSON/msgpack with 100 and 1,000
+symbols and msgpack with 10,000; 20k and 50k items/s at linger 50 and 5 ms; 10,000 symbols
+at 20k/s) with `--systems`, then prints a summary and targets 1-4 met or not, with the gap.
 
 What each column means:
 
@@ -23,6 +30,8 @@ What each column means:
   run gets fresh topics with `message.timestamp.type=LogAppendTime`); with acks=all on one
   broker that is when the ack is sent. Whole milliseconds; one machine's clock. Flat out,
   latency is mostly queueing behind the backlog; at `--rate` it is batching and hops.
+* `held/s`, `kept up`: broker appends per second over the middle 80 % of the items (no
+  start, no final drain); at `--rate`, kept up = held >= 95 % of the rate, nothing lost.
 * `sent`, `lost`, `dup`: distinct items written, those never found in Kafka, and Kafka
   records beyond the first for an item; `dedup`: redeliveries (byte-identical re-sends
   the generator sprinkles in, `--duplicate-ratio`) that the system dropped. Records the
@@ -51,7 +60,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--systems",
         default="baseline,ray:1:1",
-        help="comma-separated: baseline, ray:SHARDS:PRODUCERS (default baseline,ray:1:1)",
+        help="comma-separated: baseline, ray:SHARDS:PRODUCERS, cluster:NODES:SHARDS:PRODUCERS "
+        "(default baseline,ray:1:1)",
+    )
+    parser.add_argument(
+        "--suite",
+        choices=["issue9"],
+        default=None,
+        help="run a whole table instead of one configuration (issue9: issue #9's runs and "
+        "targets; --wire-format, --symbols, --rate and --linger-ms are then the suite's)",
+    )
+    parser.add_argument(
+        "--rate-seconds",
+        type=float,
+        default=None,
+        help="suite: how long each fixed-rate run lasts at least (10)",
     )
     parser.add_argument(
         "--no-ceiling", action="store_true", help="skip the load generator's ceiling run"
@@ -72,5 +95,5 @@ def run_from_args(args: argparse.Namespace) -> int:
         systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()),
         ceiling=not args.no_ceiling,
     )
-    bench_main(options, args.json)
+    bench_main(options, args.json, suite=args.suite, rate_seconds=args.rate_seconds)
     return 0

@@ -1,7 +1,7 @@
 """The benchmark's baseline: the best single-process forwarder we can write, run as
 `python -m ray_forwarder_dev.bench.baseline --expect N` in a process of its own.
 
-One asyncio loop (uvloop when installed), one WebSocket connection, orjson/msgpack, and one
+One asyncio loop on uvloop, one WebSocket connection, orjson/msgpack, and one
 aiokafka producer fed whole batches: records go straight into a `BatchBuilder` per
 partition (`create_batch()`; the partition from aiokafka's default murmur2 partitioner,
 cached per key: `partitioning.KeyPartitioner`, as in the product's producer), and each
@@ -13,7 +13,9 @@ at most one batch per partition behind the one in flight, which is the backpress
 
 It does the product's work per item: the same envelope, the same dedup key
 (`channel:symbol:event_ts:digest`, BLAKE2b of the item with sorted keys) kept for
-DEDUP_TTL_SECONDS / DEDUP_MAX_KEYS, the same seq per (channel, symbol), minute-bar
+DEDUP_TTL_SECONDS / DEDUP_MAX_KEYS, the item serialised once (the bytes the digest covers
+go into the envelope as an `orjson.Fragment`), the same skips of items JSON cannot carry,
+the same seq per (channel, symbol), minute-bar
 finalisation, the same topics, record keys and partitions, and the same producer settings
 (acks=all, idempotence, linger, compression, batch size). It configures itself from the
 same environment variables.
@@ -34,12 +36,12 @@ import argparse
 import asyncio
 import sys
 import time
-from collections import Counter
-from datetime import UTC, datetime
+from collections import Counter, OrderedDict
 from typing import Any
 
 import msgpack
 import orjson
+import uvloop
 from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import connect
 
@@ -48,14 +50,19 @@ from ray_forwarder.alpaca.codec import connection_headers, encode_auth, encode_s
 from ray_forwarder.alpaca.timestamps import canonical, from_unix_nanos
 from ray_forwarder.config import Settings, load_settings
 from ray_forwarder.core.bars import BarFinalizer
-from ray_forwarder.core.envelope import item_dedup_key
+from ray_forwarder.core.envelope import (
+    final_bar_key,
+    item_dedup_key,
+    serialise_payload,
+    utc_now_iso,
+)
+from ray_forwarder.core.pipeline import has_non_finite
 from ray_forwarder.core.topics import topic_map
 from ray_forwarder.runtime.partitioning import KeyPartitioner
 from ray_forwarder.runtime.producer import producer_options
 
 _REVISABLE = frozenset({"bars", "updatedBars", "dailyBars"})
 _MINUTE_BARS = frozenset({"bars", "updatedBars"})
-_SORT_KEYS = orjson.OPT_SORT_KEYS
 
 
 def _event_ts(raw: object) -> str:
@@ -73,8 +80,13 @@ class Baseline:
         self._topics = topic_map(settings)
         self._ttl = settings.dedup_ttl_seconds
         self._max_keys = settings.dedup_max_keys
-        self._seen: dict[str, float] = {}  # dedup key -> expiry, oldest first
+        # dedup key -> expiry, oldest first. An OrderedDict, not a dict: a dict trimmed from
+        # the front keeps the deleted slots until it is resized, so `next(iter(d))` walks
+        # over all of them (measured: 18 % of this process's time once DEDUP_MAX_KEYS was
+        # reached); an OrderedDict's front is one pointer away.
+        self._seen: OrderedDict[str, float] = OrderedDict()
         self._seq: dict[tuple[str, str], int] = {}
+        self._record_keys: dict[str, bytes] = {}
         self._bars = BarFinalizer(settings.bar_final_delay_seconds)
         self.received = 0
         self.deduplicated = 0
@@ -86,6 +98,7 @@ class Baseline:
         self._partition_of = KeyPartitioner()  # topics' partitions from the warm-up
         # (topic, partition) -> open batch and when its first record went in
         self._open: dict[tuple[str, int], tuple[Any, float]] = {}
+        self._full: list[tuple[tuple[str, int], Any]] = []  # closed, to hand over in order
         self._in_flight = 0  # records in batches handed over, not yet acknowledged
         self._all_acked = asyncio.Event()
         self._all_acked.set()
@@ -93,8 +106,15 @@ class Baseline:
     # --- per frame ----------------------------------------------------------------------
 
     async def on_frame(self, frame: bytes, is_json: bool) -> None:
+        """Decode a frame, append its records to the open batches, then hand over the
+        batches that filled up (the only place this waits: for Kafka's backpressure)."""
+        self.process(frame, is_json)
+        if self._full:
+            await self._hand_over_full()
+
+    def process(self, frame: bytes, is_json: bool) -> None:
         now = time.monotonic()
-        ingest_ts = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        ingest_ts = utc_now_iso()
         try:
             if is_json:  # orjson reads the bytes: no UTF-8 decode into a str first
                 messages = orjson.loads(frame)
@@ -103,13 +123,16 @@ class Baseline:
         except Exception:
             self.skipped["malformed_frame"] += 1
             return
+        if not isinstance(messages, list):
+            self.skipped["malformed_frame"] += 1
+            return
         seen, ttl, topics, seqs = self._seen, self._ttl, self._topics, self._seq
         while seen:  # every key lives `ttl`: the oldest is first
-            oldest = next(iter(seen))
-            if seen[oldest] > now:
+            oldest, expiry = next(iter(seen.items()))
+            if expiry > now:
                 break
             del seen[oldest]
-        send = self._append
+        append, record_keys = self._append, self._record_keys
         for item in messages:
             channel = CHANNEL_BY_TYPE.get(item.get("T")) if isinstance(item, dict) else None
             if channel is None:
@@ -126,22 +149,35 @@ class Baseline:
                 continue
             if not isinstance(raw_ts, str):  # msgpack Timestamp; JSON keeps Alpaca's string
                 item["t"] = event_ts
+            # serialised once: the bytes feed the dedup digest and go into the envelope as
+            # they are (an orjson.Fragment), as in the product's pipeline
+            try:
+                body = serialise_payload(item)
+            except TypeError:
+                self.skipped["unencodable"] += 1
+                continue
+            if b"null" in body and has_non_finite(item):
+                self.skipped["non_finite_number"] += 1
+                continue
             self.received += 1
             topic = topics.get(channel)
             if topic is None:
                 self.skipped["unrouted"] += 1
                 continue
-            key = item_dedup_key(channel, symbol, event_ts, orjson.dumps(item, option=_SORT_KEYS))
+            key = item_dedup_key(channel, symbol, event_ts, body)
             if key in seen:
                 self.deduplicated += 1
                 continue
             seen[key] = now + ttl
             if len(seen) > self._max_keys:
-                del seen[next(iter(seen))]
+                seen.popitem(last=False)
             if channel in _MINUTE_BARS:
                 self._bars.observe(symbol, event_ts, item, now)
             seq = seqs.get((channel, symbol), 0) + 1
             seqs[(channel, symbol)] = seq
+            record_key = record_keys.get(symbol)
+            if record_key is None:
+                record_key = record_keys[symbol] = symbol.encode()
             value = orjson.dumps(
                 {
                     "ingest_ts": ingest_ts,
@@ -149,16 +185,16 @@ class Baseline:
                     "channel": channel,
                     "symbol": symbol,
                     "seq": seq,
-                    "payload": item,
+                    "payload": orjson.Fragment(body),
                     "is_final": channel not in _REVISABLE,
                     "source": "alpaca",
                     "key": key,
                 }
             )
-            await send(topic, symbol.encode(), value, now)
+            append(topic, record_key, value, now)
 
     def finalize(self, bars) -> list[tuple[str, bytes, bytes]]:
-        ingest_ts = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        ingest_ts = utc_now_iso()
         out = []
         for bar in bars:
             seq = self._seq.get(("bars", bar.symbol), 0) + 1
@@ -170,10 +206,10 @@ class Baseline:
                     "channel": "bars",
                     "symbol": bar.symbol,
                     "seq": seq,
-                    "payload": bar.payload,
+                    "payload": orjson.Fragment(serialise_payload(bar.payload)),
                     "is_final": True,
                     "source": "alpaca",
-                    "key": f"bars:{bar.symbol}:{bar.bar_ts}:final",
+                    "key": final_bar_key(bar.symbol, bar.bar_ts),
                 }
             )
             out.append((self._topics["bars"], bar.symbol.encode(), value))
@@ -183,7 +219,8 @@ class Baseline:
         now = time.monotonic()
         bars = self._bars.drain() if drain else self._bars.due(now)
         for topic, key, value in self.finalize(bars):
-            await self._append(topic, key, value, now)
+            self._append(topic, key, value, now)
+        await self._hand_over_full()
 
     # --- Kafka --------------------------------------------------------------------------
 
@@ -192,19 +229,25 @@ class Baseline:
         for topic in sorted(set(self._topics.values())):
             self._partition_of.use(topic, await self._producer.partitions_for(topic))
 
-    async def _append(self, topic: str, key: bytes, value: bytes, now: float) -> None:
+    def _append(self, topic: str, key: bytes, value: bytes, now: float) -> None:
+        """Into the partition's open batch; a full one is set aside for `_hand_over_full`
+        (in order) and a new one opened: no await, no future per record."""
         self.emitted += 1
         slot = (topic, self._partition_of(topic, key))
         entry = self._open.get(slot)
         if entry is None:
             entry = self._open[slot] = (self._producer.create_batch(), now)
         if entry[0].append(key=key, value=value, timestamp=None) is None:  # full
-            await self._hand_over(slot)
+            self._full.append((slot, entry[0]))
             entry = self._open[slot] = (self._producer.create_batch(), now)
             entry[0].append(key=key, value=value, timestamp=None)
 
-    async def _hand_over(self, slot: tuple[str, int]) -> None:
-        batch, _ = self._open.pop(slot)
+    async def _hand_over_full(self) -> None:
+        full, self._full = self._full, []
+        for slot, batch in full:
+            await self._send(slot, batch)
+
+    async def _send(self, slot: tuple[str, int], batch: Any) -> None:
         batch.close()  # an open batch would linger once more inside aiokafka
         count = batch.record_count()
         self._in_flight += count
@@ -214,11 +257,13 @@ class Baseline:
 
     async def flush_due(self, now: float, everything: bool = False) -> float | None:
         """Hand over the batches whose linger passed (or all); the next deadline, if any."""
+        await self._hand_over_full()  # those come first in their partitions
         deadline = None
-        for slot, (_, since) in list(self._open.items()):
+        for slot, (batch, since) in list(self._open.items()):
             due = since + self._linger
             if everything or due <= now:
-                await self._hand_over(slot)
+                del self._open[slot]
+                await self._send(slot, batch)
             elif deadline is None or due < deadline:
                 deadline = due
         return deadline
@@ -260,6 +305,10 @@ async def run(settings: Settings, expect: int, idle_timeout: float) -> dict[str,
             additional_headers=connection_headers(settings.alpaca_wire_format),
             max_size=None,
             max_queue=64,
+            # No keepalive pings: behind a backlog of queued frames the pong arrives late
+            # and websockets closes the connection (1011) although the feed is alive (seen at
+            # 50k items/s on a loaded machine). The bench's feed is local; it cannot go stale.
+            ping_interval=None,
         ) as ws:
             await ws.recv()  # connected
             await ws.send(encode_auth(key, secret))
@@ -274,8 +323,9 @@ async def run(settings: Settings, expect: int, idle_timeout: float) -> dict[str,
                 wait = idle_timeout - (now - last_frame)
                 if deadline is not None:
                     wait = min(wait, max(0.0, deadline - now))
-                try:
-                    frame = await asyncio.wait_for(ws.recv(decode=False), wait)
+                try:  # a timeout context, not wait_for: no task per frame
+                    async with asyncio.timeout(wait):
+                        frame = await ws.recv(decode=False)
                 except TimeoutError:
                     if time.monotonic() - last_frame >= idle_timeout:
                         break
@@ -301,14 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--idle-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
     settings = load_settings()
-    try:
-        import uvloop  # type: ignore[import-not-found]
-    except ImportError:
-        loop_name, runner = "asyncio", asyncio.run
-    else:
-        loop_name, runner = "uvloop", uvloop.run
-    stats = runner(run(settings, args.expect, args.idle_timeout))
-    print(orjson.dumps({"event": "done", "loop": loop_name, **stats}).decode(), flush=True)
+    stats = uvloop.run(run(settings, args.expect, args.idle_timeout))
+    print(orjson.dumps({"event": "done", "loop": "uvloop", **stats}).decode(), flush=True)
     sys.stdin.readline()  # "exit": the bench has taken its last reading
 
 

@@ -34,16 +34,36 @@ def _data_total(counter) -> int:
     return sum(v for k, v in counter.items() if k != "status")
 
 
-async def run(expect: int, idle_timeout: float) -> dict[str, Any]:
+async def _node_of(actor: Any) -> str:
+    """The Ray node an actor runs on (asked of the actor itself: no dashboard needed)."""
+    import ray
+
+    return await actor.__ray_call__.remote(lambda _self: ray.get_runtime_context().get_node_id())
+
+
+async def _placement(forwarder) -> dict[str, str]:
+    actors = forwarder.actors()
+    nodes = await asyncio.gather(*(_node_of(actor) for actor in actors.values()))
+    return dict(zip(actors, nodes, strict=True))
+
+
+async def run(expect: int, idle_timeout: float, *, placement: bool = False) -> dict[str, Any]:
+    """Run the forwarder until it has received `expect` items and Kafka acknowledged all
+    it emitted; its totals. With `placement`, also the node of each actor (looked up once
+    data flows, so every actor is up)."""
     from ray_forwarder.config import load_settings
     from ray_forwarder.ray.driver import run_forwarder
 
     settings = load_settings()
     stop = asyncio.Event()
     progress_at = [time.monotonic(), -1]
+    forwarders: list[Any] = []
+    lookups: list[asyncio.Task[dict[str, str]]] = []
 
     def progress(snap, _elapsed: float) -> None:
         received = sum(snap.total("received").values())
+        if placement and received > 0 and not lookups and forwarders:
+            lookups.append(asyncio.ensure_future(_placement(forwarders[0])))
         acked = _data_total(snap.total("acked"))
         if received != progress_at[1]:
             progress_at[:] = [time.monotonic(), received]
@@ -51,14 +71,21 @@ async def run(expect: int, idle_timeout: float) -> dict[str, Any]:
         if caught_up or time.monotonic() - progress_at[0] > idle_timeout:
             stop.set()
 
-    result = await run_forwarder(settings, stop=stop, progress=progress, handle_signals=False)
+    result = await run_forwarder(
+        settings,
+        stop=stop,
+        progress=progress,
+        handle_signals=False,
+        on_forwarder=forwarders.append,
+    )
     snap = result.snapshot
-    return {
+    out: dict[str, Any] = {
         "received": sum(snap.total("received").values()),
         "deduplicated": sum(snap.total("deduplicated").values()),
         "emitted": _data_total(snap.total("emitted")),
         "acked": _data_total(snap.total("acked")),
         "dropped": sum(snap.total("dropped").values()),
+        "spooled": sum(int(s.get("spooled_total", 0)) for s in snap.shards),
         "drained": result.drained,
         "error": result.error,
         "shards": [
@@ -66,6 +93,12 @@ async def run(expect: int, idle_timeout: float) -> dict[str, Any]:
             for s in snap.shards
         ],
     }
+    if lookups:
+        try:
+            out["placement"] = await asyncio.wait_for(lookups[0], 30)
+        except Exception as exc:  # the numbers stand without it
+            out["placement_error"] = repr(exc)
+    return out
 
 
 def _stop_remains() -> None:

@@ -30,10 +30,25 @@ class RoleReport:
     peak_rss_mb: float  # sum of the processes' peaks
 
 
+#: At a fixed rate, a system kept up if it held at least this share of the rate.
+KEPT_UP_SHARE = 0.95
+
+
+@dataclass
+class StreamReport:
+    """One connection (one shard of the forwarder): what it carried end to end."""
+
+    connection: int
+    label: str  # the API key id it authenticated with
+    sent: int
+    delivered: int
+    e2e_items_per_s: float
+
+
 @dataclass
 class SystemReport:
     label: str
-    kind: str  # "baseline" | "ray"
+    kind: str  # "baseline" | "ray" | "cluster"
     pid: int  # the system's root process
     generator_pid: int
     items_written: int = 0  # items the generator wrote, redeliveries included
@@ -44,15 +59,26 @@ class SystemReport:
     unexpected: int = 0
     deduplicated: int = 0  # the system's own count of dropped redeliveries
     e2e_items_per_s: float = 0.0
+    sustained_items_per_s: float = 0.0  # appends/s over the middle 80 % of the run
+    send_items_per_s: float = 0.0  # what the generator achieved
+    rate: float = 0.0  # the generator's target rate; 0 = flat out
+    kept_up: bool | None = None  # at a fixed rate: held >= KEPT_UP_SHARE of it, lost nothing
+    spooled: int = 0  # records the system wrote to its disk spool (the baseline has none)
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p99, max, min
     cpu_us_per_event: float = 0.0  # all processes of the system
     peak_rss_mb: float = 0.0  # sum over its processes
     generator_cpu_us_per_event: float = 0.0
     processes: list[ProcessReport] = field(default_factory=list)
     roles: list[RoleReport] = field(default_factory=list)
+    streams: list[StreamReport] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)  # the system's own counters
     topics: list[str] = field(default_factory=list)  # the run's data topics
     notes: list[str] = field(default_factory=list)
+    failed: str = ""  # why the run failed (its numbers are then not measurements)
+
+    def role_rss_mb(self, role: str) -> float:
+        """Peak RSS of one role's processes together (0 if it has none)."""
+        return sum(r.peak_rss_mb for r in self.roles if r.role == role)
 
 
 @dataclass
@@ -82,14 +108,40 @@ class BenchReport:
             return None
         return self.ceiling.items_per_s / best
 
+    @property
+    def ceiling_ok(self) -> bool | None:
+        """Whether the generator alone pushed >= CEILING_FACTOR x the fastest system (None:
+        not measured)."""
+        factor = self.ceiling_factor
+        return None if factor is None else factor >= CEILING_FACTOR
 
-def fill_delivery(report: SystemReport, delivery: Delivery) -> None:
+
+def fill_delivery(
+    report: SystemReport, delivery: Delivery, rate: float = 0.0, labels: list[str] | None = None
+) -> None:
     report.sent = delivery.sent
     report.delivered = delivery.delivered
     report.lost = delivery.lost
     report.duplicates = delivery.duplicates
     report.unexpected = delivery.unexpected
     report.e2e_items_per_s = delivery.rate
+    report.sustained_items_per_s = delivery.sustained_rate
+    report.send_items_per_s = delivery.send_rate
+    report.rate = rate
+    if rate > 0:
+        held = report.sustained_items_per_s >= KEPT_UP_SHARE * rate
+        report.kept_up = held and delivery.lost == 0
+    labels = labels or []
+    report.streams = [
+        StreamReport(
+            number,
+            labels[number] if number < len(labels) else str(number),
+            stream.sent,
+            stream.delivered,
+            stream.rate,
+        )
+        for number, stream in sorted(delivery.streams.items())
+    ]
     pct = percentiles(delivery.latencies)
     if pct is not None:
         report.latency_ms = {
@@ -130,12 +182,19 @@ def fill_processes(report: SystemReport, usage: list[ProcessUsage], events: int)
 
 
 HEADER = (
-    f"{'system':<16} {'items/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
-    f"{'sent':>7} {'lost':>5} {'dup':>4} {'dedup':>5} {'CPU µs/ev':>9} {'RSS MB':>7}"
+    f"{'system':<22} {'items/s':>8} {'held/s':>8} {'kept up':>7} {'p50 ms':>7} {'p99 ms':>7} "
+    f"{'max ms':>7} {'sent':>7} {'lost':>5} {'dup':>4} {'dedup':>5} {'CPU µs/ev':>9} "
+    f"{'RSS MB':>7}"
 )
 
 
+def _kept_up(s: SystemReport) -> str:
+    return "-" if s.kept_up is None else ("yes" if s.kept_up else "NO")
+
+
 def format_row(s: SystemReport) -> str:
+    if s.failed:
+        return f"{s.label:<22} FAILED: {s.failed[:90]}"
     lat = s.latency_ms
     cols = (
         f"{lat['p50']:7.1f} {lat['p99']:7.1f} {lat['max']:7.1f}"
@@ -143,8 +202,9 @@ def format_row(s: SystemReport) -> str:
         else f"{'-':>7} {'-':>7} {'-':>7}"
     )
     return (
-        f"{s.label:<16} {s.e2e_items_per_s:8.0f} {cols} {s.sent:>7} {s.lost:>5} "
-        f"{s.duplicates:>4} {s.deduplicated:>5} {s.cpu_us_per_event:9.1f} {s.peak_rss_mb:7.0f}"
+        f"{s.label:<22} {s.e2e_items_per_s:8.0f} {s.sustained_items_per_s:8.0f} "
+        f"{_kept_up(s):>7} {cols} {s.sent:>7} {s.lost:>5} {s.duplicates:>4} "
+        f"{s.deduplicated:>5} {s.cpu_us_per_event:9.1f} {s.peak_rss_mb:7.0f}"
     )
 
 
@@ -155,15 +215,48 @@ def format_roles(s: SystemReport) -> list[str]:
             f"    {role.role:<18} {role.processes:>3} {role.cpu_us_per_event:9.1f} "
             f"{role.peak_rss_mb:8.0f}"
         )
+    lines.append(
+        f"    {'total':<18} {len(s.processes):>3} {s.cpu_us_per_event:9.1f} {s.peak_rss_mb:8.0f}"
+    )
     lines.append(f"    {'(load generator)':<18} {1:>3} {s.generator_cpu_us_per_event:9.1f}")
+    if s.rate > 0:
+        lines.append(
+            f"    rate {s.rate:,.0f}/s: the generator sent {s.send_items_per_s:,.0f}/s, the "
+            f"system held {s.sustained_items_per_s:,.0f}/s (kept up: {_kept_up(s)})"
+        )
+    if s.spooled:
+        lines.append(f"    ! {s.spooled} records went through the disk spool")
+    if len(s.streams) > 1:
+        lines.append("    per connection (shard): key, items sent, delivered, e2e items/s")
+        for st in s.streams:
+            lines.append(
+                f"      {st.label:<14} {st.sent:>8} {st.delivered:>8} {st.e2e_items_per_s:9.0f}"
+            )
     shards = s.stats.get("shards") or []
     if len(shards) > 1:
         lines.append(
             "    items received per shard: "
             + ", ".join(f"{sh['shard_id']} {sh['received']}" for sh in shards)
         )
+    placement = s.stats.get("placement") or {}
+    if placement:
+        nodes = s.stats.get("nodes") or {}
+        lines.append(
+            "    actors by node: "
+            + "; ".join(
+                f"{nodes.get(node, node[:8])}: {', '.join(sorted(names))}"
+                for node, names in sorted(_by_node(placement).items())
+            )
+        )
     lines.extend(f"    ! {note}" for note in s.notes)
     return lines
+
+
+def _by_node(placement: dict[str, str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for actor, node in placement.items():
+        out.setdefault(node, []).append(actor)
+    return out
 
 
 def format_report(report: BenchReport) -> str:
@@ -172,6 +265,8 @@ def format_report(report: BenchReport) -> str:
         f"bench: {o['events']} items, {o['symbols']} symbols, {o['wire_format']}, "
         f"rate={o['rate'] or 'flat out'}, linger={o['linger_ms']} ms",
         "items/s = distinct items in Kafka / (first generator send -> last broker append);",
+        "held/s = broker appends/s over the middle 80 % of the items (kept up: >= 95 % of",
+        "the rate, nothing lost);",
         "latency = generator send -> broker LogAppendTime; CPU per event delivered, all",
         "processes of the system (load generator apart); RSS = sum of per-process peaks",
         "",
@@ -186,7 +281,7 @@ def format_report(report: BenchReport) -> str:
         factor = report.ceiling_factor
         verdict = ""
         if factor is not None:
-            ok = "ok" if factor >= CEILING_FACTOR else f"TOO LOW: under {CEILING_FACTOR:g}x"
+            ok = "ok" if report.ceiling_ok else f"TOO LOW: under {CEILING_FACTOR:g}x"
             verdict = f" = {factor:.1f}x the fastest system ({ok})"
         lines.append("")
         lines.append(

@@ -10,13 +10,13 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import msgpack
 
 from ray_forwarder_dev.bench.accounting import match_deliveries
-from ray_forwarder_dev.bench.children import Child
+from ray_forwarder_dev.bench.children import Child, ChildFailed
 from ray_forwarder_dev.bench.kafka_io import (
     DATA_TOPICS,
     create_topics,
@@ -35,7 +35,9 @@ from ray_forwarder_dev.bench.report import (
 from ray_forwarder_dev.loadgen.feed import BENCH_CHANNELS, bench_symbols
 
 SAMPLE_INTERVAL_S = 0.2
-STARTUP_TIMEOUT_S = 180.0  # a fresh local Ray on a loaded machine can be slow
+#: A fresh local Ray on a loaded machine can be slow: three start attempts (ray_runner's)
+#: of up to two minutes each were seen with a load average of 20 on 2 cores.
+STARTUP_TIMEOUT_S = 600.0
 
 
 #: Ray's raylet dies if its dashboard agent has not registered within 30 s, and reaps
@@ -58,35 +60,53 @@ class BenchOptions:
     systems: tuple[str, ...] = ("baseline", "ray:1:1")  # "ray:SHARDS:PRODUCERS"
     ceiling: bool = True
     keep_topics: bool = False  # leave the run's topics in Kafka (tests inspect them)
+    keep_going: bool = False  # a system that fails is reported as failed, the rest still run
     run_timeout: float = 600.0
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class SystemSpec:
-    kind: str  # "baseline" | "ray"
+    kind: str  # "baseline" | "ray" | "cluster"
     shards: int = 1
     producers: int = 1
+    nodes: int = 1  # "cluster": Ray nodes (raylets) on this machine, the head included
 
     @classmethod
     def parse(cls, text: str) -> SystemSpec:
-        """`baseline` or `ray:S:P` (S shards, P producers)."""
+        """`baseline`, `ray:S:P` (S shards, P producers on a local Ray) or `cluster:N:S:P`
+        (the same on a `ray.cluster_utils.Cluster` of N nodes on this machine)."""
         if text == "baseline":
             return cls("baseline")
         kind, _, rest = text.partition(":")
         parts = rest.split(":") if rest else []
-        if kind != "ray" or len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"not a system: {text!r} (use baseline or ray:SHARDS:PRODUCERS)")
-        shards, producers = (int(p) for p in [*parts, "1", "1"][:2])
-        return cls("ray", shards, producers)
+        counts = 3 if kind == "cluster" else 2
+        if (
+            kind not in ("ray", "cluster")
+            or len(parts) > counts
+            or not all(p.isdigit() and int(p) > 0 for p in parts)
+        ):
+            raise ValueError(
+                f"not a system: {text!r} (use baseline, ray:SHARDS:PRODUCERS or "
+                "cluster:NODES:SHARDS:PRODUCERS)"
+            )
+        if kind == "ray":
+            shards, producers = (int(p) for p in [*parts, "1", "1"][:2])
+            return cls("ray", shards, producers)
+        nodes, shards, producers = (int(p) for p in [*parts, "2", "2", "1"][:3])
+        return cls("cluster", shards, producers, nodes)
 
     @property
     def label(self) -> str:
-        return "baseline" if self.kind == "baseline" else f"ray S={self.shards} P={self.producers}"
+        if self.kind == "baseline":
+            return "baseline"
+        if self.kind == "cluster":
+            return f"cluster N={self.nodes} S={self.shards} P={self.producers}"
+        return f"ray S={self.shards} P={self.producers}"
 
     @property
     def connections(self) -> int:
-        return self.shards if self.kind == "ray" else 1
+        return 1 if self.kind == "baseline" else self.shards
 
 
 def _loadgen_args(options: BenchOptions, connections: int, out: Path) -> list[str]:
@@ -168,9 +188,13 @@ async def run_system(
         else:
             ray_dir = Path(tempfile.mkdtemp(prefix="rfb-", dir="/tmp"))  # short: unix sockets
             args += ["--temp-dir", str(ray_dir)]
+            module = "ray_forwarder_dev.bench.ray_runner"
+            if spec.kind == "cluster":
+                module = "ray_forwarder_dev.bench.cluster_runner"
+                args += ["--nodes", str(spec.nodes)]
             patience = {k: v for k, v in RAY_STARTUP_PATIENCE.items() if k not in os.environ}
             env = patience | env
-            sut = await Child.start(slug, "ray_forwarder_dev.bench.ray_runner", args, workdir, env)
+            sut = await Child.start(slug, module, args, workdir, env)
             sampler = ProcessSampler(sut.pid, "driver")
         gen_sampler = ProcessSampler(gen.pid, "load generator")
         sampling = asyncio.create_task(_sample_until(stop_sampling, sampler, gen_sampler))
@@ -197,7 +221,8 @@ async def run_system(
             terminate(sampler.leftovers())
         if ray_dir is not None:
             shutil.rmtree(ray_dir, ignore_errors=True)
-    sent = msgpack.unpackb(out.read_bytes())["sent"]
+    sent_log = msgpack.unpackb(out.read_bytes())
+    sent = sent_log["sent"]
     acked, create_time = await read_back(bootstrap, [f"{prefix}.{t}" for t in DATA_TOPICS])
     if not options.keep_topics:
         with contextlib.suppress(Exception):
@@ -206,12 +231,19 @@ async def run_system(
     report.topics = [f"{prefix}.{t}" for t in DATA_TOPICS]
     report.stats = {k: v for k, v in done.items() if k != "event"}
     report.deduplicated = int(done.get("deduplicated", 0))
-    fill_delivery(report, match_deliveries(sent, acked))
+    delivery = match_deliveries(sent, acked)
+    fill_delivery(report, delivery, options.rate, sent_log.get("connections"))
+    report.spooled = int(done.get("spooled", 0))
     fill_processes(report, sampler.in_window(), report.delivered)
     gen_cpu = sum(u.cpu_seconds for u in gen_sampler.usage.values())
     report.generator_cpu_us_per_event = gen_cpu * 1e6 / report.delivered if report.delivered else 0
     if create_time:
         report.notes.append(f"{create_time} records lacked LogAppendTime (not timed)")
+    if spec.connections > 1:
+        silent = [st.label for st in report.streams if st.delivered == 0]
+        silent += ["?"] * (spec.connections - len(report.streams))
+        if silent:
+            report.notes.append(f"no records arrived from connection(s) {', '.join(silent)}")
     if finished.get("closed_early"):
         report.notes.append(f"{finished['closed_early']} connection(s) closed before the end")
     if stopped:
@@ -221,6 +253,13 @@ async def run_system(
     if done.get("error"):
         report.notes.append(f"error: {done['error']}")
     return report
+
+
+def _last_error(text: str) -> str:
+    """The most telling line of a child's failure: its last exception line, if any."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "Exception" in line]
+    return (errors or lines or [""])[-1][:300]
 
 
 async def run_ceiling(options: BenchOptions, workdir: Path) -> CeilingReport:
@@ -259,7 +298,16 @@ async def run_all(
 ) -> BenchReport:
     report = BenchReport(options={**options.__dict__, "systems": list(options.systems)})
     for text in options.systems:
-        result = await run_system(SystemSpec.parse(text), options, bootstrap, workdir)
+        spec = SystemSpec.parse(text)
+        try:
+            result = await run_system(spec, options, bootstrap, workdir)
+        except ChildFailed as exc:
+            if not options.keep_going:
+                raise
+            # the other runs still count; this one is reported as failed, not as zero
+            result = SystemReport(spec.label, spec.kind, 0, 0)
+            result.failed = str(exc).splitlines()[0]
+            result.notes.append(f"FAILED: {_last_error(str(exc))}")
         report.systems.append(result)
         if on_system is not None:
             on_system(result)
@@ -268,30 +316,55 @@ async def run_all(
     return report
 
 
-def bench_main(options: BenchOptions, json_path: str | None = None) -> BenchReport:
-    """Start (or use) a broker, run everything, print the table; optionally write JSON."""
+def bench_main(
+    options: BenchOptions,
+    json_path: str | None = None,
+    suite: str | None = None,
+    rate_seconds: float | None = None,
+) -> list[BenchReport]:
+    """Start (or use) a broker, run one configuration (or a suite of them), print the
+    tables (and for a suite the summary and issue #9's targets); optionally write JSON."""
     import orjson
 
+    from ray_forwarder_dev.bench import suite as suites
     from ray_forwarder_dev.bench.report import format_report, format_row
     from ray_forwarder_dev.local_kafka import kafka_for_tools
 
     for text in options.systems:
         SystemSpec.parse(text)  # fail before starting anything
+    if suite:
+        seconds = suites.RATE_SECONDS if rate_seconds is None else rate_seconds
+        runs = suites.cases(suite, replace(options, keep_going=True), seconds)
+    else:
+        runs = [options]
     workdir = Path(tempfile.mkdtemp(prefix="ray-forwarder-bench-"))
+    reports: list[BenchReport] = []
+
+    async def run_each(bootstrap: str) -> None:
+        for number, run in enumerate(runs, 1):
+            if len(runs) > 1:
+                print(f"run {number}/{len(runs)}: {suites.run_name(run.__dict__)}", flush=True)
+            report = await run_all(
+                run,
+                bootstrap,
+                workdir,
+                on_system=lambda s: print(f"  done: {format_row(s)}", flush=True),
+            )
+            reports.append(report)
+            if len(runs) > 1:  # each run in full as it ends: a long suite cut short keeps them
+                print(f"\n{format_report(report)}\n", flush=True)
+
     try:
         with kafka_for_tools("bench: starting a local Kafka broker") as bootstrap:
-            report = asyncio.run(
-                run_all(
-                    options,
-                    bootstrap,
-                    workdir,
-                    on_system=lambda s: print(f"  done: {format_row(s)}", flush=True),
-                )
-            )
+            asyncio.run(run_each(bootstrap))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print()
-    print(format_report(report), flush=True)
+    text = suites.format_suite(reports, with_runs=False) if suite else format_report(reports[0])
+    print(text, flush=True)
     if json_path:
-        Path(json_path).write_bytes(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2))
-    return report
+        data = {"reports": [r.to_dict() for r in reports]}
+        if suite:
+            data["targets"] = [c.__dict__ for c in suites.evaluate(reports)]
+        Path(json_path).write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    return reports

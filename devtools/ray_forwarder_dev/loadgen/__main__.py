@@ -65,7 +65,7 @@ async def serve(args: argparse.Namespace) -> None:
         sent, writes = server.sent()
         stamps = [s for log in server.logs for s in log.stamps]
         with open(args.out, "wb") as out:
-            out.write(msgpack.packb({"sent": sent}))
+            out.write(msgpack.packb({"sent": sent, "connections": server.connection_labels()}))
         emit(
             "finished",
             items=writes,

@@ -43,6 +43,7 @@ class _Client:
     use_msgpack: bool
     subscription: dict[str, list[str]] = field(default_factory=dict)
     authenticated: bool = False
+    key_id: str = ""  # the API key it authenticated with: tells the connections apart
 
 
 class ReplayServer:
@@ -105,6 +106,7 @@ class ReplayServer:
         action = parsed.get("action") if isinstance(parsed, dict) else None
         if action == "auth" and parsed.get("key") and parsed.get("secret"):
             client.authenticated = True
+            client.key_id = str(parsed["key"])
             await self._control(client, {"T": "success", "msg": "authenticated"})
         elif action == "subscribe" and client.authenticated:
             for channel in MARKET_DATA_CHANNELS:
@@ -184,16 +186,20 @@ class ReplayServer:
 
     # --- accounting -------------------------------------------------------------------
 
-    def sent(self) -> tuple[list[tuple[str, float]], int]:
-        """(item key, first send time) per distinct item sent, and the number of writes
-        (redeliveries included)."""
-        first: dict[int, float] = {}
+    def connection_labels(self) -> list[str]:
+        """Each connection's API key id, in the order of `sent()`'s connection numbers."""
+        return [c.key_id for c in self._clients]
+
+    def sent(self) -> tuple[list[tuple[str, float, int]], int]:
+        """(item key, first send time, connection number) per distinct item sent, and the
+        number of writes (redeliveries included)."""
+        first: dict[int, tuple[float, int]] = {}
         writes = 0
         origin = self.feed.origin
-        for log in self.logs:
+        for number, log in enumerate(self.logs):
             for stamp, members in zip(log.stamps, log.frames.members, strict=False):
                 writes += len(members)
                 for index in members:
-                    first.setdefault(origin[index], stamp)
+                    first.setdefault(origin[index], (stamp, number))
         keys = self.feed.keys
-        return [(keys[i], at) for i, at in first.items()], writes
+        return [(keys[i], at, number) for i, (at, number) in first.items()], writes
