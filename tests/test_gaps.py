@@ -222,6 +222,32 @@ def test_each_shard_resumes_from_its_last_word() -> None:
     assert marks == {"stocks-0": mark, "stocks-1": {}, "stocks-2": {}}
 
 
+def test_a_new_run_numbers_above_every_epoch_an_earlier_run_used() -> None:
+    """seq keeps growing across a stop and start: the next run's epoch is above the
+    highest one in each shard's status records."""
+    from ray_forwarder.core.pipeline import SEQ_EPOCH_BITS
+    from ray_forwarder.runtime.resume import last_epochs
+
+    def status(shard: str, seq: object) -> bytes:
+        payload = {"event": "stopped", "shard": shard}
+        return orjson.dumps({"channel": "status", "seq": seq, "payload": payload})
+
+    values = [
+        status("stocks-0", 3),  # epoch 0
+        status("stocks-0", (2 << SEQ_EPOCH_BITS) | 7),  # a restarted incarnation
+        status("stocks-0", (1 << SEQ_EPOCH_BITS) | 9),
+        status("stocks-1", 1),
+        status("stocks-2", "x"),  # not a number: ignored
+        status("other-0", 5 << SEQ_EPOCH_BITS),
+        b"not json",
+        None,
+    ]
+    assert last_epochs(values, ["stocks-0", "stocks-1", "stocks-2"]) == {
+        "stocks-0": 2,
+        "stocks-1": 0,
+    }
+
+
 def test_a_successor_starts_where_the_bars_are_not_final() -> None:
     finalizer = BarFinalizer(1.0)
     assert finalizer.resume_from() is None

@@ -109,3 +109,12 @@ def test_a_local_start_is_tried_again_when_the_agent_misses_the_raylets_wait(
     assert len([p for p in processes if "gcs_server" in p.split(" ", 1)[0]]) == 1
     assert len([p for p in processes if p.startswith("ray::DashboardAgent")]) == 1
     assert out["exported"]
+
+
+def test_an_explicit_address_joins_like_ray_address() -> None:
+    """`ensure_ray(address=cluster.address)` (a test's or the bench's `Cluster`) joins: Ray
+    refuses local-only options such as `object_store_memory` for an existing cluster."""
+    options = ray_init_options({"address": "127.0.0.1:6379", "log_to_driver": False}, {})
+    assert options["address"] == "127.0.0.1:6379"
+    assert not LOCAL_ONLY_OPTIONS & options.keys()
+    assert ray_init_options({"address": "local"}, {})["object_store_memory"] > 0

@@ -45,7 +45,6 @@ TOPIC_FIELDS = (
     "statuses",
     "lulds",
     "imbalances",
-    "trade_updates",
     "deadletter",
 )
 
@@ -451,7 +450,8 @@ async def test_a_start_logs_no_kafka_errors(tmp_path, kafka_broker, kafka_topics
     for name in set(topics.values()) - {topics["TOPIC_TRADES"], topics["TOPIC_QUOTES"]}:
         assert name in created[0]
     assert set(await _partitions(kafka_broker, topics.values())) == set(topics.values())
-    assert set(topic_map(_settings(kafka_broker, topics)).values()) == set(topics.values())
+    routed = set(topic_map(_settings(kafka_broker, topics)).values())
+    assert routed | {topics["TOPIC_DEADLETTER"]} == set(topics.values())  # DLQ: no channel's
 
 
 def test_demo_refuses_a_bad_log_level_in_one_line() -> None:

@@ -34,7 +34,7 @@ def test_the_default_is_stocks_alone_with_todays_topics() -> None:
         {
             "alpaca.trades.v1", "alpaca.quotes.v1", "alpaca.bars.1m.v1", "alpaca.bars.1d.v1",
             "alpaca.statuses.v1", "alpaca.lulds.v1", "alpaca.imbalances.v1",
-            "alpaca.trade_updates.v1", "alpaca.status.v1", "alpaca.deadletter.v1",
+            "alpaca.status.v1", "alpaca.deadletter.v1",
         }
     )  # fmt: skip
     [shard] = plan(settings)

@@ -33,8 +33,6 @@ def topic_map(settings: Settings, stream: StreamDefinition = STOCKS) -> dict[str
     the bars topic with the bars they revise. Crypto likewise for its bars.
     """
     topics = {c.name: getattr(settings, c.topic.setting) for c in stream.channels}
-    if stream is STOCKS:
-        topics["trade_updates"] = settings.topic_trade_updates  # (kept: the v1 table had it)
     topics["status"] = settings.topic_status
     return topics
 

@@ -168,7 +168,10 @@ class ShardActor:
         self._running: asyncio.Task[dict[str, Any]] | None = None
 
     async def run(
-        self, epoch: int = 0, resume_from: dict[str, Any] | None = None
+        self,
+        epoch: int = 0,
+        resume_from: dict[str, Any] | None = None,
+        restarted: bool | None = None,
     ) -> dict[str, Any]:
         """Runs until `stop()`; a fatal feed error fails this call with the reason.
 
@@ -176,13 +179,17 @@ class ShardActor:
         waits for the running one instead of opening a second socket for the slot.
         `resume_from`: where the predecessor stopped (see `ShardCore.run`)."""
         if self._running is None:
-            self._running = asyncio.get_running_loop().create_task(self._run(epoch, resume_from))
+            self._running = asyncio.get_running_loop().create_task(
+                self._run(epoch, resume_from, restarted)
+            )
         return await asyncio.shield(self._running)
 
-    async def _run(self, epoch: int, resume_from: dict[str, Any] | None) -> dict[str, Any]:
+    async def _run(
+        self, epoch: int, resume_from: dict[str, Any] | None, restarted: bool | None
+    ) -> dict[str, Any]:
         self._metrics.start()
         try:
-            await self._core.run(epoch, resume_from)
+            await self._core.run(epoch, resume_from, restarted)
         finally:
             await self._metrics.stop()  # export the final counts
         return self._core.stats()

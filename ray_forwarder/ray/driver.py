@@ -25,7 +25,7 @@ from ray_forwarder.ray.actors import ProducerActor, ShardActor
 from ray_forwarder.ray.planning import plan, producer_names
 from ray_forwarder.ray.shard import ShardSpec
 from ray_forwarder.ray.stats import ForwarderSnapshot
-from ray_forwarder.runtime.resume import read_handover_marks
+from ray_forwarder.runtime.resume import read_previous_run
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def ray_init_options(init_kwargs: dict[str, Any], environ: Mapping[str, str]) ->
     """The `ray.init()` keyword arguments: the caller's, over the local start's defaults
     when this process starts Ray, without any local-only option when it joins a cluster."""
     kwargs: dict[str, Any] = {"namespace": "ray-forwarder", "log_to_driver": True}
-    if environ.get("RAY_ADDRESS"):
+    joining = init_kwargs.get("address") not in (None, "local")  # e.g. a test's Cluster
+    if environ.get("RAY_ADDRESS") or joining:
         kwargs.update({k: v for k, v in init_kwargs.items() if k not in LOCAL_ONLY_OPTIONS})
         return kwargs
     # Without RAY_ADDRESS, always a fresh local Ray: never a stale cluster that a
@@ -238,14 +239,18 @@ class Forwarder:
             await asyncio.gather(*(p.start.remote() for p in self._producers.values()))
         except ray.exceptions.RayTaskError as exc:
             raise ForwarderError(_cause(exc)) from None
+        previous_epochs: dict[str, int] = {}
         if self.resume_on_start:
-            self._resume_marks.update(await read_handover_marks(
+            marks, previous_epochs = await read_previous_run(
                 self.settings, [spec.shard_id for spec in self.shards]
-            ))  # fmt: skip
+            )
+            self._resume_marks.update(marks)
         for spec in self.shards:
             spec = dataclasses.replace(spec, run_id=self.run_id)
             self._specs[spec.shard_id] = spec
-            self._epochs[spec.shard_id] = 0
+            # above every epoch an earlier run used: seq keeps growing across stop/start
+            previous = previous_epochs.get(spec.shard_id)
+            self._epochs[spec.shard_id] = 0 if previous is None else previous + 1
             self._restarts[spec.shard_id] = 0
             self._failures[spec.shard_id] = 0
             self._create_shard(spec)
@@ -265,7 +270,9 @@ class Forwarder:
         )
         self._shards[spec.shard_id] = actor
         self._runs[spec.shard_id] = actor.run.remote(
-            self._epochs[spec.shard_id], self._resume_from(spec.shard_id)
+            self._epochs[spec.shard_id],
+            self._resume_from(spec.shard_id),
+            self._restarts[spec.shard_id] > 0,
         )
 
     def _resume_from(self, shard_id: str) -> dict[str, Any] | None:
@@ -273,7 +280,7 @@ class Forwarder:
         gap (`{}`: nothing was received yet, so nothing is known to fill); a first run
         only when an earlier run's `stopped` record was found."""
         mark = self._resume_marks.get(shard_id)
-        if self._epochs[shard_id] > 0:
+        if self._restarts[shard_id] > 0:
             return mark or {}
         return mark
 
@@ -330,7 +337,9 @@ class Forwarder:
                 else:
                     self._probing.discard(shard_id)
                     self._runs[shard_id] = self._shards[shard_id].run.remote(
-                        self._epochs[shard_id], self._resume_from(shard_id)
+                        self._epochs[shard_id],
+                        self._resume_from(shard_id),
+                        self._restarts[shard_id] > 0,
                     )
             elif ready:
                 try:

@@ -351,20 +351,27 @@ class ShardCore:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    async def run(self, epoch: int = 0, resume_from: dict[str, Any] | None = None) -> None:
+    async def run(
+        self,
+        epoch: int = 0,
+        resume_from: dict[str, Any] | None = None,
+        restarted: bool | None = None,
+    ) -> None:
         """Read and forward until `stop()`; raises FatalSessionError when the feed refuses us.
 
         `epoch` numbers this shard incarnation (0 first, higher after each restart): seq
         continues above everything an earlier incarnation issued (see `Sequencer`).
         `resume_from` is where a predecessor stopped (a `Mark` as a dict): the data path was
-        interrupted since, so a gap (`restart`, or `stop_start` for epoch 0) is open until
-        the first item arrives."""
+        interrupted since, so a gap is open until the first item arrives: `restart` when
+        `restarted` (None: `epoch > 0`; a new run numbers above an earlier run's epochs
+        too, so the driver says which it is), else `stop_start`."""
         self.epoch = epoch
         self.pipeline.start_seq_epoch(epoch)
         self.gaps.start_epoch(epoch)
         if resume_from is not None:
             self.gaps.resume_from(
-                Mark.from_dict(resume_from), "restart" if epoch > 0 else "stop_start"
+                Mark.from_dict(resume_from),
+                "restart" if (epoch > 0 if restarted is None else restarted) else "stop_start",
             )
         sender = asyncio.create_task(self.outbox.run(), name="outbox")
         finalizer = asyncio.create_task(self._finalize_loop(), name="bar-finalizer")

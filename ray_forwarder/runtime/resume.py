@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from ray_forwarder.config import Settings
+from ray_forwarder.core.pipeline import SEQ_EPOCH_BITS
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +57,47 @@ def last_words(values: Iterable[bytes | None], shard_ids: Iterable[str]) -> dict
     return latest
 
 
-async def read_handover_marks(settings: Settings, shard_ids: Iterable[str]) -> dict[str, Any]:
-    """Each shard's hand-over mark from the previous run (see the module doc); {} when the
-    topic holds nothing of theirs or cannot be read (logged: start goes on without)."""
+def last_epochs(values: Iterable[bytes | None], shard_ids: Iterable[str]) -> dict[str, int]:
+    """Each shard's highest seq epoch in its status records (`seq >> SEQ_EPOCH_BITS`): a new
+    run numbers from the next one, so seq keeps growing across a stop and start."""
+    wanted = set(shard_ids)
+    epochs: dict[str, int] = {}
+    for value in values:
+        try:
+            envelope = orjson.loads(value or b"")
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(envelope, dict) or envelope.get("channel") != "status":
+            continue
+        payload, seq = envelope.get("payload"), envelope.get("seq")
+        if not isinstance(payload, dict) or payload.get("shard") not in wanted:
+            continue
+        if type(seq) is int and seq > 0:
+            shard = payload["shard"]
+            epochs[shard] = max(epochs.get(shard, 0), seq >> SEQ_EPOCH_BITS)
+    return epochs
+
+
+async def read_previous_run(
+    settings: Settings, shard_ids: Iterable[str]
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Each shard's hand-over mark and highest seq epoch from earlier runs (see the module
+    doc); empty when the topic holds nothing of theirs or cannot be read (logged: start
+    goes on without)."""
+    shard_ids = list(shard_ids)
     try:
         values = await asyncio.wait_for(_tail(settings), READ_TIMEOUT_S)
     except Exception as exc:  # never a reason not to start
         log.warning("could not read the status topic for hand-over marks: %s",
                     type(exc).__name__)  # fmt: skip
-        return {}
-    return last_words(values, shard_ids)
+        return {}, {}
+    return last_words(values, shard_ids), last_epochs(values, shard_ids)
+
+
+async def read_handover_marks(settings: Settings, shard_ids: Iterable[str]) -> dict[str, Any]:
+    """Each shard's hand-over mark from the previous run (`read_previous_run`)."""
+    marks, _epochs = await read_previous_run(settings, shard_ids)
+    return marks
 
 
 async def _tail(settings: Settings) -> list[bytes | None]:

@@ -976,6 +976,8 @@ class Simulator(SimEndpoints):
                 if due > rate:  # stalled for over a second: do not burst the backlog
                     t0, done_at_t0 = loop.time(), self.market.emitted
                     due = int(rate * self.config.flush_interval) or 1
+                if (total := self.config.total_events) is not None:  # end_feed() may have
+                    remaining = total - self.market.emitted  # run during the sleep
                 n = min(due, remaining, max(chunk, int(rate * 0.1)))
                 if n <= 0:
                     continue
