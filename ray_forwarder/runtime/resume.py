@@ -18,7 +18,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -33,11 +33,12 @@ TAIL_RECORDS = 2000
 READ_TIMEOUT_S = 15.0
 
 
-def last_words(values: Iterable[bytes | None], shard_ids: Iterable[str]) -> dict[str, Any]:
-    """From status records in topic order: each shard's hand-over mark (its latest
-    record is `stopped`), or `{}` (it has records, but did not stop gracefully)."""
+def _status_records(
+    values: Iterable[bytes | None], shard_ids: Iterable[str]
+) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(envelope, payload) of each well-formed status record of one of the shards, in
+    topic order; anything else on the topic is passed over."""
     wanted = set(shard_ids)
-    latest: dict[str, Any] = {}
     for value in values:
         try:
             envelope = orjson.loads(value or b"")
@@ -46,32 +47,26 @@ def last_words(values: Iterable[bytes | None], shard_ids: Iterable[str]) -> dict
         if not isinstance(envelope, dict) or envelope.get("channel") != "status":
             continue
         payload = envelope.get("payload")
-        if not isinstance(payload, dict) or payload.get("shard") not in wanted:
-            continue
-        event = payload.get("event")
-        if event == "stopped":
-            last = payload.get("last")
-            latest[payload["shard"]] = last if isinstance(last, dict) else {}
-        else:
-            latest[payload["shard"]] = {}
+        if isinstance(payload, dict) and payload.get("shard") in wanted:
+            yield envelope, payload
+
+
+def last_words(values: Iterable[bytes | None], shard_ids: Iterable[str]) -> dict[str, Any]:
+    """From status records in topic order: each shard's hand-over mark (its latest
+    record is `stopped`), or `{}` (it has records, but did not stop gracefully)."""
+    latest: dict[str, Any] = {}
+    for _envelope, payload in _status_records(values, shard_ids):
+        last = payload.get("last") if payload.get("event") == "stopped" else None
+        latest[payload["shard"]] = last if isinstance(last, dict) else {}
     return latest
 
 
 def last_epochs(values: Iterable[bytes | None], shard_ids: Iterable[str]) -> dict[str, int]:
     """Each shard's highest seq epoch in its status records (`seq >> SEQ_EPOCH_BITS`): a new
     run numbers from the next one, so seq keeps growing across a stop and start."""
-    wanted = set(shard_ids)
     epochs: dict[str, int] = {}
-    for value in values:
-        try:
-            envelope = orjson.loads(value or b"")
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(envelope, dict) or envelope.get("channel") != "status":
-            continue
-        payload, seq = envelope.get("payload"), envelope.get("seq")
-        if not isinstance(payload, dict) or payload.get("shard") not in wanted:
-            continue
+    for envelope, payload in _status_records(values, shard_ids):
+        seq = envelope.get("seq")
         if type(seq) is int and seq > 0:
             shard = payload["shard"]
             epochs[shard] = max(epochs.get(shard, 0), seq >> SEQ_EPOCH_BITS)
