@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ray_forwarder.alpaca.events import DataItem, Skipped
+from ray_forwarder.alpaca.streams import STREAMS
 from ray_forwarder.alpaca.trading import (
     Authorized,
     AuthRejected,
@@ -32,7 +33,8 @@ SECRET = "s3cr3t-value"
 ORDER_ID = "61e69015-8549-4bfd-b9c3-01e75843f47d"
 TS = "2026-01-05T14:30:01.123456789Z"
 INGEST = "2026-01-05T14:30:02.000000Z"
-TOPICS = topic_map(Settings())
+STREAM = STREAMS["trade_updates"]
+TOPICS = topic_map(Settings(), STREAM)
 HYPOTHESIS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -253,7 +255,9 @@ def test_multi_leg_orders_without_a_symbol_are_kept() -> None:
 
 
 def _pipeline() -> EventPipeline:
-    return EventPipeline(TOPICS, DedupCache(900, 10_000), BarFinalizer(35.0), name="test")
+    return EventPipeline(
+        TOPICS, DedupCache(900, 10_000), BarFinalizer(35.0), name="test", stream=STREAM
+    )
 
 
 def _updates(*datas: dict[str, Any]) -> list[DataItem]:
