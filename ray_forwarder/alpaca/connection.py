@@ -145,12 +145,47 @@ class ConnectionCounters:
 
 
 @dataclass
-class _Repair:
-    """The re-send schedule for what a subscription reply left out."""
+class RepairSchedule:
+    """The re-send schedule for what a subscription (or `listening`) reply left out: one
+    re-send after each of `Timing.resubscribe_delays`, each awaiting its reply until
+    `reply_by`. Shared by every family's connection; what is re-sent is theirs."""
 
     step: int = 0
     due: float | None = None  # next re-send
     reply_by: float | None = None  # waiting for the reply to a re-send until then
+
+    @classmethod
+    def begin(cls, delays: tuple[float, ...], now: float) -> RepairSchedule | None:
+        return cls(due=now + delays[0]) if delays else None
+
+    def answered(self, now: float, delays: tuple[float, ...]) -> bool:
+        """The reply to a re-send came (or its time ran out): schedule the next re-send;
+        False once the delays are spent (the rest is unserved)."""
+        self.reply_by = None
+        self.step += 1
+        if self.step < len(delays):
+            self.due = now + delays[self.step]
+            return True
+        return False
+
+
+def report_unserved(
+    unserved: set[tuple[str, str]],
+    lacking: set[tuple[str, str]],
+    missing: dict[str, list[str]],
+    resubscribes: int,
+    out: list[Output],
+) -> None:
+    """After the last re-send: a `subscription_mismatch` report for pairs not yet reported
+    (`unserved` grows in place, so each pair is reported once)."""
+    if lacking - unserved:
+        unserved |= lacking
+        out.append(
+            Report(
+                "subscription_mismatch",
+                {"missing": missing, "unserved": len(unserved), "resubscribes": resubscribes},
+            )
+        )
 
 
 @dataclass
@@ -180,7 +215,7 @@ class MarketDataConnection:
         self._last_frame = 0.0
         self._probe_sent: float | None = None
         self._replies_due = 0  # replies to our own re-sends and probes: not reported
-        self._repair: _Repair | None = None
+        self._repair: RepairSchedule | None = None
         self._data_window = 0.0
         self._data_check: float | None = None
         self._watch_data = self.timing.data_stale_seconds > 0 and any(
@@ -366,9 +401,8 @@ class MarketDataConnection:
         )
 
     def _start_repair(self, now: float) -> None:
-        delays = self.timing.resubscribe_delays
-        if self._repair is None and delays:
-            self._repair = _Repair(due=now + delays[0])
+        if self._repair is None:
+            self._repair = RepairSchedule.begin(self.timing.resubscribe_delays, now)
 
     def _repair_due(self, now: float, out: list[Output]) -> None:
         repair = self._repair
@@ -388,28 +422,13 @@ class MarketDataConnection:
             repair.reply_by = now + self.timing.handshake_timeout
 
     def _repair_answered(self, now: float, out: list[Output]) -> None:
-        repair = self._repair
-        assert repair is not None
-        repair.reply_by = None
-        repair.step += 1
-        delays = self.timing.resubscribe_delays
-        if repair.step < len(delays):
-            repair.due = now + delays[repair.step]
+        assert self._repair is not None
+        if self._repair.answered(now, self.timing.resubscribe_delays):
             return
         self._repair = None
-        lacking = _pairs(self.missing)
-        if lacking - self.unserved:
-            self.unserved |= lacking
-            out.append(
-                Report(
-                    "subscription_mismatch",
-                    {
-                        "missing": self.missing,
-                        "unserved": len(self.unserved),
-                        "resubscribes": self.counters.resubscribes,
-                    },
-                )
-            )
+        report_unserved(
+            self.unserved, _pairs(self.missing), self.missing, self.counters.resubscribes, out
+        )
 
     # --- liveness -------------------------------------------------------------------------
 

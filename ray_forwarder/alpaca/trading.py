@@ -47,10 +47,11 @@ from ray_forwarder.alpaca.connection import (
     Disconnect,
     Items,
     Output,
+    RepairSchedule,
     Report,
     State,
     Timing,
-    _Repair,
+    report_unserved,
 )
 from ray_forwarder.alpaca.events import DataItem, Skipped
 from ray_forwarder.alpaca.items import is_symbol
@@ -380,7 +381,7 @@ class TradingConnection:
         self._last_frame = 0.0
         self._probe_sent: float | None = None
         self._replies_due = 0
-        self._repair: _Repair | None = None
+        self._repair: RepairSchedule | None = None
 
     def __repr__(self) -> str:  # the secret must never reach a log line
         return f"TradingConnection(url={self.url!r}, state={self.state.value})"
@@ -537,9 +538,8 @@ class TradingConnection:
     # --- re-asking for what the listening reply left out ----------------------------------
 
     def _start_repair(self, now: float) -> None:
-        delays = self.timing.resubscribe_delays
-        if self._repair is None and delays:
-            self._repair = _Repair(due=now + delays[0])
+        if self._repair is None:
+            self._repair = RepairSchedule.begin(self.timing.resubscribe_delays, now)
 
     def _repair_due(self, now: float, out: list[Output]) -> None:
         repair = self._repair
@@ -559,28 +559,12 @@ class TradingConnection:
             repair.reply_by = now + self.timing.handshake_timeout
 
     def _repair_answered(self, now: float, out: list[Output]) -> None:
-        repair = self._repair
-        assert repair is not None
-        repair.reply_by = None
-        repair.step += 1
-        delays = self.timing.resubscribe_delays
-        if repair.step < len(delays):
-            repair.due = now + delays[repair.step]
+        assert self._repair is not None
+        if self._repair.answered(now, self.timing.resubscribe_delays):
             return
         self._repair = None
         lacking = {(LISTEN, s) for s in self.missing.get(LISTEN, ())}
-        if lacking - self.unserved:
-            self.unserved |= lacking
-            out.append(
-                Report(
-                    "subscription_mismatch",
-                    {
-                        "missing": self.missing,
-                        "unserved": len(self.unserved),
-                        "resubscribes": self.counters.resubscribes,
-                    },
-                )
-            )
+        report_unserved(self.unserved, lacking, self.missing, self.counters.resubscribes, out)
 
     def _listen(self) -> None:
         if self._protocol is not None:
