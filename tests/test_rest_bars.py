@@ -8,6 +8,8 @@ import contextlib
 import random
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import pytest
@@ -17,11 +19,14 @@ from hypothesis import strategies as st
 from ray_forwarder.alpaca.rest_bars import (
     BARS_ENDPOINTS,
     RestBarsError,
+    bars_endpoint,
     bars_params,
+    bars_url,
     minute_window,
     parse_bars_page,
     stream_bar,
 )
+from ray_forwarder.alpaca.streams import STREAMS
 from ray_forwarder.runtime.backfill import (
     RETRY_MAX_S,
     BackfillConfig,
@@ -277,3 +282,150 @@ def test_backfill_settings_are_checked_at_start() -> None:
     assert data_base_url("https://data.sandbox.alpaca.markets/", "ws://x") == (
         "https://data.sandbox.alpaca.markets"
     )
+
+
+# --- per stream: endpoint, parameters, URL encoding ----------------------------------------
+
+
+def test_each_stream_asks_its_own_endpoint_with_its_own_parameters() -> None:
+    assert bars_endpoint("stocks") == BARS_ENDPOINTS["stocks"]
+    for loc in ("us", "us-1", "eu-1"):
+        assert bars_endpoint("crypto", crypto_location=loc).path == f"/v1beta3/crypto/{loc}/bars"
+    options = bars_endpoint("options")
+    assert options is not None and options.path == "/v1beta1/options/bars"
+    assert options.max_symbols == 100
+    assert bars_endpoint("news") is None and bars_endpoint("trade_updates") is None
+    for stream in ("crypto", "options"):
+        endpoint = bars_endpoint(stream)
+        assert endpoint is not None
+        params = bars_params(endpoint, ["X"], "a", "b", feed="opra")
+        assert "feed" not in params and "adjustment" not in params  # stocks only
+        assert params["timeframe"] == "1Min" and params["sort"] == "asc"
+
+
+def _symbols_of(stream: str) -> st.SearchStrategy[list[str]]:
+    """Lists of symbols the stream's table accepts (a comma, which the stock pattern lets
+    through, would split one symbol in two in `symbols=`: no real ticker has one)."""
+    pattern = STREAMS[stream].symbol_pattern
+    symbol = st.from_regex(pattern, fullmatch=True).filter(lambda s: "," not in s)
+    return st.lists(symbol, min_size=1, max_size=6, unique=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["stocks", "crypto", "options"]), st.data())
+def test_the_request_url_reads_back_as_the_same_symbols_and_parameters(
+    stream: str, data: st.DataObject
+) -> None:
+    """What a server parses from the URL (Python's parse_qs; Go's url.ParseQuery reads it
+    the same way) is exactly what was asked for: `BTC/USD`, and a `+`, `&`, `=`, `%` or `#`
+    in a stock symbol, survive the trip."""
+    symbols = data.draw(_symbols_of(stream))
+    token = data.draw(st.none() | st.text(min_size=1, max_size=40))
+    endpoint = bars_endpoint(stream, crypto_location="eu-1")
+    assert endpoint is not None
+    params = bars_params(endpoint, symbols, "2026-01-05T14:30:00Z", "2026-01-05T14:40:00Z",
+                         feed="sip", page_token=token)  # fmt: skip
+    url = bars_url("https://data.alpaca.markets/", endpoint, params)
+    parts = urlsplit(url)
+    assert parts.path == endpoint.path and not parts.fragment
+    parsed = parse_qs(parts.query, keep_blank_values=True, strict_parsing=True)
+    assert {k: v for k, [v] in parsed.items()} == params
+    assert parsed["symbols"][0].split(",") == symbols
+    if stream == "crypto":
+        assert "/" not in parts.query  # escaped like the Go SDK does it: BTC%2FUSD
+
+
+async def test_options_ask_at_most_100_contracts_per_request() -> None:
+    clock = FakeClock()
+    get, calls = _pages_server(1)
+    options = bars_endpoint("options")
+    assert options is not None
+    config = BackfillConfig(base_url="http://sim", key="k", secret="s", endpoint=options,
+                            symbols_per_request=200)  # fmt: skip
+    client = BarsClient(config, get, clock=clock, sleep=clock.sleep)
+    contracts = [f"SPY260116C{strike:08d}" for strike in range(250)]
+    async for _ in client.pages(contracts, "a", "b", 100.0):
+        pass
+    assert [len(c["symbols"].split(",")) for c in calls] == [100, 100, 50]
+
+
+def _backfill_settings(**overrides: object) -> Any:
+    from ray_forwarder.config import load_settings
+
+    values: dict[str, object] = dict(
+        alpaca_api_key_id="k", alpaca_secret_key="s", kafka_bootstrap_servers="127.0.0.1:9",
+        alpaca_streams="stocks,crypto,options",
+        alpaca_crypto_symbols="BTC/USD,ETH/USD", alpaca_crypto_channels="trades,bars",
+        alpaca_options_symbols="SPY260116C00590000", alpaca_options_channels="trades,quotes",
+    )  # fmt: skip
+    values.update(overrides)
+    return load_settings(**values)
+
+
+def test_backfiller_for_builds_each_streams_endpoint() -> None:
+    """Stocks ask /v2/stocks/bars with the stream's feed, crypto its location's endpoint
+    (no feed); the options stream streams no bars, so it has nothing to backfill."""
+    from ray_forwarder.ray.driver import plan_shards
+    from ray_forwarder.runtime.backfill import LIVE_DATA_URL, BackfillSink, backfiller_for
+
+    settings = _backfill_settings(alpaca_feed="iex", alpaca_crypto_location="us-1")
+    specs = {spec.stream: spec for spec in plan_shards(settings)}
+    stocks = backfiller_for(settings, specs["stocks"], BackfillSink())
+    crypto = backfiller_for(settings, specs["crypto"], BackfillSink())
+    assert stocks is not None and crypto is not None
+    assert backfiller_for(settings, specs["options"], BackfillSink()) is None
+    assert stocks.client.config.endpoint.path == "/v2/stocks/bars"
+    assert stocks.client.config.feed == "iex"
+    assert crypto.client.config.endpoint.path == "/v1beta3/crypto/us-1/bars"
+    assert crypto.client.config.base_url == LIVE_DATA_URL
+    assert crypto.client.config.key == "k"  # crypto needs none; the pair does no harm
+    overridden = _backfill_settings(alpaca_data_url="https://data.sandbox.alpaca.markets")
+    [spec] = [s for s in plan_shards(overridden) if s.stream == "crypto"]
+    again = backfiller_for(overridden, spec, BackfillSink())
+    assert again is not None
+    assert again.client.config.base_url == "https://data.sandbox.alpaca.markets"
+    assert again.client.config.endpoint.path == "/v1beta3/crypto/us/bars"
+    no_bars = _backfill_settings(alpaca_crypto_channels="trades,quotes")
+    [spec] = [s for s in plan_shards(no_bars) if s.stream == "crypto"]
+    assert backfiller_for(no_bars, spec, BackfillSink()) is None
+
+
+async def test_a_crypto_gap_on_a_weekend_night_is_backfilled() -> None:
+    """Crypto trades around the clock: a gap at 03:00 UTC on a Sunday is asked for like any
+    other (no market-hours rule keeps it from REST)."""
+    from ray_forwarder.core.gaps import Gap, Mark
+    from ray_forwarder.runtime.backfill import Backfiller, BackfillSink
+
+    clock = FakeClock()
+    asked: list[tuple[str, dict[str, str]]] = []
+
+    async def get(url: str, params: Mapping[str, str]) -> tuple[int, dict[str, str], bytes]:
+        asked.append((url, dict(params)))
+        bar = {**BAR, "t": "2026-01-04T03:02:00Z"}
+        return 200, {}, orjson.dumps({"bars": {"BTC/USD": [bar]}, "next_page_token": None})
+
+    filled: list[dict[str, Any]] = []
+
+    class Sink(BackfillSink):
+        def on_gap_filled(self, gap: Gap, info: dict[str, Any]) -> None:
+            filled.append(info)
+
+    endpoint = bars_endpoint("crypto", crypto_location="eu-1")
+    assert endpoint is not None
+    config = BackfillConfig(base_url="http://sim", key="k", secret="s", endpoint=endpoint)
+    backfiller = Backfiller(BarsClient(config, get, clock=clock, sleep=clock.sleep), Sink(),
+                            clock=clock)  # fmt: skip
+    runner = asyncio.create_task(backfiller.run())
+    backfiller.submit(Gap(
+        "crypto-0:0:1", "crypto", "crypto-0", ("trades", "bars"), ("BTC/USD",), "disconnect",
+        Mark("2026-01-04T03:01:10Z", "2026-01-04T03:01:10Z"),
+        Mark("2026-01-04T03:04:20Z", "2026-01-04T03:04:20Z"),
+    ))  # fmt: skip
+    assert await backfiller.wait_idle(10)
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner
+    [(url, params)] = asked
+    assert url == "http://sim/v1beta3/crypto/eu-1/bars" and params["symbols"] == "BTC/USD"
+    assert (params["start"], params["end"]) == ("2026-01-04T03:00:00Z", "2026-01-04T03:04:00Z")
+    assert filled and filled[0]["bars"] == 1

@@ -1,39 +1,56 @@
-"""The simulator's REST bars endpoint over real HTTP: the same market it streams, paged,
-rate-limited on request, refusable."""
+"""The simulator's REST bars endpoints over real HTTP (stocks, crypto at its location,
+options): the same market it streams, paged, rate-limited on request, refusable."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
+import aiohttp
 import pytest
 
-from ray_forwarder.alpaca.rest_bars import stream_bar
+from ray_forwarder.alpaca.rest_bars import bars_endpoint, stream_bar
 from ray_forwarder.runtime.backfill import BackfillConfig, BackfillFailed, BarsClient
 from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET
 
 SYMBOLS = ["SPY", "QQQ", "AAPL"]
+#: Each stream's symbols and the feed (crypto: the location) its simulator serves.
+STREAMS = {
+    "stocks": (SYMBOLS, "sip"),
+    "crypto": (["BTC/USD", "ETH/USD", "SOL/USD"], "us-1"),
+    "options": (["AAPL260116C00230000", "SPY260116P00590000", "QQQ260116C00520000"], "opra"),
+}
+EVERY_STREAM = pytest.mark.parametrize("stream", list(STREAMS))
 
 
-def _sim(**overrides: object) -> SimulatorThread:
+def _sim(stream: str = "stocks", **overrides: object) -> SimulatorThread:
+    symbols, feed = STREAMS[stream]
     values: dict[str, object] = dict(
-        symbols=SYMBOLS, rate=2000, time_scale=6000, start_on_subscribe=False,
-        keys={SIM_KEY: SIM_SECRET}, rest_reset_seconds=0.0,
+        stream=stream, feed=feed, symbols=symbols, rate=2000, time_scale=6000,
+        start_on_subscribe=False, keys={SIM_KEY: SIM_SECRET}, rest_reset_seconds=0.0,
+        quote_ratio=0.0,  # every tick a trade: each symbol has a bar in every minute
     )  # fmt: skip
     values.update(overrides)
     return SimulatorThread(SimConfig(**values))  # type: ignore[arg-type]
 
 
-def _client(sim: SimulatorThread, secret: str = SIM_SECRET, limit: int = 7) -> BarsClient:
-    config = BackfillConfig(base_url=sim.data_url, key=SIM_KEY, secret=secret, page_limit=limit)
+def _client(
+    sim: SimulatorThread, secret: str = SIM_SECRET, limit: int = 7, location: str | None = None
+) -> BarsClient:
+    """A REST client for the simulator's stream (crypto: at its location unless told)."""
+    endpoint = bars_endpoint(sim.config.stream, crypto_location=location or sim.config.url_feed)
+    assert endpoint is not None
+    config = BackfillConfig(base_url=sim.data_url, key=SIM_KEY, secret=secret, page_limit=limit,
+                            endpoint=endpoint)  # fmt: skip
     return BarsClient(config)
 
 
 async def _fetch(client: BarsClient, start: str, end: str) -> list[dict[str, object]]:
     bars: list[dict[str, object]] = []
+    symbols = STREAMS[_stream_of(client)][0]
     try:
-        async for page in client.pages(SYMBOLS, start, end, time.monotonic() + 60):
+        async for page in client.pages(symbols, start, end, time.monotonic() + 60):
             assert not page.skipped
             bars.extend(stream_bar(bar) for bar in page.bars)
     finally:
@@ -41,16 +58,22 @@ async def _fetch(client: BarsClient, start: str, end: str) -> list[dict[str, obj
     return bars
 
 
+def _stream_of(client: BarsClient) -> str:
+    path = client.config.endpoint.path
+    return "crypto" if "/crypto/" in path else "options" if "/options/" in path else "stocks"
+
+
 async def _until_minutes(sim: SimulatorThread, minutes: int) -> dict:
     deadline = time.monotonic() + 60
-    while len(bars := sim.minute_bars()) < minutes * len(SYMBOLS):
+    while len(bars := sim.minute_bars()) < minutes * len(sim.config.symbols):
         assert time.monotonic() < deadline, "the market did not trade long enough"
         await asyncio.sleep(0.05)
     return bars
 
 
-async def test_rest_serves_the_streamed_markets_bars_paged() -> None:
-    with _sim() as sim:
+@EVERY_STREAM
+async def test_rest_serves_the_streamed_markets_bars_paged(stream: str) -> None:
+    with _sim(stream) as sim:
         await _until_minutes(sim, 12)
         sim.call(lambda: sim.simulator.market)  # (the market keeps trading meanwhile)
         client = _client(sim, limit=7)
@@ -58,7 +81,7 @@ async def test_rest_serves_the_streamed_markets_bars_paged() -> None:
         truth = sim.minute_bars()
         stats = sim.stats()
     window = {k: v for k, v in truth.items() if "14:33:00" <= k[1][11:19] <= "14:40:00"}
-    assert len(bars) == len(window) == 8 * len(SYMBOLS)
+    assert len(bars) == len(window) == 8 * len(STREAMS[stream][0])
     assert client.requests == stats["rest_requests"] >= 4  # paged: 24 bars, 7 a page
     for bar in bars:
         sim_bar = window[(bar["S"], bar["t"])]
@@ -69,13 +92,16 @@ async def test_rest_serves_the_streamed_markets_bars_paged() -> None:
     assert [(b["S"], b["t"]) for b in bars] == sorted((b["S"], b["t"]) for b in bars)
 
 
-async def test_rest_answers_429_on_every_second_request_and_refuses_on_demand() -> None:
-    with _sim(rest_429_every=2) as sim:
+@EVERY_STREAM
+async def test_rest_answers_429_on_every_second_request_and_refuses_on_demand(
+    stream: str,
+) -> None:
+    with _sim(stream, rest_429_every=2) as sim:
         await _until_minutes(sim, 4)
         client = _client(sim, limit=3)
         bars = await _fetch(client, "2026-01-05T14:30:00Z", "2026-01-05T14:33:00Z")
         truth = [k for k in sim.minute_bars() if k[1][11:19] <= "14:33:00"]
-        assert len(bars) == len(truth) >= 3 * len(SYMBOLS)
+        assert len(bars) == len(truth) >= 3 * len(STREAMS[stream][0])
         statuses = [status for _t, status in sim.rest_log()]
         assert statuses[1::2] == [429] * len(statuses[1::2]) and 200 in statuses
         assert client.rate_limited == sim.stats()["rest_rate_limited"] >= 2
@@ -89,3 +115,31 @@ async def test_rest_answers_429_on_every_second_request_and_refuses_on_demand() 
                 _client(sim, secret="wrong"), "2026-01-05T14:30:00Z", "2026-01-05T14:31:00Z"
             )
         assert "401" in unauthorised.value.detail and "wrong" not in unauthorised.value.detail
+
+
+async def test_crypto_rest_lives_at_the_streams_location_and_needs_no_key() -> None:
+    """Crypto's bars are at `/v1beta3/crypto/{loc}/bars` for the simulator's own location
+    (another location is a 404: backfill says `refused`), answer without credentials like
+    Alpaca's crypto data API, and still refuse a wrong key pair."""
+    with _sim("crypto") as sim:
+        await _until_minutes(sim, 3)
+        with pytest.raises(BackfillFailed) as elsewhere:
+            await _fetch(_client(sim, location="eu-1"), "2026-01-05T14:30:00Z",
+                         "2026-01-05T14:31:00Z")  # fmt: skip
+        assert elsewhere.value.reason == "refused" and "404" in elsewhere.value.detail
+        url = f"{sim.data_url}/v1beta3/crypto/us-1/bars"
+        query = {"symbols": "BTC/USD,ETH/USD", "timeframe": "1Min",
+                 "start": "2026-01-05T14:30:00Z", "end": "2026-01-05T14:31:00Z"}  # fmt: skip
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url, params=query) as anonymous:
+                body = await anonymous.json()
+            async with http.get(url, params=query, headers={
+                "APCA-API-KEY-ID": SIM_KEY, "APCA-API-SECRET-KEY": "wrong",
+            }) as wrong:  # fmt: skip
+                assert wrong.status == 401
+        assert anonymous.status == 200
+        assert set(body["bars"]) == {"BTC/USD", "ETH/USD"}
+        truth = sim.minute_bars()
+        for symbol, bars in body["bars"].items():
+            for bar in bars:
+                assert truth[(symbol, bar["t"][:19] + ".000000000Z")]["c"] == bar["c"]

@@ -1,11 +1,13 @@
 """Alpaca's historical bars REST API: requests and responses, sans I/O.
 
-Backfill asks `GET /v2/stocks/bars` (stocks) for the 1-minute bars a gap missed; crypto
-(`/v1beta3/crypto/{loc}/bars`) and options (`/v1beta1/options/bars`) have the same shape
-(a `bars` map of symbol -> list, `next_page_token`) and are filled in per stream in
-`BARS_ENDPOINTS`. Responses are network input: `parse_bars_page` never raises for one bad
-bar (it is skipped with a reason, like a stream item) and raises `RestBarsError` only when
-the page itself has no usable shape.
+Backfill asks `GET /v2/stocks/bars` (stocks) or `GET /v1beta3/crypto/{loc}/bars` (crypto,
+`loc` = ALPACA_CRYPTO_LOCATION) for the 1-minute bars a gap missed; options
+(`/v1beta1/options/bars`) has the same shape (a `bars` map of symbol -> list,
+`next_page_token`) but its stream carries no bars to fill (docs/streams.md §4, §8).
+`bars_endpoint` gives a stream's endpoint, `bars_url` the request URL. Responses are
+network input: `parse_bars_page` never raises for one bad bar (it is skipped with a reason,
+like a stream item) and raises `RestBarsError` only when the page itself has no usable
+shape.
 
 A REST bar has no `T`/`S`; `stream_bar` gives it the stream's shape (`T: "b"`, `S`, `t`
 canonical) so that a backfilled bar and a streamed one are the same kind of record, with
@@ -16,9 +18,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import orjson
 
@@ -40,14 +43,35 @@ class BarsEndpoint:
     path: str
     #: Stocks take the stream's feed (`sip`, `iex`, ...) and a price adjustment.
     stock_params: bool = False
+    #: Most symbols one request may name (None: no documented limit).
+    max_symbols: int | None = None
 
 
-#: The REST bars endpoint of each stream (docs.alpaca.markets: "Historical bars").
+#: The REST bars endpoint of each stream (docs.alpaca.markets: "Historical bars"; sources in
+#: docs/streams.md §8). Crypto's `{loc}` is filled in by `bars_endpoint`. Neither crypto nor
+#: options take a `feed` (alpaca-py CryptoBarsRequest, OptionBarsRequest; go
+#: GetMultiOptionBars); options names at most 100 contracts per request.
 BARS_ENDPOINTS: dict[str, BarsEndpoint] = {
     "stocks": BarsEndpoint("/v2/stocks/bars", stock_params=True),
-    "crypto": BarsEndpoint("/v1beta3/crypto/us/bars"),
-    "options": BarsEndpoint("/v1beta1/options/bars"),
+    "crypto": BarsEndpoint("/v1beta3/crypto/{loc}/bars"),
+    "options": BarsEndpoint("/v1beta1/options/bars", max_symbols=100),
 }
+
+
+def bars_endpoint(stream: str, *, crypto_location: str = "us") -> BarsEndpoint | None:
+    """The REST bars endpoint of `stream` (None: it has none), crypto's location (`us`,
+    `us-1`, `eu-1`: ALPACA_CRYPTO_LOCATION) in its path."""
+    endpoint = BARS_ENDPOINTS.get(stream)
+    if endpoint is None or "{loc}" not in endpoint.path:
+        return endpoint
+    return replace(endpoint, path=endpoint.path.format(loc=quote(crypto_location, safe="")))
+
+
+def bars_url(base_url: str, endpoint: BarsEndpoint, params: Mapping[str, str]) -> str:
+    """The request URL, its query encoded like Alpaca's Go SDK (`url.Values.Encode`): every
+    reserved character escaped, so `BTC/USD` travels as `BTC%2FUSD` and a `+`, `&` or `%`
+    in a symbol cannot change what the server reads."""
+    return f"{base_url.rstrip('/')}{endpoint.path}?{urlencode(sorted(params.items()))}"
 
 
 def bars_params(

@@ -30,7 +30,9 @@ from ray_forwarder.alpaca.rest_bars import (
     BarsPage,
     RestBar,
     RestBarsError,
+    bars_endpoint,
     bars_params,
+    bars_url,
     minute_window,
     parse_bars_page,
     rfc3339,
@@ -154,8 +156,9 @@ class BarsClient:
         """Every page of bars for `symbols` from `start` to `end`, following
         `next_page_token`; raises BackfillFailed when the gap cannot be filled."""
         cfg = self.config
-        for offset in range(0, len(symbols), cfg.symbols_per_request):
-            chunk = symbols[offset : offset + cfg.symbols_per_request]
+        per_request = min(cfg.symbols_per_request, cfg.endpoint.max_symbols or len(symbols) or 1)
+        for offset in range(0, len(symbols), per_request):
+            chunk = symbols[offset : offset + per_request]
             token: str | None = None
             while True:
                 params = bars_params(
@@ -211,6 +214,7 @@ class BarsClient:
         if self._get is not None:
             return await self._get(url, params)
         import aiohttp
+        from yarl import URL  # aiohttp's URL type: `encoded=True` sends bars_url's query as is
 
         if self._session is None:
             self._session = aiohttp.ClientSession(
@@ -220,8 +224,9 @@ class BarsClient:
                     "APCA-API-SECRET-KEY": self.config.secret,
                 },
             )
+        request = URL(bars_url(self.config.base_url, self.config.endpoint, params), encoded=True)
         try:
-            async with self._session.get(url, params=params, allow_redirects=False) as response:
+            async with self._session.get(request, allow_redirects=False) as response:
                 return response.status, dict(response.headers), await response.read()
         except aiohttp.ClientError as exc:
             # Only the type: aiohttp's texts can carry the URL, and a URL can carry userinfo.
@@ -379,9 +384,12 @@ def data_base_url(explicit: str | None, stream_url: str) -> str:
 
 
 def backfiller_for(settings: Any, spec: Any, sink: BackfillSink) -> Backfiller | None:
-    """The shard's backfiller, or None when BACKFILL_CHANNELS is empty or the stream has
-    no REST bars endpoint yet."""
-    endpoint = BARS_ENDPOINTS.get(spec.stream)
+    """The shard's backfiller, or None when BACKFILL_CHANNELS or the shard's channels name
+    no bars, or the stream has no REST bars endpoint. Stocks and crypto have both; the
+    options stream streams no bars (trades and quotes only), news and trade_updates none.
+    No market-hours rule: REST answers for whatever minutes had bars, so a crypto gap is
+    filled at any hour and a stock gap over a closed market simply finds none."""
+    endpoint = bars_endpoint(spec.stream, crypto_location=settings.alpaca_crypto_location)
     if "bars" not in settings.backfill_channels or "bars" not in spec.channels:
         return None
     if endpoint is None:

@@ -114,7 +114,8 @@ class SimConfig(BaseModel):
     #: What the trading API's `/v2/clock` and `/v2/calendar` (served on the same port over
     #: plain HTTP) say: open around the clock by default, or closed (no trading day).
     market_open: bool = True
-    #: The REST bars endpoint (`/v2/stocks/bars`) answers every Nth request with 429
+    #: The REST bars endpoint (the stream's: `/v2/stocks/bars`, `/v1beta3/crypto/{loc}/bars`
+    #: or `/v1beta1/options/bars`) answers every Nth request with 429
     #: (None: never), with `X-RateLimit-*` headers naming a window `rest_reset_seconds` on.
     rest_429_every: int | None = Field(default=None, ge=1)
     rest_reset_seconds: float = 1.0
@@ -254,7 +255,7 @@ class SimStats:
     starved_connections: int = 0
     omitted_from_subscription: int = 0  # subscribe requests answered without a symbol
     clock_requests: int = 0  # /v2/clock and /v2/calendar requests answered
-    rest_requests: int = 0  # /v2/stocks/bars requests, whatever the answer
+    rest_requests: int = 0  # REST bars requests, whatever the answer
     rest_rate_limited: int = 0  # of which answered 429
     rest_refused: int = 0  # of which refused (the refuse_rest fault, bad credentials)
 
@@ -332,7 +333,7 @@ class SimEndpoints:
 
     @property
     def data_url(self) -> str:
-        """Base URL of the simulated market-data REST API (`/v2/stocks/bars`)."""
+        """Base URL of the simulated market-data REST API (the stream's bars endpoint)."""
         return f"http://{self.config.host}:{self.port}"
 
 
@@ -360,6 +361,8 @@ class Simulator(SimEndpoints):
         self._clock_available = True
         self._rest_refusal: int | None = None  # the refuse_rest fault: this HTTP status
         self.rest_log: list[tuple[float, int]] = []  # (time.monotonic(), status) per request
+        rest_path = self.stream.rest_bars_path
+        self._rest_bars_path = rest_path(self.config.url_feed) if rest_path else None
         self._junk_cursor = 0
         self._server: Server | None = None
         self._pump_task: asyncio.Task[None] | None = None
@@ -598,7 +601,7 @@ class Simulator(SimEndpoints):
         path, _, query = request.path.partition("?")
         if path in ("/v2/clock", "/v2/calendar"):
             return self._trading_api(connection, request, path, query)
-        if path == REST_BARS_PATH:
+        if path == self._rest_bars_path:
             return self._rest_bars(connection, request, query)
         if not self.stream.path.match(path):
             where = self.stream.url_path("{feed}")
@@ -629,7 +632,8 @@ class Simulator(SimEndpoints):
         return _json_response(connection, HTTPStatus.OK, days)
 
     def _rest_bars(self, connection: ServerConnection, request: Request, query: str) -> Response:
-        """Alpaca's historical bars (`GET /v2/stocks/bars`, 1-minute bars) from the same
+        """Alpaca's historical bars (`GET /v2/stocks/bars`, `/v1beta3/crypto/{loc}/bars` for
+        the simulator's own location, `/v1beta1/options/bars`; 1-minute bars) from the same
         market the stream sends: each closed minute's bar as its latest revision, sorted by
         symbol then time, paged by `limit` with an opaque `next_page_token`."""
         counters = self.stats_counters
@@ -658,7 +662,10 @@ class Simulator(SimEndpoints):
     def _rest_status(self, request: Request, n: int) -> int:
         headers = request.headers
         key = headers.get("APCA-API-KEY-ID")
-        if key is None or self.config.keys.get(key) != headers.get("APCA-API-SECRET-KEY"):
+        anonymous = key is None and self.stream.rest_open
+        if not anonymous and (
+            key is None or self.config.keys.get(key) != headers.get("APCA-API-SECRET-KEY")
+        ):
             return 401
         if self._rest_refusal is not None:
             return self._rest_refusal
@@ -1067,12 +1074,11 @@ def _parse_client_message(message: str | bytes) -> Any:
         return None
 
 
-REST_BARS_PATH = "/v2/stocks/bars"
 _REST_MAX_LIMIT = 10_000
 
 
 def rest_bars_page(market: Market, params: dict[str, list[str]]) -> dict[str, Any]:
-    """One page of `GET /v2/stocks/bars` over `market` (see Simulator._rest_bars)."""
+    """One page of historical bars over `market` (see Simulator._rest_bars)."""
 
     def one(name: str, default: str | None = None) -> str:
         values = params.get(name)

@@ -1,5 +1,5 @@
-"""What the simulator serves for each Alpaca stream: its URL path, and how the synthetic
-(stock-shaped) market's items become that stream's items.
+"""What the simulator serves for each Alpaca stream: its URL path, its REST bars path, and
+how the synthetic (stock-shaped) market's items become that stream's items.
 
 Channels, subscribe keys and item types come from the forwarder's stream table
 (`ray_forwarder.alpaca.streams.STREAMS`); only what a stream's items look like and where it
@@ -31,6 +31,11 @@ class SimStream:
     msgpack_only: bool = False
     #: Subscription reply extras: the stock reply lists corrections/cancelErrors too.
     companions: bool = False
+    #: Feed (or location) -> the historical bars path served from the same market (None:
+    #: none). Mirrors `ray_forwarder.alpaca.rest_bars.BARS_ENDPOINTS`.
+    rest_bars_path: Callable[[str], str] | None = None
+    #: The historical API answers without credentials (crypto); wrong ones still get 401.
+    rest_open: bool = False
 
     @property
     def definition(self) -> StreamDefinition:
@@ -119,12 +124,15 @@ SIM_STREAMS: dict[str, SimStream] = {
             lambda feed: f"/v2/{feed}",
             _stocks,
             companions=True,
+            rest_bars_path=lambda _feed: "/v2/stocks/bars",
         ),
         SimStream(
             "crypto",
             re.compile(r"^/v1beta3/crypto/[a-z0-9\-]+/?$"),
             lambda loc: f"/v1beta3/crypto/{loc}",
             _crypto,
+            rest_bars_path=lambda loc: f"/v1beta3/crypto/{loc}/bars",
+            rest_open=True,
         ),
         SimStream(
             "options",
@@ -132,6 +140,7 @@ SIM_STREAMS: dict[str, SimStream] = {
             lambda feed: f"/v1beta1/{feed}",
             _options,
             msgpack_only=True,
+            rest_bars_path=lambda _feed: "/v1beta1/options/bars",
         ),
         SimStream("news", re.compile(r"^/v1beta1/news/?$"), lambda _: "/v1beta1/news", _news),
     )
