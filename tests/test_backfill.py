@@ -3,7 +3,8 @@ the forwarder on a local Ray -> real Kafka, checked bar for bar.
 
 The simulator runs at time_scale 60 (a simulated minute per real second), so a connection
 held down for a few simulated minutes misses whole minutes of bars; the test waits on the
-simulator's market clock, not on wall time."""
+simulator's market clock, not on wall time. The drop test runs for stocks and for crypto
+(its bars from `/v1beta3/crypto/{loc}/bars` at a location that is not the default)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ import orjson
 import pytest
 import ray
 
+from ray_forwarder.alpaca.streams import STREAMS
+from ray_forwarder.config import Settings
 from ray_forwarder.core.topics import topic_map
 from ray_forwarder.ray.driver import Forwarder
 from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from ray_forwarder_dev.sim.generator import MINUTE_NS, parse_base_time
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET, forwarder_settings, read_back, run_until
+from tests.kafka_fixture import ConsumedRecord, consume_all
 from tests.stream_checks import (
     StreamReport,
     assert_exactly_once,
@@ -32,6 +36,8 @@ from tests.stream_checks import (
 SYMBOLS = ["SPY", "QQQ", "AAPL"]
 CHANNELS = "trades,bars,updatedBars"
 BUDGET = 30  # BACKFILL_REQUESTS_PER_MINUTE in these tests
+CRYPTO_SYMBOLS = ["BTC/USD", "ETH/USD", "SOL/USD"]
+CRYPTO_LOCATION = "us-1"  # the simulator serves this location's bars endpoint only
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -55,6 +61,37 @@ def _settings(kafka_broker: Any, kafka_topics: Any, sim: SimulatorThread, **over
     )  # fmt: skip
     values.update(overrides)
     return forwarder_settings(kafka_broker, kafka_topics, sim, **values)
+
+
+def _stream_sim(stream: str, **overrides: Any) -> SimulatorThread:
+    """The stocks simulator, or the crypto one at CRYPTO_LOCATION (same market settings)."""
+    if stream == "crypto":
+        overrides = dict(stream="crypto", symbols=CRYPTO_SYMBOLS, feed=CRYPTO_LOCATION,
+                         **overrides)  # fmt: skip
+    return _sim(**overrides)
+
+
+def _stream_settings(kafka_broker: Any, kafka_topics: Any, sim: SimulatorThread) -> Settings:
+    """`_settings` for the simulator's stream: crypto gets its own URL, symbols, channels,
+    location and topics (unique to the test, like the stock ones)."""
+    if sim.config.stream != "crypto":
+        return _settings(kafka_broker, kafka_topics, sim)
+    topics = {c.topic.setting: kafka_topics(c.topic.setting.removeprefix("topic_"))
+              for c in STREAMS["crypto"].channels}  # fmt: skip
+    return _settings(
+        kafka_broker, kafka_topics, sim, alpaca_streams="crypto", alpaca_crypto_stream_url=sim.url,
+        alpaca_crypto_symbols=",".join(CRYPTO_SYMBOLS), alpaca_crypto_channels=CHANNELS,
+        alpaca_crypto_location=CRYPTO_LOCATION, **topics,
+    )  # fmt: skip
+
+
+async def _read_stream(
+    kafka_broker: Any, settings: Settings, stream: str, expected: int
+) -> list[ConsumedRecord]:
+    topics = sorted(set(topic_map(settings, STREAMS[stream]).values()))
+    return await consume_all(
+        kafka_broker.bootstrap_servers, topics, expected_count=expected, timeout=60, settle=1.0
+    )
 
 
 def _market_ns(sim: SimulatorThread) -> int:
@@ -91,14 +128,16 @@ def _assert_no_duplicate_data(report: StreamReport) -> None:
     assert not duplicated, f"{len(duplicated)} records arrived twice: {duplicated[:3]}"
 
 
+@pytest.mark.parametrize("stream", ["stocks", "crypto"])
 async def test_a_connection_dropped_for_minutes_is_backfilled_bar_for_bar(
-    kafka_broker, kafka_topics
+    kafka_broker, kafka_topics, stream
 ) -> None:
     """Drop the connection and refuse new ones (406) for three simulated minutes while the
     market keeps trading; REST answers 429 to every second request. Afterwards every
     (symbol, minute) has exactly one final bar in Kafka, equal to the simulator's, the gap
     event names the window between the last item before and the first after, bars received
-    live are not duplicated, and backfill stayed within its request budget."""
+    live are not duplicated, and backfill stayed within its request budget. Crypto: the
+    same, its bars from its location's endpoint (the simulator serves no other)."""
     state: dict[str, Any] = {}
     forwarders: list[Forwarder] = []
 
@@ -119,8 +158,8 @@ async def test_a_connection_dropped_for_minutes_is_backfilled_bar_for_bar(
         stats = _shard_stats(forwarders)
         return sim.finished and (stats.get("backfill") or {}).get("gaps_filled", 0) >= 1
 
-    with _sim(rest_429_every=2) as sim:
-        settings = _settings(kafka_broker, kafka_topics, sim)
+    with _stream_sim(stream, rest_429_every=2) as sim:
+        settings = _stream_settings(kafka_broker, kafka_topics, sim)
         result = await run_until(
             settings, done, during=drop_and_hold, on_forwarder=forwarders.append, timeout=150
         )
@@ -131,18 +170,19 @@ async def test_a_connection_dropped_for_minutes_is_backfilled_bar_for_bar(
         rest_log = sim.rest_log()
     assert state.get("released") and result.error is None and result.drained
     emitted = sum(result.snapshot.total("emitted").values())
-    records = await read_back(kafka_broker, settings, emitted)
-    report = decode_and_check(records, topic_map(settings))
+    records = await _read_stream(kafka_broker, settings, stream, emitted)
+    report = decode_and_check(records, topic_map(settings, STREAMS[stream]))
 
     # the gap event: from the last item before the drop to the first one after
     [gap] = _events(report, "gap")
     first_conn, *later = sorted(by_conn)
     before = [r.item for r in by_conn[first_conn]]
     after = [r.item for c in later for r in by_conn[c]]
-    assert gap["cause"] == "disconnect" and gap["stream"] == "stocks"
+    assert gap["cause"] == "disconnect" and gap["stream"] == stream
     assert gap["from"]["event_ts"] == before[-1]["t"]
     assert gap["to"]["event_ts"] == after[0]["t"]
-    assert sorted(gap["symbols"]) == sorted(SYMBOLS) and gap["channels"] == CHANNELS.split(",")
+    assert sorted(gap["symbols"]) == sorted(sim.config.symbols)
+    assert gap["channels"] == CHANNELS.split(",")
     assert _ns(gap["to"]["event_ts"]) - _ns(gap["from"]["event_ts"]) >= 2 * MINUTE_NS
     [filled] = _events(report, "gap_filled")
     assert filled["gap_id"] == gap["gap_id"] and filled["bars"] > 0

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+import pytest
 
 from ray_forwarder.config import load_settings
 from ray_forwarder.ray.driver import plan_shards
@@ -24,6 +25,8 @@ from ray_forwarder_dev.sim.generator import MINUTE_NS, parse_base_time
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET
 
 SYMBOLS = ["SPY", "QQQ", "AAPL"]
+CRYPTO_SYMBOLS = ["BTC/USD", "ETH/USD", "SOL/USD"]
+CRYPTO_LOCATION = "us-1"  # not the default: backfill must ask this location's endpoint
 BUDGET = 30
 
 
@@ -33,6 +36,19 @@ def _ns(ts: str) -> int:
 
 def _content(bar: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in bar.items() if k != "T"}
+
+
+def _stream_settings(sim: SimulatorThread) -> dict[str, Any]:
+    """Settings that point the simulator's stream (stocks or crypto) at it."""
+    if sim.config.stream == "crypto":
+        return dict(
+            alpaca_streams="crypto", alpaca_crypto_stream_url=sim.url,
+            alpaca_crypto_symbols=",".join(CRYPTO_SYMBOLS),
+            alpaca_crypto_channels="trades,bars,updatedBars",
+            alpaca_crypto_location=sim.config.url_feed,
+        )  # fmt: skip
+    return dict(alpaca_stream_url=sim.url, alpaca_symbols=",".join(SYMBOLS),
+                alpaca_channels="trades,bars,updatedBars")  # fmt: skip
 
 
 async def _run_shard(
@@ -46,8 +62,7 @@ async def _run_shard(
         return len(records), "receiver"
 
     settings = load_settings(
-        alpaca_api_key_id=SIM_KEY, alpaca_secret_key=SIM_SECRET, alpaca_stream_url=sim.url,
-        alpaca_symbols=",".join(SYMBOLS), alpaca_channels="trades,bars,updatedBars",
+        alpaca_api_key_id=SIM_KEY, alpaca_secret_key=SIM_SECRET, **_stream_settings(sim),
         kafka_bootstrap_servers="127.0.0.1:9", bar_final_delay_seconds=2.0,
         backfill_page_limit=4, backfill_requests_per_minute=BUDGET,
         reconnect_initial=0.1, reconnect_max=0.5, connection_limit_backoff=1.0,
@@ -67,7 +82,10 @@ async def _run_shard(
     return core, [orjson.loads(value) for _topic, _key, value in delivered]
 
 
-def _sim(**overrides: Any) -> SimulatorThread:
+def _sim(stream: str = "stocks", **overrides: Any) -> SimulatorThread:
+    if stream == "crypto":
+        overrides = dict(stream="crypto", symbols=CRYPTO_SYMBOLS, feed=CRYPTO_LOCATION,
+                         **overrides)  # fmt: skip
     values: dict[str, Any] = dict(
         symbols=SYMBOLS, rate=200, time_scale=60, total_events=2500, keys={SIM_KEY: SIM_SECRET},
         quote_ratio=0.0, status_ratio=0.0, luld_ratio=0.0, correction_ratio=0.0,
@@ -89,11 +107,13 @@ def _status(envelopes: list[dict[str, Any]], event: str) -> list[dict[str, Any]]
     ]
 
 
-async def test_a_dropped_connection_gets_one_final_bar_per_minute_from_rest() -> None:
+@pytest.mark.parametrize("stream", ["stocks", "crypto"])
+async def test_a_dropped_connection_gets_one_final_bar_per_minute_from_rest(stream: str) -> None:
     """Drop the connection and refuse new ones (406) for three simulated minutes; REST
     answers 429 to every second request. Every (symbol, minute) then has exactly one final
     bar equal to the simulator's, the gap names the last item before and the first after,
-    nothing streamed is repeated, and REST stayed within the budget."""
+    nothing streamed is repeated, and REST stayed within the budget. Crypto: the same, from
+    `/v1beta3/crypto/{loc}/bars` at the configured location."""
     state: dict[str, Any] = {}
 
     def scenario(core: ShardCore) -> bool:
@@ -110,7 +130,7 @@ async def test_a_dropped_connection_gets_one_final_bar_per_minute_from_rest() ->
             state["released"] = True
         return sim.finished and core.stats()["backfill"].get("gaps_filled", 0) >= 1
 
-    with _sim(rest_429_every=2) as sim:
+    with _sim(stream, rest_429_every=2) as sim:
         core, envelopes = await _run_shard(sim, scenario)
         by_conn = sim.sent_by_connection()
         sim_bars = sim.minute_bars()
@@ -118,7 +138,7 @@ async def test_a_dropped_connection_gets_one_final_bar_per_minute_from_rest() ->
         rest_log = sim.rest_log()
     [gap] = _status(envelopes, "gap")
     first_conn, *later = sorted(by_conn)
-    assert gap["cause"] == "disconnect"
+    assert gap["cause"] == "disconnect" and gap["stream"] == stream
     assert gap["from"]["event_ts"] == by_conn[first_conn][-1].item["t"]
     assert gap["to"]["event_ts"] == by_conn[later[0]][0].item["t"]
     [filled] = _status(envelopes, "gap_filled")
@@ -203,8 +223,7 @@ def _core(sim: SimulatorThread, out: list[dict[str, Any]]) -> ShardCore:
         return len(records), "receiver"
 
     settings = load_settings(
-        alpaca_api_key_id=SIM_KEY, alpaca_secret_key=SIM_SECRET, alpaca_stream_url=sim.url,
-        alpaca_symbols=",".join(SYMBOLS), alpaca_channels="trades,bars,updatedBars",
+        alpaca_api_key_id=SIM_KEY, alpaca_secret_key=SIM_SECRET, **_stream_settings(sim),
         kafka_bootstrap_servers="127.0.0.1:9", bar_final_delay_seconds=2.0,
         reconnect_initial=0.1, reconnect_max=0.5, connection_limit_backoff=1.0,
     )  # fmt: skip
