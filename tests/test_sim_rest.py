@@ -46,21 +46,18 @@ def _client(
     return BarsClient(config)
 
 
-async def _fetch(client: BarsClient, start: str, end: str) -> list[dict[str, object]]:
+async def _fetch(
+    sim: SimulatorThread, client: BarsClient, start: str, end: str
+) -> list[dict[str, object]]:
+    """Every bar of the simulator's symbols from `start` to `end`, in the stream's shape."""
     bars: list[dict[str, object]] = []
-    symbols = STREAMS[_stream_of(client)][0]
     try:
-        async for page in client.pages(symbols, start, end, time.monotonic() + 60):
+        async for page in client.pages(sim.config.symbols, start, end, time.monotonic() + 60):
             assert not page.skipped
             bars.extend(stream_bar(bar) for bar in page.bars)
     finally:
         await client.close()
     return bars
-
-
-def _stream_of(client: BarsClient) -> str:
-    path = client.config.endpoint.path
-    return "crypto" if "/crypto/" in path else "options" if "/options/" in path else "stocks"
 
 
 async def _until_minutes(sim: SimulatorThread, minutes: int) -> dict:
@@ -77,7 +74,7 @@ async def test_rest_serves_the_streamed_markets_bars_paged(stream: str) -> None:
         await _until_minutes(sim, 12)
         sim.call(lambda: sim.simulator.market)  # (the market keeps trading meanwhile)
         client = _client(sim, limit=7)
-        bars = await _fetch(client, "2026-01-05T14:33:00Z", "2026-01-05T14:40:00Z")
+        bars = await _fetch(sim, client, "2026-01-05T14:33:00Z", "2026-01-05T14:40:00Z")
         truth = sim.minute_bars()
         stats = sim.stats()
     window = {k: v for k, v in truth.items() if "14:33:00" <= k[1][11:19] <= "14:40:00"}
@@ -99,7 +96,7 @@ async def test_rest_answers_429_on_every_second_request_and_refuses_on_demand(
     with _sim(stream, rest_429_every=2) as sim:
         await _until_minutes(sim, 4)
         client = _client(sim, limit=3)
-        bars = await _fetch(client, "2026-01-05T14:30:00Z", "2026-01-05T14:33:00Z")
+        bars = await _fetch(sim, client, "2026-01-05T14:30:00Z", "2026-01-05T14:33:00Z")
         truth = [k for k in sim.minute_bars() if k[1][11:19] <= "14:33:00"]
         assert len(bars) == len(truth) >= 3 * len(STREAMS[stream][0])
         statuses = [status for _t, status in sim.rest_log()]
@@ -107,12 +104,12 @@ async def test_rest_answers_429_on_every_second_request_and_refuses_on_demand(
         assert client.rate_limited == sim.stats()["rest_rate_limited"] >= 2
         sim.refuse_rest(403)
         with pytest.raises(BackfillFailed) as refused:
-            await _fetch(_client(sim), "2026-01-05T14:30:00Z", "2026-01-05T14:33:00Z")
+            await _fetch(sim, _client(sim), "2026-01-05T14:30:00Z", "2026-01-05T14:33:00Z")
         assert refused.value.reason == "refused" and "403" in refused.value.detail
         sim.refuse_rest(None)
         with pytest.raises(BackfillFailed) as unauthorised:
             await _fetch(
-                _client(sim, secret="wrong"), "2026-01-05T14:30:00Z", "2026-01-05T14:31:00Z"
+                sim, _client(sim, secret="wrong"), "2026-01-05T14:30:00Z", "2026-01-05T14:31:00Z"
             )
         assert "401" in unauthorised.value.detail and "wrong" not in unauthorised.value.detail
 
@@ -124,7 +121,7 @@ async def test_crypto_rest_lives_at_the_streams_location_and_needs_no_key() -> N
     with _sim("crypto") as sim:
         await _until_minutes(sim, 3)
         with pytest.raises(BackfillFailed) as elsewhere:
-            await _fetch(_client(sim, location="eu-1"), "2026-01-05T14:30:00Z",
+            await _fetch(sim, _client(sim, location="eu-1"), "2026-01-05T14:30:00Z",
                          "2026-01-05T14:31:00Z")  # fmt: skip
         assert elsewhere.value.reason == "refused" and "404" in elsewhere.value.detail
         url = f"{sim.data_url}/v1beta3/crypto/us-1/bars"

@@ -156,7 +156,9 @@ class BarsClient:
         """Every page of bars for `symbols` from `start` to `end`, following
         `next_page_token`; raises BackfillFailed when the gap cannot be filled."""
         cfg = self.config
-        per_request = min(cfg.symbols_per_request, cfg.endpoint.max_symbols or len(symbols) or 1)
+        per_request = cfg.symbols_per_request
+        if cfg.endpoint.max_symbols is not None:  # options: 100 contracts at most
+            per_request = min(per_request, cfg.endpoint.max_symbols)
         for offset in range(0, len(symbols), per_request):
             chunk = symbols[offset : offset + per_request]
             token: str | None = None
