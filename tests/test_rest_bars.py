@@ -266,8 +266,11 @@ def test_backfill_settings_are_checked_at_start() -> None:
 
     assert load_settings().backfill_channels == ["bars"]
     assert load_settings(backfill_channels="").backfill_channels == []
-    with pytest.raises(ConfigError, match="BACKFILL_CHANNELS: cannot backfill trades"):
-        load_settings(backfill_channels="bars,trades")
+    assert load_settings(backfill_channels="bars,trades,quotes").backfill_channels == [
+        "bars", "trades", "quotes"
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="BACKFILL_CHANNELS: cannot backfill updatedBars"):
+        load_settings(backfill_channels="bars,updatedBars")
     with pytest.raises(ConfigError, match="ALPACA_DATA_URL"):
         load_settings(alpaca_data_url="http://data.example.com")  # the secret in clear
     with pytest.raises(ConfigError, match="BACKFILL_REQUESTS_PER_MINUTE"):

@@ -109,35 +109,49 @@ _SYMBOL_MAX = 32
 
 def parse_bars_page(body: bytes | str) -> BarsPage:
     """Validate one response body; bad bars are skipped (with a reason), never raised."""
+    token, entries, skipped = page_entries(body, "bars")
+    page = BarsPage(next_page_token=token, skipped=skipped)
+    for symbol, raw in entries:
+        bar, reason = _bar(symbol, raw)
+        if bar is None:
+            page.skipped.append(reason)
+        else:
+            page.bars.append(bar)
+    return page
+
+
+def page_entries(
+    body: bytes | str, what: str
+) -> tuple[str | None, list[tuple[str, object]], list[str]]:
+    """The shape every historical page shares (`{what: {symbol: [item, ...]},
+    "next_page_token": ...}`: bars, trades, quotes): the token, the (symbol, raw item)
+    pairs, and a reason per symbol left out. Raises RestBarsError only for a page without
+    that shape."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise RestBarsError(f"bars response is not JSON: {exc}") from None
+        raise RestBarsError(f"{what} response is not JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise RestBarsError("bars response is not an object")
+        raise RestBarsError(f"{what} response is not an object")
     token = doc.get("next_page_token")
     if token is not None and (not isinstance(token, str) or not token or len(token) > 4096):
-        raise RestBarsError("bars response has an unusable next_page_token")
-    by_symbol = doc.get("bars")
+        raise RestBarsError(f"{what} response has an unusable next_page_token")
+    by_symbol = doc.get(what)
     if by_symbol is None:  # Alpaca answers `"bars": null` (or {}) when nothing matched
         by_symbol = {}
     if not isinstance(by_symbol, dict):
-        raise RestBarsError("bars response: `bars` is not an object")
-    page = BarsPage(next_page_token=token)
-    for symbol, bars in by_symbol.items():
+        raise RestBarsError(f"{what} response: `{what}` is not an object")
+    entries: list[tuple[str, object]] = []
+    skipped: list[str] = []
+    for symbol, items in by_symbol.items():
         if not _good_symbol(symbol):
-            page.skipped.append("bad_symbol")
+            skipped.append("bad_symbol")
             continue
-        if not isinstance(bars, list):
-            page.skipped.append("not_a_list")
+        if not isinstance(items, list):
+            skipped.append("not_a_list")
             continue
-        for raw in bars:
-            bar, reason = _bar(symbol, raw)
-            if bar is None:
-                page.skipped.append(reason)
-            else:
-                page.bars.append(bar)
-    return page
+        entries.extend((symbol, raw) for raw in items)
+    return token, entries, skipped
 
 
 def _good_symbol(symbol: object) -> bool:
