@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import random
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -63,6 +64,9 @@ class MarketConfig:
     luld_ratio: float = 0.02
     correction_ratio: float = 0.01
     cancel_error_ratio: float = 0.01
+    #: Trades and quotes kept per symbol for the REST trades/quotes endpoints (the oldest
+    #: are forgotten beyond it, so a long benchmark run does not grow without bound).
+    tick_history: int = 100_000
 
     def __post_init__(self) -> None:
         if not self.symbols:
@@ -148,6 +152,9 @@ class Market:
         #: content where one follows): what the REST bars endpoint serves, so a backfill
         #: returns exactly what a dropped connection missed. (mark ns, bar) in time order.
         self.minute_bars: dict[str, list[tuple[int, Item]]] = {}
+        #: Every trade (`t`) and quote (`q`) per symbol, as streamed, oldest first: what the
+        #: REST trades/quotes endpoints serve (the last `tick_history` per symbol).
+        self.ticks: dict[str, dict[str, deque[Item]]] = {"t": {}, "q": {}}
 
     # --- driving ----------------------------------------------------------------------
 
@@ -263,13 +270,21 @@ class Market:
         sym.day.add(sym.price, size)
         sym.recent_trades.append(trade)
         del sym.recent_trades[:-16]
+        self._keep("t", trade)
         return trade
+
+    def _keep(self, kind: str, item: Item) -> None:
+        by_symbol = self.ticks[kind]
+        history = by_symbol.get(item["S"])
+        if history is None:
+            history = by_symbol[item["S"]] = deque(maxlen=self.config.tick_history)
+        history.append(item)
 
     def _quote(self, sym: _Symbol, ts: str) -> Item:
         rng = self._rng
         bid = round(sym.price - 0.01 * rng.randint(0, 3), 2)
         ask = round(bid + 0.01 * rng.randint(1, 4), 2)
-        return {
+        quote: Item = {
             "T": "q",
             "S": sym.name,
             "ax": rng.choice(_EXCHANGES),
@@ -282,6 +297,8 @@ class Market:
             "t": ts,
             "z": sym.tape,
         }
+        self._keep("q", quote)
+        return quote
 
     def _special_item(self, kind: str, sym: _Symbol, ts: str) -> Item | None:
         """A rare item for `sym`, or None when it cannot apply yet (nothing to correct)."""
@@ -402,3 +419,15 @@ def bars_between(market: Market, symbol: str, start_ns: int, end_ns: int) -> lis
         if start_ns <= t_ns <= end_ns:
             out.append(bar)
     return out
+
+
+def ticks_between(market: Market, kind: str, symbol: str, start: str, end: str) -> list[Item]:
+    """`symbol`'s trades (`kind` "t") or quotes ("q") whose `t` is in [start, end]
+    (canonical strings: string order is time order) and that the market has handed out
+    by its current time, oldest first."""
+    now = market.now
+    return [
+        item
+        for item in market.ticks[kind].get(symbol, ())
+        if start <= item["t"] <= end and item["t"] <= now
+    ]
