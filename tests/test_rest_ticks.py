@@ -197,6 +197,10 @@ def test_the_tick_window_of_a_gap_is_clipped_by_max_seconds() -> None:
     )  # fmt: skip
     clipped = tick_window(T0, "2026-01-05T14:35:00.5Z", 60)
     assert clipped.clipped and clipped.start == "2026-01-05T14:34:00.500000000Z"
+    # the first item after the gap was a bar (its `t` is its minute's start): data resumed
+    # up to two minutes later, and the ticks up to then are asked for too
+    after_bar = tick_window(T0, "2026-01-05T14:35:00Z", 3600)
+    assert after_bar.end == "2026-01-05T14:37:00.000000000Z" and not after_bar.clipped
 
 
 # --- the backfiller's tick part, over an injected transport -------------------------------
@@ -245,7 +249,7 @@ def _trades_server(pages: int, per_page: int = 2):
     return get, calls
 
 
-def _gap(start: str = T0, end: str = "2026-01-05T14:33:00Z") -> Gap:
+def _gap(start: str = T0, end: str = "2026-01-05T14:33:00.5Z") -> Gap:
     return Gap("stocks-0:0:1", "stocks", "stocks-0", ("trades",), ("SPY",), "disconnect",
                Mark("a", start), Mark("b", end))  # fmt: skip
 
@@ -265,10 +269,10 @@ async def _run_ticks(pages: int, **config: Any) -> tuple[Sink, list[tuple[str, d
 async def test_trades_backfill_pages_through_the_gap_window() -> None:
     sink, calls = await _run_ticks(3)
     assert [url for url, _ in calls] == ["http://sim/v2/stocks/trades"] * 3
-    assert calls[0][1]["start"] == T0 and calls[0][1]["end"] == "2026-01-05T14:33:00.000000000Z"
+    assert calls[0][1]["start"] == T0 and calls[0][1]["end"] == "2026-01-05T14:33:00.500000000Z"
     assert [item.payload["i"] for item in sink.items] == list(range(6))
     assert all(i.channel == "trades" and i.payload["T"] == "t" for i in sink.items)
-    assert sink.filled == [{"start": T0, "end": "2026-01-05T14:33:00.000000000Z",
+    assert sink.filled == [{"start": T0, "end": "2026-01-05T14:33:00.500000000Z",
                             "trades": 6, "requests": 3}]  # fmt: skip
 
 
@@ -282,6 +286,6 @@ async def test_a_gap_with_more_ticks_than_the_cap_is_reported_unfilled() -> None
 
 async def test_a_gap_older_than_max_seconds_is_filled_from_the_limit_and_reported() -> None:
     sink, calls = await _run_ticks(1, max_seconds=60)
-    assert calls[0][1]["start"] == "2026-01-05T14:32:00.000000000Z"
+    assert calls[0][1]["start"] == "2026-01-05T14:32:00.500000000Z"
     [(reason, info)] = sink.unfilled
-    assert reason == "too_old" and info["filled_from"] == "2026-01-05T14:32:00.000000000Z"
+    assert reason == "too_old" and info["filled_from"] == "2026-01-05T14:32:00.500000000Z"

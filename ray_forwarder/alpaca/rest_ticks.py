@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -162,14 +162,29 @@ class TickWindow:
     clipped: bool = False  # the gap reached further back than BACKFILL_MAX_SECONDS
 
 
+#: A minute bar's `t` is its minute's start, and the stream sends it (or its updated bar)
+#: up to two minutes later: a gap mark that is a bar says data resumed by then.
+_BAR_LAG = timedelta(minutes=2)
+
+
 def tick_window(start_event_ts: str, end_event_ts: str, max_seconds: float) -> TickWindow:
     """From the last item before the gap to the first after it, both included (a tick the
     stream delivered at either edge is recognised by its dedup key, and another tick with
-    the same time is not lost), at most `max_seconds` back from `end`."""
+    the same time is not lost), at most `max_seconds` back from `end`.
+
+    A mark on a whole minute may be a bar (`t` = its minute's start, sent up to two
+    minutes later): the end is then moved two minutes on, so no tick between the bar's
+    `t` and the actual resumption is left out; the overlap costs requests, not records
+    (what the stream delivered since is in the dedup cache)."""
     start = timestamps.canonical(start_event_ts)
     end = timestamps.canonical(end_event_ts)
-    limit = parse_instant(end) - timedelta(seconds=max_seconds)
-    limit_ts = limit.strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
+    if end.endswith(":00.000000000Z"):
+        end = _canonical(parse_instant(end) + _BAR_LAG)
+    limit_ts = _canonical(parse_instant(end) - timedelta(seconds=max_seconds))
     if start < limit_ts:  # canonical strings: string order is time order
         return TickWindow(limit_ts, end, clipped=True)
     return TickWindow(start, max(start, end))
+
+
+def _canonical(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
