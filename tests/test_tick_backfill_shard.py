@@ -71,3 +71,34 @@ async def test_a_dropped_connection_gets_every_trade_and_quote_exactly_once() ->
     )
     assert outcome.get("trades_duplicate", 0) + outcome.get("quotes_duplicate", 0) >= 1
     print(f"ticks: gap {gap['seconds']} s, filled {filled}, outcome {outcome}")
+
+
+def test_backfilled_tick_outcomes_are_exported_by_channel_and_outcome(monkeypatch) -> None:
+    """The shard's `tick_records` (`trades_emitted`, ...) become the catalogue's
+    `shard_backfill_ticks` counter, by channel and outcome, as deltas of the totals. (Ray's
+    metric classes are replaced by a recorder: exporting them needs a running actor, which
+    tests/test_observability.py covers for the whole catalogue.)"""
+    from ray_forwarder.ops import metrics
+
+    incs: list[tuple[str, float, dict[str, str]]] = []
+
+    class Counter_:
+        def __init__(self, name: str, description: str = "", tag_keys: Any = ()) -> None:
+            self.name = name
+
+        def inc(self, value: float, tags: dict[str, str]) -> None:
+            incs.append((self.name, value, tags))
+
+    monkeypatch.setattr(metrics, "_metrics", lambda: type("M", (), {"Counter": Counter_}))
+    gap_metrics = metrics.GapMetrics("stocks-0")
+    stats = {"stream": "stocks", "backfill": {"tick_records": {"trades_emitted": 5}}}
+    gap_metrics.update(stats)
+    stats["backfill"]["tick_records"] = {"trades_emitted": 7, "quotes_duplicate": 1}
+    gap_metrics.update(stats)
+    ticks = [(v, t) for name, v, t in incs if "backfill_ticks" in name]
+    base = {"shard": "stocks-0", "stream": "stocks"}
+    assert ticks == [
+        (5, {**base, "channel": "trades", "outcome": "emitted"}),
+        (2, {**base, "channel": "trades", "outcome": "emitted"}),
+        (1, {**base, "channel": "quotes", "outcome": "duplicate"}),
+    ]
