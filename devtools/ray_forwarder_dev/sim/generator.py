@@ -64,9 +64,9 @@ class MarketConfig:
     luld_ratio: float = 0.02
     correction_ratio: float = 0.01
     cancel_error_ratio: float = 0.01
-    #: Trades and quotes kept per symbol for the REST trades/quotes endpoints (the oldest
-    #: are forgotten beyond it, so a long benchmark run does not grow without bound).
-    tick_history: int = 100_000
+    #: Trades (and quotes) kept for the REST trades/quotes endpoints, over all symbols: the
+    #: oldest are forgotten beyond it, so a benchmark's millions of items are not all held.
+    tick_history: int = 20_000
 
     def __post_init__(self) -> None:
         if not self.symbols:
@@ -152,9 +152,11 @@ class Market:
         #: content where one follows): what the REST bars endpoint serves, so a backfill
         #: returns exactly what a dropped connection missed. (mark ns, bar) in time order.
         self.minute_bars: dict[str, list[tuple[int, Item]]] = {}
-        #: Every trade (`t`) and quote (`q`) per symbol, as streamed, oldest first: what the
-        #: REST trades/quotes endpoints serve (the last `tick_history` per symbol).
-        self.ticks: dict[str, dict[str, deque[Item]]] = {"t": {}, "q": {}}
+        #: Every trade (`t`) and quote (`q`), as streamed, oldest first: what the REST
+        #: trades/quotes endpoints serve (the last `tick_history` of each kind).
+        self.ticks: dict[str, deque[Item]] = {
+            kind: deque(maxlen=self.config.tick_history) for kind in ("t", "q")
+        }
 
     # --- driving ----------------------------------------------------------------------
 
@@ -270,15 +272,8 @@ class Market:
         sym.day.add(sym.price, size)
         sym.recent_trades.append(trade)
         del sym.recent_trades[:-16]
-        self._keep("t", trade)
+        self.ticks["t"].append(trade)
         return trade
-
-    def _keep(self, kind: str, item: Item) -> None:
-        by_symbol = self.ticks[kind]
-        history = by_symbol.get(item["S"])
-        if history is None:
-            history = by_symbol[item["S"]] = deque(maxlen=self.config.tick_history)
-        history.append(item)
 
     def _quote(self, sym: _Symbol, ts: str) -> Item:
         rng = self._rng
@@ -297,7 +292,7 @@ class Market:
             "t": ts,
             "z": sym.tape,
         }
-        self._keep("q", quote)
+        self.ticks["q"].append(quote)
         return quote
 
     def _special_item(self, kind: str, sym: _Symbol, ts: str) -> Item | None:
@@ -428,6 +423,6 @@ def ticks_between(market: Market, kind: str, symbol: str, start: str, end: str) 
     now = market.now
     return [
         item
-        for item in market.ticks[kind].get(symbol, ())
-        if start <= item["t"] <= end and item["t"] <= now
+        for item in market.ticks[kind]
+        if item["S"] == symbol and start <= item["t"] <= end and item["t"] <= now
     ]
