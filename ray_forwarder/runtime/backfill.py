@@ -6,6 +6,10 @@ to the shard, which turns them into records through the same pipeline and outbox
 cannot fill (REST refused it, the request budget or the gap's deadline ran out, nothing is
 known about where it started) is reported as unfilled, with the reason.
 
+Opt-in trades and quotes (BACKFILL_CHANNELS) follow the bars of each gap: `TicksClient` is
+the same client (budget, retries, paging) on another endpoint, and their items reach the
+shard already in the stream's shape (`rest_ticks.stream_tick`), for the pipeline's dedup.
+
 Rate limit, in two layers: `RequestBudget` spends at most BACKFILL_REQUESTS_PER_MINUTE
 requests in any 60 s (429s included: Alpaca counts them too), and a `429` waits until
 `X-RateLimit-Reset` (or a jittered exponential back-off without it) and asks again.
@@ -256,8 +260,10 @@ class TicksClient(BarsClient):
     """Pages of one channel's trades or quotes: the bars client's budget, retries and
     paging, another endpoint and page reader."""
 
-    def __init__(self, config: BackfillConfig, endpoint: TicksEndpoint, *args, **kw) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(config, *args, **kw)
+    def __init__(
+        self, config: BackfillConfig, endpoint: TicksEndpoint, get: Get | None = None, **kw: Any
+    ) -> None:
+        super().__init__(config, get, **kw)
         self.channel = endpoint.channel
         self.path = endpoint.path
         self.parse = partial(parse_ticks_page, endpoint.channel)
@@ -295,7 +301,8 @@ class BackfillSink:
 
 
 class Backfiller:
-    """One shard's backfill: gaps in, bars out, one gap at a time, beside the stream."""
+    """One shard's backfill: gaps in, bars (and opt-in trades/quotes) out, one gap at a
+    time, beside the stream."""
 
     def __init__(
         self,
