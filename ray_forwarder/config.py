@@ -48,8 +48,8 @@ FEED_PATHS: dict[str, str] = STOCK_FEED_PATHS
 
 _TOPICS = topic_defaults()
 
-#: What BACKFILL_CHANNELS may name (trades and quotes backfill: not yet).
-BACKFILL_CHANNELS = ("bars",)
+#: What BACKFILL_CHANNELS may name (trades and quotes: opt-in, stocks only so far).
+BACKFILL_CHANNELS = ("bars", "trades", "quotes")
 
 #: Kafka's own rule for topic names (kafka.common.internals.Topic).
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
@@ -209,6 +209,8 @@ class Settings(BaseSettings):
     backfill_page_limit: int = Field(default=10_000, gt=0, le=10_000)
     backfill_max_seconds: float = Field(default=6 * HOUR, gt=0, le=7 * DAY)
     backfill_timeout_seconds: float = Field(default=300.0, gt=0, le=DAY)
+    # Trades/quotes outnumber bars a thousandfold: at most this many per gap and channel.
+    backfill_ticks_max_items: int = Field(default=100_000, gt=0, le=10_000_000)
 
     _split = field_validator(
         "alpaca_symbols",

@@ -35,6 +35,8 @@ class StreamReport:
     status: list[dict[str, Any]] = field(default_factory=list)
     # final bars whose content came from REST (the `backfill` marker): not streamed items
     backfilled: list[dict[str, Any]] = field(default_factory=list)
+    # trades and quotes fetched from REST to fill a gap (opt-in `BACKFILL_CHANNELS`)
+    backfilled_ticks: list[dict[str, Any]] = field(default_factory=list)
     resent: int = 0  # records whose seq did not advance (re-sent batches)
 
 
@@ -63,9 +65,13 @@ def decode_and_check(
             assert symbol == envelope["payload"].get("S")  # null for news
             seq_key = (channel, key)
             is_final_bar = channel == "bars" and envelope["is_final"]
-            if "backfill" in envelope:
-                assert is_final_bar, "backfill emits final bars only"
+            if "backfill" in envelope and is_final_bar:
                 report.backfilled.append(envelope)
+            elif "backfill" in envelope:
+                assert channel in ("trades", "quotes") and envelope["is_final"], (
+                    "backfill emits final bars, trades and quotes only"
+                )
+                report.backfilled_ticks.append(envelope)
             else:
                 (report.finals if is_final_bar else report.data).append(envelope)
         previous = last_seq.get(seq_key, 0)

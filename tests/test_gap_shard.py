@@ -52,7 +52,10 @@ def _stream_settings(sim: SimulatorThread) -> dict[str, Any]:
 
 
 async def _run_shard(
-    sim: SimulatorThread, during: Callable[[ShardCore], bool], timeout: float = 120.0
+    sim: SimulatorThread,
+    during: Callable[[ShardCore], bool],
+    timeout: float = 120.0,
+    **overrides: Any,
 ) -> tuple[ShardCore, list[dict[str, Any]]]:
     """Run one shard against `sim` until `during(core)` says done; its records, decoded."""
     delivered: list[tuple[str, bytes, bytes]] = []
@@ -62,9 +65,10 @@ async def _run_shard(
         return len(records), "receiver"
 
     settings = load_settings(
-        alpaca_api_key_id=SIM_KEY, alpaca_secret_key=SIM_SECRET, **_stream_settings(sim),
+        alpaca_api_key_id=SIM_KEY, alpaca_secret_key=SIM_SECRET,
         kafka_bootstrap_servers="127.0.0.1:9", bar_final_delay_seconds=2.0,
-        backfill_page_limit=4, backfill_requests_per_minute=BUDGET,
+        **{**_stream_settings(sim), "backfill_page_limit": 4,
+           "backfill_requests_per_minute": BUDGET, **overrides},
         reconnect_initial=0.1, reconnect_max=0.5, connection_limit_backoff=1.0,
     )  # fmt: skip
     [spec] = plan_shards(settings)

@@ -21,9 +21,9 @@ from ray_forwarder.alpaca.rest_bars import (
     RestBarsError,
     bars_endpoint,
     bars_params,
-    bars_url,
     minute_window,
     parse_bars_page,
+    rest_url,
     stream_bar,
 )
 from ray_forwarder.alpaca.streams import STREAMS
@@ -271,8 +271,11 @@ def test_backfill_settings_are_checked_at_start() -> None:
 
     assert load_settings().backfill_channels == ["bars"]
     assert load_settings(backfill_channels="").backfill_channels == []
-    with pytest.raises(ConfigError, match="BACKFILL_CHANNELS: cannot backfill trades"):
-        load_settings(backfill_channels="bars,trades")
+    assert load_settings(backfill_channels="bars,trades,quotes").backfill_channels == [
+        "bars", "trades", "quotes"
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="BACKFILL_CHANNELS: cannot backfill updatedBars"):
+        load_settings(backfill_channels="bars,updatedBars")
     with pytest.raises(ConfigError, match="ALPACA_DATA_URL"):
         load_settings(alpaca_data_url="http://data.example.com")  # the secret in clear
     with pytest.raises(ConfigError, match="BACKFILL_REQUESTS_PER_MINUTE"):
@@ -325,7 +328,7 @@ def test_the_request_url_reads_back_as_the_same_symbols_and_parameters(
     assert endpoint is not None
     params = bars_params(endpoint, symbols, "2026-01-05T14:30:00Z", "2026-01-05T14:40:00Z",
                          feed="sip", page_token=token)  # fmt: skip
-    url = bars_url("https://data.alpaca.markets/", endpoint, params)
+    url = rest_url("https://data.alpaca.markets/", endpoint.path, params)
     parts = urlsplit(url)
     assert parts.path == endpoint.path and not parts.fragment
     parsed = parse_qs(parts.query, keep_blank_values=True, strict_parsing=True)

@@ -1,5 +1,6 @@
-"""The simulator's REST bars endpoints over real HTTP (stocks, crypto at its location,
-options): the same market it streams, paged, rate-limited on request, refusable."""
+"""The simulator's REST endpoints over real HTTP (bars for stocks, crypto at its location
+and options; stock trades and quotes): the same market it streams, paged, rate-limited on
+request, refusable."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import aiohttp
 import pytest
 
 from ray_forwarder.alpaca.rest_bars import bars_endpoint, stream_bar
-from ray_forwarder.runtime.backfill import BackfillConfig, BackfillFailed, BarsClient
+from ray_forwarder.alpaca.rest_ticks import TICKS_ENDPOINTS, stream_tick
+from ray_forwarder.runtime.backfill import BackfillConfig, BackfillFailed, BarsClient, TicksClient
 from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET
 
@@ -140,3 +142,48 @@ async def test_crypto_rest_lives_at_the_streams_location_and_needs_no_key() -> N
         for symbol, bars in body["bars"].items():
             for bar in bars:
                 assert truth[(symbol, bar["t"][:19] + ".000000000Z")]["c"] == bar["c"]
+
+
+def _ticks_client(sim: SimulatorThread, channel: str, limit: int = 50) -> TicksClient:
+    config = BackfillConfig(base_url=sim.data_url, key=SIM_KEY, secret=SIM_SECRET,
+                            page_limit=limit)  # fmt: skip
+    return TicksClient(config, TICKS_ENDPOINTS[("stocks", channel)])
+
+
+async def _fetch_ticks(client: TicksClient, start: str, end: str) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    try:
+        async for page in client.pages(SYMBOLS, start, end, time.monotonic() + 60):
+            assert not page.skipped
+            out.extend(stream_tick(client.channel, tick, "json") for tick in page.ticks)
+    finally:
+        await client.close()
+    return out
+
+
+@pytest.mark.parametrize(("channel", "kind"), [("trades", "t"), ("quotes", "q")])
+async def test_rest_serves_the_streamed_markets_trades_and_quotes_paged(
+    channel: str, kind: str
+) -> None:
+    """Every trade (quote) the market handed out inside the window, as the stream has it,
+    sorted by symbol then time, over several pages; 429s and refusals as for the bars."""
+    with _sim(rest_429_every=3, quote_ratio=0.55) as sim:  # trades and quotes both
+        await _until_minutes(sim, 6)
+        start, end = "2026-01-05T14:30:20.5Z", "2026-01-05T14:34:40Z"
+        client = _ticks_client(sim, channel, limit=4)
+        got = await _fetch_ticks(client, start, end)
+        truth = [
+            item for item in sim.ticks(kind)
+            if "2026-01-05T14:30:20.500000000Z" <= item["t"] <= "2026-01-05T14:34:40.000000000Z"
+        ]  # fmt: skip
+        stats = sim.stats()
+        sim.refuse_rest(403)
+        with pytest.raises(BackfillFailed) as refused:
+            await _fetch_ticks(_ticks_client(sim, channel), start, end)
+    assert len(truth) >= 20 and client.requests > len(truth) // 4
+    assert sorted(got, key=lambda i: (i["S"], i["t"])) == got
+    assert sorted(got, key=lambda i: (i["S"], i["t"])) == sorted(
+        truth, key=lambda i: (i["S"], i["t"])
+    )
+    assert client.rate_limited == stats["rest_rate_limited"] >= 1
+    assert refused.value.reason == "refused" and "403" in refused.value.detail

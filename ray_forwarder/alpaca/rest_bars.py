@@ -4,7 +4,7 @@ Backfill asks `GET /v2/stocks/bars` (stocks) or `GET /v1beta3/crypto/{loc}/bars`
 `loc` = ALPACA_CRYPTO_LOCATION) for the 1-minute bars a gap missed; options
 (`/v1beta1/options/bars`) has the same shape (a `bars` map of symbol -> list,
 `next_page_token`) but its stream carries no bars to fill (docs/streams.md §4, §8).
-`bars_endpoint` gives a stream's endpoint, `bars_url` the request URL. Responses are
+`bars_endpoint` gives a stream's endpoint, `rest_url` the request URL. Responses are
 network input: `parse_bars_page` never raises for one bad bar (it is skipped with a reason,
 like a stream item) and raises `RestBarsError` only when the page itself has no usable
 shape.
@@ -67,11 +67,12 @@ def bars_endpoint(stream: str, *, crypto_location: str = "us") -> BarsEndpoint |
     return replace(endpoint, path=endpoint.path.format(loc=quote(crypto_location, safe="")))
 
 
-def bars_url(base_url: str, endpoint: BarsEndpoint, params: Mapping[str, str]) -> str:
-    """The request URL, its query encoded like Alpaca's Go SDK (`url.Values.Encode`): every
-    reserved character escaped, so `BTC/USD` travels as `BTC%2FUSD` and a `+`, `&` or `%`
-    in a symbol cannot change what the server reads."""
-    return f"{base_url.rstrip('/')}{endpoint.path}?{urlencode(sorted(params.items()))}"
+def rest_url(base_url: str, path: str, params: Mapping[str, str]) -> str:
+    """The request URL of one page (bars, trades or quotes), its query encoded like
+    Alpaca's Go SDK (`url.Values.Encode`): every reserved character escaped, so `BTC/USD`
+    travels as `BTC%2FUSD` and a `+`, `&` or `%` in a symbol cannot change what the server
+    reads."""
+    return f"{base_url.rstrip('/')}{path}?{urlencode(sorted(params.items()))}"
 
 
 def bars_params(
@@ -133,35 +134,49 @@ _SYMBOL_MAX = 32
 
 def parse_bars_page(body: bytes | str) -> BarsPage:
     """Validate one response body; bad bars are skipped (with a reason), never raised."""
+    token, entries, skipped = page_entries(body, "bars")
+    page = BarsPage(next_page_token=token, skipped=skipped)
+    for symbol, raw in entries:
+        bar, reason = _bar(symbol, raw)
+        if bar is None:
+            page.skipped.append(reason)
+        else:
+            page.bars.append(bar)
+    return page
+
+
+def page_entries(
+    body: bytes | str, what: str
+) -> tuple[str | None, list[tuple[str, object]], list[str]]:
+    """The shape every historical page shares (`{what: {symbol: [item, ...]},
+    "next_page_token": ...}`: bars, trades, quotes): the token, the (symbol, raw item)
+    pairs, and a reason per symbol left out. Raises RestBarsError only for a page without
+    that shape."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise RestBarsError(f"bars response is not JSON: {exc}") from None
+        raise RestBarsError(f"{what} response is not JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise RestBarsError("bars response is not an object")
+        raise RestBarsError(f"{what} response is not an object")
     token = doc.get("next_page_token")
     if token is not None and (not isinstance(token, str) or not token or len(token) > 4096):
-        raise RestBarsError("bars response has an unusable next_page_token")
-    by_symbol = doc.get("bars")
+        raise RestBarsError(f"{what} response has an unusable next_page_token")
+    by_symbol = doc.get(what)
     if by_symbol is None:  # Alpaca answers `"bars": null` (or {}) when nothing matched
         by_symbol = {}
     if not isinstance(by_symbol, dict):
-        raise RestBarsError("bars response: `bars` is not an object")
-    page = BarsPage(next_page_token=token)
-    for symbol, bars in by_symbol.items():
+        raise RestBarsError(f"{what} response: `{what}` is not an object")
+    entries: list[tuple[str, object]] = []
+    skipped: list[str] = []
+    for symbol, items in by_symbol.items():
         if not _good_symbol(symbol):
-            page.skipped.append("bad_symbol")
+            skipped.append("bad_symbol")
             continue
-        if not isinstance(bars, list):
-            page.skipped.append("not_a_list")
+        if not isinstance(items, list):
+            skipped.append("not_a_list")
             continue
-        for raw in bars:
-            bar, reason = _bar(symbol, raw)
-            if bar is None:
-                page.skipped.append(reason)
-            else:
-                page.bars.append(bar)
-    return page
+        entries.extend((symbol, raw) for raw in items)
+    return token, entries, skipped
 
 
 def _good_symbol(symbol: object) -> bool:

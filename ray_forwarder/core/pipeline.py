@@ -32,6 +32,7 @@ from ray_forwarder.core.envelope import (
     encode_backfilled_envelope,
     encode_envelope,
     final_bar_key,
+    item_dedup_key,
     json_default,
     serialise_payload,
     utc_now_iso,
@@ -344,6 +345,55 @@ class EventPipeline:
             self.counters.finals += 1
             outcome["final"] += 1
             out.append(self._backfilled_final(topic, ingest_ts, symbol, bar_ts, payload, gap_id))
+        return out, outcome
+
+    def backfill_ticks(
+        self, items: list[DataItem], gap_id: str, now: float
+    ) -> tuple[list[OutRecord], Counter[str]]:
+        """Records for backfilled trades or quotes (`stream_tick` payloads: the stream's
+        shape). Their dedup key is computed exactly as `process` computes a streamed item's,
+        through the same cache, so a tick the stream delivered (at the gap's edges) is
+        `duplicate` here, and one REST repeats is not emitted twice. Not revisable: each
+        becomes one final record now (`emitted`), marked `backfill`, seq continuing the
+        (channel, symbol) sequence, through the caller's outbox after the live records
+        already in it (README § Gaps and backfill: order)."""
+        out: list[OutRecord] = []
+        outcome: Counter[str] = Counter()
+        ingest_ts = utc_now_iso()
+        for item in items:
+            channel, symbol, event_ts, payload = (
+                item.channel, item.symbol, item.event_ts, item.payload
+            )  # fmt: skip
+            topic = self._topics.get(channel)
+            if topic is None:
+                outcome["unrouted"] += 1
+                continue
+            if self._allowed is not None and symbol not in self._allowed:
+                outcome["unsubscribed"] += 1
+                continue
+            try:
+                body = serialise_payload(payload)
+            except TypeError:
+                outcome["unencodable"] += 1
+                continue
+            key = item_dedup_key(channel, symbol, event_ts, body)
+            if self._dedup.seen(key, now):
+                outcome["duplicate"] += 1
+                continue
+            self.counters.emitted[channel] += 1
+            value = encode_backfilled_envelope(
+                ingest_ts=ingest_ts,
+                event_ts=event_ts,
+                channel=channel,
+                symbol=symbol,
+                seq=self._seq.next(channel, symbol),
+                payload=orjson.Fragment(body),
+                is_final=channel not in self._revisable,
+                key=key,
+                gap_id=gap_id,
+            )
+            out.append(OutRecord(topic, symbol.encode(), value, channel))
+            outcome["emitted"] += 1
         return out, outcome
 
     def _backfilled_final(

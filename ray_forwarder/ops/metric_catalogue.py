@@ -155,6 +155,9 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     _actor("shard_backfill_bars", "counter", ("shard", "stream", "outcome"),
            "Backfilled minute bars: final, open (handed to the finaliser), merged into "
            "a pending bar (or the same as it), already_final."),
+    _actor("shard_backfill_ticks", "counter", ("shard", "stream", "channel", "outcome"),
+           "Backfilled trades and quotes (opt-in): emitted, or duplicate (the stream "
+           "delivered it: same dedup key)."),
     _actor("shard_backfill_requests", "counter", ("shard", "stream"),
            "REST requests made by backfill (429s included)."),
     _actor("shard_backfill_rate_limited", "counter", ("shard", "stream"),

@@ -323,6 +323,7 @@ class GapMetrics:
         self._seconds = _DeltaCounter("shard_gap_seconds")
         self._unfilled = _DeltaCounter("shard_gaps_unfilled")
         self._bars = _DeltaCounter("shard_backfill_bars")
+        self._ticks = _DeltaCounter("shard_backfill_ticks")
         self._requests = _DeltaCounter("shard_backfill_requests")
         self._limited = _DeltaCounter("shard_backfill_rate_limited")
 
@@ -338,6 +339,9 @@ class GapMetrics:
         for outcome in ("final", "open", "merged", "same", "already_final"):
             if outcome in backfill:
                 self._bars.update(backfill[outcome], {**tags, "outcome": outcome})
+        for name, value in (backfill.get("tick_records") or {}).items():
+            channel, _, outcome = str(name).partition("_")  # trades_emitted, ...
+            self._ticks.update(value, {**tags, "channel": channel, "outcome": outcome})
         self._requests.update(backfill.get("requests") or 0, tags)
         self._limited.update(backfill.get("rate_limited") or 0, tags)
 

@@ -182,6 +182,7 @@ class ShardCore:
         self._dead_letters_seen: Counter[str] = Counter()  # diversions already reported
         self._last_dead_letter: float | None = None  # open episode: latest diversion
         self._backfill_outcome: Counter[str] = Counter()  # backfilled bars: final, merged, ...
+        self._backfill_ticks: Counter[str] = Counter()  # trades_emitted, quotes_duplicate, ...
 
     # --- SessionHandler -----------------------------------------------------------------
 
@@ -238,6 +239,14 @@ class ShardCore:
             [stream_bar(bar) for bar in bars], gap.gap_id, gap.end.event_ts, time.monotonic()
         )
         self._backfill_outcome.update(outcome)
+        if records:
+            self.outbox.put(records, time.monotonic())
+
+    def on_backfill_ticks(self, gap: Gap, channel: str, items: list[DataItem]) -> None:
+        """Backfilled trades or quotes (opt-in): through the pipeline's dedup, then the
+        same outbox as the live records, after those already in it."""
+        records, outcome = self.pipeline.backfill_ticks(items, gap.gap_id, time.monotonic())
+        self._backfill_ticks.update({f"{channel}_{k}": n for k, n in outcome.items()})
         if records:
             self.outbox.put(records, time.monotonic())
 
@@ -485,6 +494,7 @@ class ShardCore:
             "backfill": {
                 **(self.backfill.stats() if self.backfill is not None else {}),
                 **self._backfill_outcome,
+                "tick_records": dict(self._backfill_ticks),  # trades_emitted, ..._duplicate
             },
         }
 

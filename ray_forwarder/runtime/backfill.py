@@ -6,6 +6,10 @@ to the shard, which turns them into records through the same pipeline and outbox
 cannot fill (REST refused it, the request budget or the gap's deadline ran out, nothing is
 known about where it started) is reported as unfilled, with the reason.
 
+Opt-in trades and quotes (BACKFILL_CHANNELS) follow the bars of each gap: `TicksClient` is
+the same client (budget, retries, paging) on another endpoint, and their items reach the
+shard already in the stream's shape (`rest_ticks.stream_tick`), for the pipeline's dedup.
+
 Rate limit, in two layers: `RequestBudget` spends at most BACKFILL_REQUESTS_PER_MINUTE
 requests in any 60 s (429s included: Alpaca counts them too), and a `429` waits until
 `X-RateLimit-Reset` (or a jittered exponential back-off without it) and asks again.
@@ -22,8 +26,10 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+from ray_forwarder.alpaca.events import DataItem
 from ray_forwarder.alpaca.rest_bars import (
     BARS_ENDPOINTS,
     BarsEndpoint,
@@ -32,10 +38,18 @@ from ray_forwarder.alpaca.rest_bars import (
     RestBarsError,
     bars_endpoint,
     bars_params,
-    bars_url,
     minute_window,
     parse_bars_page,
+    rest_url,
     rfc3339,
+)
+from ray_forwarder.alpaca.rest_ticks import (
+    TICKS_ENDPOINTS,
+    TicksEndpoint,
+    parse_ticks_page,
+    stream_tick,
+    tick_window,
+    ticks_params,
 )
 from ray_forwarder.core.gaps import Gap
 
@@ -113,6 +127,10 @@ class BackfillConfig:
     max_seconds: float = 6 * 3600.0
     #: A gap not filled within this long is given up (`gap_unfilled`, reason `timeout`).
     timeout_seconds: float = 300.0
+    #: Trades/quotes: at most this many per gap and channel (`gap_unfilled`, `item_cap`).
+    ticks_max_items: int = 100_000
+    #: The stream's wire format: REST ticks are given the stream's payload shape for it.
+    wire_format: str = "msgpack"
 
     def __repr__(self) -> str:  # the secret must never reach a log line
         return f"BackfillConfig(base_url={self.base_url!r}, key=<masked>, feed={self.feed!r})"
@@ -134,9 +152,14 @@ class BarsClient:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         rng: random.Random | None = None,
+        budget: RequestBudget | None = None,
     ) -> None:
         self.config = config
-        self.budget = RequestBudget(config.requests_per_minute)
+        #: one budget per shard: the bars and tick clients of a shard share it
+        self.budget = budget or RequestBudget(config.requests_per_minute)
+        #: what is asked and how a page is read (TicksClient asks another endpoint)
+        self.path = config.endpoint.path
+        self.parse: Callable[[bytes], Any] = parse_bars_page
         self._get = get
         self._session: Any = None
         self._clock = clock
@@ -163,15 +186,20 @@ class BarsClient:
             chunk = symbols[offset : offset + per_request]
             token: str | None = None
             while True:
-                params = bars_params(
-                    cfg.endpoint, chunk, start, end,
-                    feed=cfg.feed, limit=cfg.page_limit, page_token=token,
-                )  # fmt: skip
-                page = await self._page(params, deadline)
+                page = await self._page(self.params(chunk, start, end, token), deadline)
                 yield page
                 token = page.next_page_token
                 if not token:
                     break
+
+    def params(
+        self, symbols: Sequence[str], start: str, end: str, token: str | None
+    ) -> dict[str, str]:
+        cfg = self.config
+        return bars_params(
+            cfg.endpoint, symbols, start, end,
+            feed=cfg.feed, limit=cfg.page_limit, page_token=token,
+        )  # fmt: skip
 
     async def _page(self, params: Mapping[str, str], deadline: float) -> BarsPage:
         limited = failures = 0
@@ -189,11 +217,11 @@ class BarsClient:
                 status, headers, body = 0, {}, type(exc).__name__.encode()
             if status == 200:
                 try:
-                    return parse_bars_page(body)
+                    return self.parse(body)
                 except RestBarsError as exc:
                     raise BackfillFailed("bad_response", str(exc)) from None
             if status in REFUSED:
-                raise BackfillFailed("refused", f"GET {self.config.endpoint.path}: HTTP {status}")
+                raise BackfillFailed("refused", f"GET {self.path}: HTTP {status}")
             if status == 429:
                 self.rate_limited += 1
                 delay = retry_delay(limited, headers, time.time(), self._rng)
@@ -202,7 +230,7 @@ class BarsClient:
                 failures += 1
                 if failures > MAX_TRANSIENT_FAILURES:
                     what = f"HTTP {status}" if status else body.decode(errors="replace")
-                    raise BackfillFailed("unavailable", f"GET {self.config.endpoint.path}: {what}")
+                    raise BackfillFailed("unavailable", f"GET {self.path}: {what}")
                 delay = retry_delay(failures - 1, {}, time.time(), self._rng)
             if self._clock() + delay > deadline:
                 raise BackfillFailed(
@@ -212,11 +240,11 @@ class BarsClient:
             await self._sleep(delay)
 
     async def _fetch(self, params: Mapping[str, str]) -> Response:
-        url = self.config.base_url.rstrip("/") + self.config.endpoint.path
+        url = self.config.base_url.rstrip("/") + self.path
         if self._get is not None:
             return await self._get(url, params)
         import aiohttp
-        from yarl import URL  # aiohttp's URL type: `encoded=True` sends bars_url's query as is
+        from yarl import URL  # aiohttp's URL type: `encoded=True` sends rest_url's query as is
 
         if self._session is None:
             self._session = aiohttp.ClientSession(
@@ -226,13 +254,34 @@ class BarsClient:
                     "APCA-API-SECRET-KEY": self.config.secret,
                 },
             )
-        request = URL(bars_url(self.config.base_url, self.config.endpoint, params), encoded=True)
+        request = URL(rest_url(self.config.base_url, self.path, params), encoded=True)
         try:
             async with self._session.get(request, allow_redirects=False) as response:
                 return response.status, dict(response.headers), await response.read()
         except aiohttp.ClientError as exc:
             # Only the type: aiohttp's texts can carry the URL, and a URL can carry userinfo.
             raise OSError(type(exc).__name__) from None
+
+
+class TicksClient(BarsClient):
+    """Pages of one channel's trades or quotes: the bars client's budget, retries and
+    paging, another endpoint and page reader."""
+
+    def __init__(
+        self, config: BackfillConfig, endpoint: TicksEndpoint, get: Get | None = None, **kw: Any
+    ) -> None:
+        super().__init__(config, get, **kw)
+        self.channel = endpoint.channel
+        self.path = endpoint.path
+        self.parse = partial(parse_ticks_page, endpoint.channel)
+
+    def params(
+        self, symbols: Sequence[str], start: str, end: str, token: str | None
+    ) -> dict[str, str]:
+        cfg = self.config
+        return ticks_params(
+            symbols, start, end, feed=cfg.feed, limit=cfg.page_limit, page_token=token
+        )
 
 
 @dataclass
@@ -243,6 +292,7 @@ class BackfillCounts:
     requests: int = 0
     rate_limited: int = 0
     skipped: int = 0  # REST bars that failed validation
+    ticks: dict[str, int] = field(default_factory=dict)  # REST trades/quotes by channel
 
 
 class BackfillSink:
@@ -254,14 +304,26 @@ class BackfillSink:
 
     def on_gap_unfilled(self, gap: Gap, reason: str, info: dict[str, Any]) -> None: ...
 
+    def on_backfill_ticks(self, gap: Gap, channel: str, items: list[DataItem]) -> None: ...
+
 
 class Backfiller:
-    """One shard's backfill: gaps in, bars out, one gap at a time, beside the stream."""
+    """One shard's backfill: gaps in, bars (and opt-in trades/quotes) out, one gap at a
+    time, beside the stream."""
 
     def __init__(
-        self, client: BarsClient, sink: BackfillSink, *, clock: Callable[[], float] = time.monotonic
+        self,
+        client: BarsClient,
+        sink: BackfillSink,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        ticks: Sequence[TicksClient] = (),
+        bars: bool = True,
     ) -> None:
         self.client = client
+        #: opt-in trades/quotes (BACKFILL_CHANNELS), filled after the bars, same budget
+        self.ticks = tuple(ticks)
+        self.fill_bars = bars
         self._sink = sink
         self._clock = clock
         self._queue: asyncio.Queue[Gap] = asyncio.Queue()
@@ -308,6 +370,8 @@ class Backfiller:
             raise
         finally:
             await self.client.close()
+            for tick_client in self.ticks:
+                await tick_client.close()
 
     def _done(self) -> None:
         self._busy -= 1
@@ -315,10 +379,38 @@ class Backfiller:
             self._idle.set()
 
     async def _fill(self, gap: Gap) -> None:
-        cfg = self.client.config
+        """Bars (unless only ticks are backfilled), then each tick channel; the first part
+        that fails makes the gap `gap_unfilled`, a clipped window `too_old` at the end."""
         if gap.start is None:
             self._unfilled(gap, "no_start", {"detail": "nothing is known before the gap"})
             return
+        info: dict[str, Any] = {}
+        clipped_from: str | None = None
+        if self.fill_bars:
+            bars = await self._fill_bars(gap)
+            if bars is None:
+                return
+            info, clipped_from = bars
+        for client in self.ticks:
+            ticks = await self._fill_ticks(gap, client)
+            if ticks is None:
+                return
+            part, clipped = ticks
+            info = {**part, **info, client.channel: part[client.channel],
+                    "requests": info.get("requests", 0) + part["requests"]}  # fmt: skip
+            clipped_from = clipped_from or clipped
+        if clipped_from is not None:
+            self._unfilled(gap, "too_old", {"detail": "older than BACKFILL_MAX_SECONDS",
+                                            "filled_from": clipped_from})  # fmt: skip
+            return
+        self.counts.gaps_filled += 1
+        self._sink.on_gap_filled(gap, info)
+
+    async def _fill_bars(self, gap: Gap) -> tuple[dict[str, Any], str | None] | None:
+        """The gap's minute bars; (info, where a clipped window starts) or None when the
+        gap was reported unfilled."""
+        cfg = self.client.config
+        assert gap.start is not None
         window = minute_window(
             gap.start.event_ts, gap.end.event_ts, cfg.max_seconds, gap.start.bars_from
         )
@@ -339,16 +431,62 @@ class Backfiller:
             self._account(before, bars, skipped)
             self._unfilled(gap, failed.reason, {"detail": failed.detail, "start": start,
                                                "end": end, "bars": bars})  # fmt: skip
-            return
+            return None
         self._account(before, bars, skipped)
         info: dict[str, Any] = {"start": start, "end": end, "bars": bars,
                                 "requests": self.client.requests - before[0]}  # fmt: skip
-        if window.clipped:
-            self._unfilled(gap, "too_old", {"detail": "older than BACKFILL_MAX_SECONDS",
-                                            "filled_from": start})  # fmt: skip
-            return
-        self.counts.gaps_filled += 1
-        self._sink.on_gap_filled(gap, info)
+        return info, start if window.clipped else None
+
+    async def _fill_ticks(
+        self, gap: Gap, client: TicksClient
+    ) -> tuple[dict[str, Any], str | None] | None:
+        """One channel's trades or quotes from the last item before the gap to the first
+        after it, at most BACKFILL_TICKS_MAX_ITEMS of them; (info, where a clipped window
+        starts) or None when the gap was reported unfilled."""
+        cfg = client.config
+        assert gap.start is not None
+        channel = client.channel
+        window = tick_window(gap.start.event_ts, gap.end.event_ts, cfg.max_seconds)
+        deadline = self._clock() + cfg.timeout_seconds
+        requests, limited = client.requests, client.rate_limited
+        count = skipped = 0
+        symbols = [s for s in gap.symbols if s != "*"]
+        try:
+            if not symbols:
+                raise BackfillFailed("wildcard", "a `*` subscription names no symbols to ask for")
+            async for page in client.pages(symbols, window.start, window.end, deadline):
+                count += len(page.ticks)
+                skipped += len(page.skipped)
+                if page.ticks:
+                    items = [
+                        DataItem(channel, tick.symbol, tick.t,
+                                 stream_tick(channel, tick, cfg.wire_format))
+                        for tick in page.ticks
+                    ]  # fmt: skip
+                    self._sink.on_backfill_ticks(gap, channel, items)
+                if count >= cfg.ticks_max_items and page.next_page_token:
+                    raise BackfillFailed(
+                        "item_cap", f"{channel}: stopped at BACKFILL_TICKS_MAX_ITEMS ({count})"
+                    )
+        except BackfillFailed as failed:
+            self._account_ticks(client, requests, limited, count, skipped)
+            self._unfilled(gap, failed.reason, {"detail": failed.detail, "channel": channel,
+                                               "start": window.start, "end": window.end,
+                                               channel: count})  # fmt: skip
+            return None
+        self._account_ticks(client, requests, limited, count, skipped)
+        info: dict[str, Any] = {"start": window.start, "end": window.end, channel: count,
+                                "requests": client.requests - requests}  # fmt: skip
+        return info, window.start if window.clipped else None
+
+    def _account_ticks(
+        self, client: TicksClient, requests: int, limited: int, count: int, skipped: int
+    ) -> None:
+        c = self.counts
+        c.requests += client.requests - requests
+        c.rate_limited += client.rate_limited - limited
+        c.ticks[client.channel] = c.ticks.get(client.channel, 0) + count
+        c.skipped += skipped
 
     def _account(self, before: tuple[int, int], bars: int, skipped: int) -> None:
         c = self.counts
@@ -370,6 +508,7 @@ class Backfiller:
             "requests": c.requests,
             "rate_limited": c.rate_limited,
             "skipped": c.skipped,
+            "ticks": dict(c.ticks),
             "busy": self.busy,
         }
 
@@ -386,15 +525,20 @@ def data_base_url(explicit: str | None, stream_url: str) -> str:
 
 
 def backfiller_for(settings: Any, spec: Any, sink: BackfillSink) -> Backfiller | None:
-    """The shard's backfiller, or None when BACKFILL_CHANNELS or the shard's channels name
-    no bars, or the stream has no REST bars endpoint. Stocks and crypto have both; the
-    options stream streams no bars (trades and quotes only), news and trade_updates none.
-    No market-hours rule: REST answers for whatever minutes had bars, so a crypto gap is
+    """The shard's backfiller, or None when neither BACKFILL_CHANNELS' bars nor its trades
+    or quotes are among the shard's channels with a REST endpoint. Stocks and crypto have
+    bars endpoints; the options stream streams no bars (trades and quotes only), news and
+    trade_updates none; trades and quotes backfill is stocks only (`TICKS_ENDPOINTS`).
+    No market-hours rule: REST answers for whatever minutes had data, so a crypto gap is
     filled at any hour and a stock gap over a closed market simply finds none."""
     endpoint = bars_endpoint(spec.stream, crypto_location=settings.alpaca_crypto_location)
-    if "bars" not in settings.backfill_channels or "bars" not in spec.channels:
-        return None
-    if endpoint is None:
+    bars = "bars" in settings.backfill_channels and "bars" in spec.channels
+    tick_endpoints = [
+        TICKS_ENDPOINTS[(spec.stream, channel)]
+        for channel in settings.backfill_channels
+        if channel in spec.channels and (spec.stream, channel) in TICKS_ENDPOINTS
+    ]
+    if endpoint is None or not (bars or tick_endpoints):
         return None
     config = BackfillConfig(
         base_url=data_base_url(settings.alpaca_data_url, spec.url),
@@ -407,5 +551,9 @@ def backfiller_for(settings: Any, spec: Any, sink: BackfillSink) -> Backfiller |
         page_limit=settings.backfill_page_limit,
         max_seconds=settings.backfill_max_seconds,
         timeout_seconds=settings.backfill_timeout_seconds,
+        ticks_max_items=settings.backfill_ticks_max_items,
+        wire_format=settings.alpaca_wire_format,
     )
-    return Backfiller(BarsClient(config), sink)
+    client = BarsClient(config)
+    ticks = [TicksClient(config, e, budget=client.budget) for e in tick_endpoints]
+    return Backfiller(client, sink, ticks=ticks, bars=bars)

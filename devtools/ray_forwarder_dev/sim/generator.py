@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import random
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -63,6 +64,9 @@ class MarketConfig:
     luld_ratio: float = 0.02
     correction_ratio: float = 0.01
     cancel_error_ratio: float = 0.01
+    #: Trades (and quotes) kept for the REST trades/quotes endpoints, over all symbols: the
+    #: oldest are forgotten beyond it, so a benchmark's millions of items are not all held.
+    tick_history: int = 20_000
 
     def __post_init__(self) -> None:
         if not self.symbols:
@@ -148,6 +152,11 @@ class Market:
         #: content where one follows): what the REST bars endpoint serves, so a backfill
         #: returns exactly what a dropped connection missed. (mark ns, bar) in time order.
         self.minute_bars: dict[str, list[tuple[int, Item]]] = {}
+        #: Every trade (`t`) and quote (`q`), as streamed, oldest first: what the REST
+        #: trades/quotes endpoints serve (the last `tick_history` of each kind).
+        self.ticks: dict[str, deque[Item]] = {
+            kind: deque(maxlen=self.config.tick_history) for kind in ("t", "q")
+        }
 
     # --- driving ----------------------------------------------------------------------
 
@@ -263,13 +272,14 @@ class Market:
         sym.day.add(sym.price, size)
         sym.recent_trades.append(trade)
         del sym.recent_trades[:-16]
+        self.ticks["t"].append(trade)
         return trade
 
     def _quote(self, sym: _Symbol, ts: str) -> Item:
         rng = self._rng
         bid = round(sym.price - 0.01 * rng.randint(0, 3), 2)
         ask = round(bid + 0.01 * rng.randint(1, 4), 2)
-        return {
+        quote: Item = {
             "T": "q",
             "S": sym.name,
             "ax": rng.choice(_EXCHANGES),
@@ -282,6 +292,8 @@ class Market:
             "t": ts,
             "z": sym.tape,
         }
+        self.ticks["q"].append(quote)
+        return quote
 
     def _special_item(self, kind: str, sym: _Symbol, ts: str) -> Item | None:
         """A rare item for `sym`, or None when it cannot apply yet (nothing to correct)."""
@@ -402,3 +414,15 @@ def bars_between(market: Market, symbol: str, start_ns: int, end_ns: int) -> lis
         if start_ns <= t_ns <= end_ns:
             out.append(bar)
     return out
+
+
+def ticks_between(market: Market, kind: str, symbol: str, start: str, end: str) -> list[Item]:
+    """`symbol`'s trades (`kind` "t") or quotes ("q") whose `t` is in [start, end]
+    (canonical strings: string order is time order) and that the market has handed out
+    by its current time, oldest first."""
+    now = market.now
+    return [
+        item
+        for item in market.ticks[kind]
+        if item["S"] == symbol and start <= item["t"] <= end and item["t"] <= now
+    ]

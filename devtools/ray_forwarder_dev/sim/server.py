@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from http import HTTPStatus
@@ -33,6 +34,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from ray_forwarder.alpaca import timestamps
 from ray_forwarder.alpaca.channels import (
     CHANNEL_BY_TYPE,
     MARKET_DATA_CHANNELS,
@@ -45,6 +47,7 @@ from ray_forwarder_dev.sim.generator import (
     MarketConfig,
     bars_between,
     parse_base_time,
+    ticks_between,
 )
 from ray_forwarder_dev.sim.streams import DEFAULT_FEEDS, SIM_STREAMS, SimStream
 
@@ -255,7 +258,7 @@ class SimStats:
     starved_connections: int = 0
     omitted_from_subscription: int = 0  # subscribe requests answered without a symbol
     clock_requests: int = 0  # /v2/clock and /v2/calendar requests answered
-    rest_requests: int = 0  # REST bars requests, whatever the answer
+    rest_requests: int = 0  # REST bars, trades and quotes requests, whatever the answer
     rest_rate_limited: int = 0  # of which answered 429
     rest_refused: int = 0  # of which refused (the refuse_rest fault, bad credentials)
 
@@ -603,6 +606,9 @@ class Simulator(SimEndpoints):
             return self._trading_api(connection, request, path, query)
         if path == self._rest_bars_path:
             return self._rest_bars(connection, request, query)
+        if path in REST_TICK_PATHS and self.stream.name == "stocks":
+            page = functools.partial(rest_ticks_page, channel=REST_TICK_PATHS[path])
+            return self._rest_bars(connection, request, query, page)
         if not self.stream.path.match(path):
             where = self.stream.url_path("{feed}")
             return connection.respond(HTTPStatus.NOT_FOUND, f"not found: use {where}\n")
@@ -631,11 +637,19 @@ class Simulator(SimEndpoints):
         days = [] if not self.market_open else _every_day(start, min(end, start + timedelta(366)))
         return _json_response(connection, HTTPStatus.OK, days)
 
-    def _rest_bars(self, connection: ServerConnection, request: Request, query: str) -> Response:
+    def _rest_bars(
+        self,
+        connection: ServerConnection,
+        request: Request,
+        query: str,
+        page: Callable[[Market, dict[str, list[str]]], dict[str, Any]] | None = None,
+    ) -> Response:
         """Alpaca's historical bars (`GET /v2/stocks/bars`, `/v1beta3/crypto/{loc}/bars` for
         the simulator's own location, `/v1beta1/options/bars`; 1-minute bars) from the same
         market the stream sends: each closed minute's bar as its latest revision, sorted by
-        symbol then time, paged by `limit` with an opaque `next_page_token`."""
+        symbol then time, paged by `limit` with an opaque `next_page_token`. With `page`:
+        another endpoint of that API (trades, quotes: `rest_ticks_page`), with the same
+        credentials check, 429s and refusals (one request counter for all of them)."""
         counters = self.stats_counters
         counters.rest_requests += 1
         n = counters.rest_requests
@@ -654,7 +668,7 @@ class Simulator(SimEndpoints):
             counters.rest_refused += 1
             return _json_response(connection, HTTPStatus(status), {"message": "refused"})
         try:
-            body = rest_bars_page(self.market, parse_qs(query))
+            body = (page or rest_bars_page)(self.market, parse_qs(query))
         except ValueError as exc:
             return _json_response(connection, HTTPStatus.BAD_REQUEST, {"message": str(exc)})
         return _json_response(connection, HTTPStatus.OK, body)
@@ -1114,6 +1128,52 @@ def rest_bars_page(market: Market, params: dict[str, list[str]]) -> dict[str, An
         symbol, bar = rest[0]
         token = base64.urlsafe_b64encode(f"{symbol}|{bar['t']}".encode()).decode()
     return {"bars": out, "next_page_token": token}
+
+
+#: Historical trades and quotes (`GET /v2/stocks/trades`, `/v2/stocks/quotes`) -> channel.
+REST_TICK_PATHS = {"/v2/stocks/trades": "trades", "/v2/stocks/quotes": "quotes"}
+_TICK_KIND = {"trades": "t", "quotes": "q"}
+
+
+def rest_ticks_page(market: Market, params: dict[str, list[str]], channel: str) -> dict[str, Any]:
+    """One page of `GET /v2/stocks/trades` or `/quotes` over `market`: the items the stream
+    sends (or sent, or would have sent to a dropped connection) without `T` and `S`, `t`
+    as the stream writes it, sorted by symbol then time, paged like the bars."""
+
+    def one(name: str, default: str | None = None) -> str:
+        values = params.get(name)
+        if not values:
+            if default is None:
+                raise ValueError(f"missing {name}")
+            return default
+        return values[0]
+
+    symbols = sorted({s for s in one("symbols").split(",") if s})
+    try:
+        start, end = timestamps.canonical(one("start")), timestamps.canonical(one("end"))
+    except ValueError as exc:
+        raise ValueError(f"bad start or end: {exc}") from None
+    limit = int(one("limit", "1000"))
+    if not 1 <= limit <= _REST_MAX_LIMIT:
+        raise ValueError("limit must be 1..10000")
+    if one("sort", "asc") != "asc":
+        raise ValueError("the simulator serves sort=asc only")
+    after = _page_position(one("page_token", ""))
+    entries = [
+        (symbol, item)
+        for symbol in symbols
+        for item in ticks_between(market, _TICK_KIND[channel], symbol, start, end)
+        if after is None or (symbol, item["t"]) >= after
+    ]
+    page, rest = entries[:limit], entries[limit:]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for symbol, item in page:
+        out.setdefault(symbol, []).append({k: v for k, v in item.items() if k not in ("T", "S")})
+    token = None
+    if rest:
+        symbol, item = rest[0]
+        token = base64.urlsafe_b64encode(f"{symbol}|{item['t']}".encode()).decode()
+    return {channel: out, "next_page_token": token}
 
 
 def _page_position(token: str) -> tuple[str, str] | None:

@@ -148,6 +148,12 @@ class SimulatorThread(SimEndpoints):
             }
         )
 
+    def ticks(self, kind: str) -> list[Item]:
+        """Every trade (`kind` "t") or quote ("q") the market handed out so far (kept: the
+        last `tick_history`), whether or not a connection received it."""
+        market = self.simulator.market
+        return self.call(lambda: [i for i in market.ticks[kind] if i["t"] <= market.now])
+
     def rest_log(self) -> list[tuple[float, int]]:
         return self.call(lambda: list(self.simulator.rest_log))
 
