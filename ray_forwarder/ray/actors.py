@@ -20,6 +20,7 @@ from ray_forwarder.config import Settings
 from ray_forwarder.core.deadletter import refusal_reason
 from ray_forwarder.ops import logs
 from ray_forwarder.ops.metrics import LatencyRecorder, ProducerMetrics, ShardMetrics, StatsExporter
+from ray_forwarder.ray.gc_tuning import tune_for_hot_path
 from ray_forwarder.ray.shard import ShardCore, ShardSpec
 from ray_forwarder.runtime.outbox import (
     RecordsRefused,
@@ -53,6 +54,7 @@ class ProducerActor:
         self._probe_error: str | None = None
         self._probe: asyncio.Task[None] | None = None
         self._metrics = StatsExporter(self.stats, ProducerMetrics(name).update)
+        tune_for_hot_path()  # it allocates per record too, building Kafka batches
 
     def _ensure_background(self) -> None:
         """Start the metrics exporter and the Kafka probe in the actor's event loop."""
@@ -166,6 +168,7 @@ class ShardActor:
             self._core.stats, ShardMetrics(spec.shard_id, self._latency, spec.stream).update
         )
         self._running: asyncio.Task[dict[str, Any]] | None = None
+        tune_for_hot_path()
 
     async def run(
         self,
