@@ -40,7 +40,10 @@ What each column means:
   (all clients subscribed) to the system having everything acknowledged and drained,
   divided by the items delivered; per role (driver, shard actor, producer actor, raylet,
   gcs_server, dashboard, agents, ...) below the table. `RSS MB`: sum of the processes'
-  peak resident memory, sampled every 0.2 s.
+  peak resident memory, sampled every 0.2 s; `PSS MB`: the same in proportional set size
+  (sampled every second), which counts a page N processes share (the Python and Ray
+  libraries every Ray process maps) 1/N in each: what the processes occupy together.
+  Target 4's total reads PSS.
 * The load generator's ceiling: the same feed, flat out, into a client that reads and
   discards; it must be at least 3x the fastest system, or the bench measured the generator.
 """

@@ -74,12 +74,19 @@ class ProcessUsage:
     cpu_last: float = 0.0
     cpu_end: float | None = None
     peak_rss: int = 0
+    #: Proportional set size: each shared page (Ray's and Python's libraries, mapped by
+    #: every Ray process) counted once over the processes that map it; 0 where unreadable.
+    peak_pss: int = 0
     in_window: bool = False  # alive at some point between mark_start() and mark_end()
 
     @property
     def cpu_seconds(self) -> float:
         end = self.cpu_last if self.cpu_end is None else self.cpu_end
         return max(0.0, end - self.cpu_start)
+
+
+#: Read PSS on every this-many-th sample (see ProcessSampler.sample).
+PSS_EVERY = 5
 
 
 class ProcessSampler:
@@ -93,8 +100,14 @@ class ProcessSampler:
         self.usage: dict[int, ProcessUsage] = {}
         self._started = False
         self._ended = False
+        self._samples = 0
 
-    def sample(self) -> None:
+    def sample(self, *, pss: bool = False) -> None:
+        # PSS reads /proc/PID/smaps_rollup, which walks the process's mappings under its
+        # mm lock: every PSS_EVERY-th sample only (once a second at the bench's 0.2 s),
+        # and at the window's start and end.
+        read_pss = pss or self._samples % PSS_EVERY == 0
+        self._samples += 1
         try:
             root = psutil.Process(self.root)
             tree = [root, *root.children(recursive=True)]
@@ -110,6 +123,7 @@ class ProcessSampler:
                         continue  # exited, not yet reaped by its parent
                     times = known.cpu_times()
                     rss = known.memory_info().rss
+                    pss_now = _pss(known) if read_pss else 0
                     argv = known.cmdline() or [known.name()]
                     parent = known.ppid()
             except psutil.Error:
@@ -125,6 +139,7 @@ class ProcessSampler:
                 usage.cpu_last = cpu
                 usage.in_window = usage.in_window or self._started
             usage.peak_rss = max(usage.peak_rss, rss)
+            usage.peak_pss = max(usage.peak_pss, pss_now)
 
     def _role(self, pid: int, argv: list[str], parent: int) -> str:
         if pid == self.root:
@@ -136,7 +151,7 @@ class ProcessSampler:
 
     def mark_start(self) -> None:
         self._started = True
-        self.sample()
+        self.sample(pss=True)
         for usage in self.usage.values():
             usage.cpu_start = usage.cpu_last
 
@@ -146,7 +161,7 @@ class ProcessSampler:
         return [u for u in self.usage.values() if u.in_window]
 
     def mark_end(self) -> None:
-        self.sample()
+        self.sample(pss=True)
         for usage in self.usage.values():
             usage.cpu_end = usage.cpu_last
         self._ended = True
@@ -164,6 +179,15 @@ class ProcessSampler:
             except psutil.Error:
                 continue
         return alive
+
+
+def _pss(proc: psutil.Process) -> int:
+    """The process's PSS in bytes (Linux `smaps_rollup`), or 0 where the platform or the
+    permissions do not tell."""
+    try:
+        return int(getattr(proc.memory_full_info(), "pss", 0))
+    except (psutil.Error, OSError):
+        return 0
 
 
 def terminate(procs: list[psutil.Process], grace: float = 5.0, timeout: float = 10.0) -> int:

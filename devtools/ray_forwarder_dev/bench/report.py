@@ -20,6 +20,7 @@ class ProcessReport:
     cpu_us_per_event: float
     peak_rss_mb: float
     command: str = ""
+    peak_pss_mb: float = 0.0
 
 
 @dataclass
@@ -28,6 +29,7 @@ class RoleReport:
     processes: int
     cpu_us_per_event: float
     peak_rss_mb: float  # sum of the processes' peaks
+    peak_pss_mb: float = 0.0  # the same in PSS (shared pages split between the processes)
 
 
 #: At a fixed rate, a system kept up if it held at least this share of the rate.
@@ -67,6 +69,9 @@ class SystemReport:
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p99, max, min
     cpu_us_per_event: float = 0.0  # all processes of the system
     peak_rss_mb: float = 0.0  # sum over its processes
+    #: The same in PSS: what the processes occupy together (RSS counts a page that N
+    #: processes share N times; PSS counts 1/N of it in each).
+    peak_pss_mb: float = 0.0
     generator_cpu_us_per_event: float = 0.0
     processes: list[ProcessReport] = field(default_factory=list)
     roles: list[RoleReport] = field(default_factory=list)
@@ -167,6 +172,7 @@ def fill_processes(report: SystemReport, usage: list[ProcessUsage], events: int)
             u.cpu_seconds * per_event,
             u.peak_rss / 2**20,
             u.cmdline[:160],
+            u.peak_pss / 2**20,
         )
         for u in sorted(usage, key=lambda u: (u.role, u.pid))
     ]
@@ -176,15 +182,17 @@ def fill_processes(report: SystemReport, usage: list[ProcessUsage], events: int)
         role.processes += 1
         role.cpu_us_per_event += proc.cpu_us_per_event
         role.peak_rss_mb += proc.peak_rss_mb
+        role.peak_pss_mb += proc.peak_pss_mb
     report.roles = sorted(roles.values(), key=lambda r: -r.cpu_us_per_event)
     report.cpu_us_per_event = sum(p.cpu_us_per_event for p in report.processes)
     report.peak_rss_mb = sum(p.peak_rss_mb for p in report.processes)
+    report.peak_pss_mb = sum(p.peak_pss_mb for p in report.processes)
 
 
 HEADER = (
     f"{'system':<22} {'items/s':>8} {'held/s':>8} {'kept up':>7} {'p50 ms':>7} {'p99 ms':>7} "
     f"{'max ms':>7} {'sent':>7} {'lost':>5} {'dup':>4} {'dedup':>5} {'CPU µs/ev':>9} "
-    f"{'RSS MB':>7}"
+    f"{'RSS MB':>7} {'PSS MB':>7}"
 )
 
 
@@ -204,19 +212,22 @@ def format_row(s: SystemReport) -> str:
     return (
         f"{s.label:<22} {s.e2e_items_per_s:8.0f} {s.sustained_items_per_s:8.0f} "
         f"{_kept_up(s):>7} {cols} {s.sent:>7} {s.lost:>5} {s.duplicates:>4} "
-        f"{s.deduplicated:>5} {s.cpu_us_per_event:9.1f} {s.peak_rss_mb:7.0f}"
+        f"{s.deduplicated:>5} {s.cpu_us_per_event:9.1f} {s.peak_rss_mb:7.0f} {s.peak_pss_mb:7.0f}"
     )
 
 
 def format_roles(s: SystemReport) -> list[str]:
-    lines = [f"  {s.label} (pid {s.pid}), by role: processes, CPU µs/event, peak RSS MB"]
+    lines = [
+        f"  {s.label} (pid {s.pid}), by role: processes, CPU µs/event, peak RSS MB, peak PSS MB"
+    ]
     for role in s.roles:
         lines.append(
             f"    {role.role:<18} {role.processes:>3} {role.cpu_us_per_event:9.1f} "
-            f"{role.peak_rss_mb:8.0f}"
+            f"{role.peak_rss_mb:8.0f} {role.peak_pss_mb:8.0f}"
         )
     lines.append(
         f"    {'total':<18} {len(s.processes):>3} {s.cpu_us_per_event:9.1f} {s.peak_rss_mb:8.0f}"
+        f" {s.peak_pss_mb:8.0f}"
     )
     lines.append(f"    {'(load generator)':<18} {1:>3} {s.generator_cpu_us_per_event:9.1f}")
     if s.rate > 0:
@@ -269,6 +280,7 @@ def format_report(report: BenchReport) -> str:
         "the rate, nothing lost);",
         "latency = generator send -> broker LogAppendTime; CPU per event delivered, all",
         "processes of the system (load generator apart); RSS = sum of per-process peaks",
+        "(PSS: the same with shared pages split between the processes that map them)",
         "",
         HEADER,
     ]

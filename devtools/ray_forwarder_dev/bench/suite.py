@@ -50,13 +50,13 @@ def cases(name: str, base: BenchOptions, rate_seconds: float = RATE_SECONDS) -> 
 
 SUMMARY_HEADER = (
     f"{'run':<44} {'system':<22} {'items/s':>8} {'kept up':>7} {'p50':>6} {'p99':>6} "
-    f"{'max':>6} {'CPU µs/ev':>9} {'RSS MB':>7} {'lost':>5} {'dup':>4}"
+    f"{'max':>6} {'CPU µs/ev':>9} {'RSS MB':>7} {'PSS MB':>7} {'lost':>5} {'dup':>4}"
 )
 
 
 def format_summary(reports: list[BenchReport]) -> str:
     """One line per system per run: the issue's table."""
-    lines = ["summary (latency in ms, send -> broker append; CPU and RSS: all processes)"]
+    lines = ["summary (latency in ms, send -> broker append; CPU, RSS and PSS: all processes)"]
     lines.append(SUMMARY_HEADER)
     for report in reports:
         name = run_name(report.options)
@@ -69,7 +69,8 @@ def format_summary(reports: list[BenchReport]) -> str:
             lines.append(
                 f"{name:<44} {s.label:<22} {s.e2e_items_per_s:8.0f} {kept:>7} "
                 f"{lat.get('p50', 0):6.0f} {lat.get('p99', 0):6.0f} {lat.get('max', 0):6.0f} "
-                f"{s.cpu_us_per_event:9.1f} {s.peak_rss_mb:7.0f} {s.lost:>5} {s.duplicates:>4}"
+                f"{s.cpu_us_per_event:9.1f} {s.peak_rss_mb:7.0f} {s.peak_pss_mb:7.0f} "
+                f"{s.lost:>5} {s.duplicates:>4}"
             )
         if report.ceiling is not None and report.ceiling_factor is not None:
             lines.append(

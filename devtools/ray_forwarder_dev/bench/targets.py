@@ -17,7 +17,7 @@ SPEEDUP = 1.5  # target 1: one shard >= 1.5x the single process
 CPU_US_PER_EVENT = 15.0  # target 2, at 20k items/s
 LATENCY_SLACK_MS = {20_000: 20.0, 50_000: 50.0}  # target 3: p99 <= linger + slack
 SHARD_RSS_MB = 300.0  # target 4, flat out with 10k symbols
-TOTAL_RSS_MB = 800.0  # target 4, a local single-node run
+TOTAL_RSS_MB = 800.0  # target 4, a local single-node run (read as PSS, see check_memory)
 
 
 @dataclass(frozen=True)
@@ -132,14 +132,20 @@ def check_memory(report: BenchReport) -> list[Check]:
             )
         )
     if o.get("symbols", 0) >= 10_000 and o.get("rate"):
-        total = ray.peak_rss_mb
+        # What the processes occupy together: PSS splits each shared page (Ray's and
+        # Python's libraries, mapped by every Ray process) between them, where the RSS sum
+        # counts it once per process. Both are printed; PSS is the one the target reads.
+        total = ray.peak_pss_mb or ray.peak_rss_mb
+        measured = f"{total:,.0f} MB PSS ({ray.peak_rss_mb:,.0f} MB RSS summed)"
+        if not ray.peak_pss_mb:
+            measured = f"{total:,.0f} MB RSS summed (PSS not readable here)"
         gap = f"{total - TOTAL_RSS_MB:,.0f} MB over" if total > TOTAL_RSS_MB else ""
         checks.append(
             Check(
                 4,
                 run_name(o),
                 f"all processes <= {TOTAL_RSS_MB:g} MB",
-                f"{total:,.0f} MB",
+                measured,
                 total <= TOTAL_RSS_MB,
                 gap,
             )
