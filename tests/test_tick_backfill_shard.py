@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 import orjson
+import pytest
 
 from ray_forwarder.ray.shard import ShardCore
 from ray_forwarder_dev.sim.generator import MINUTE_NS
@@ -20,12 +21,14 @@ def _canonical(item: dict[str, Any]) -> bytes:
     return orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
 
 
-async def test_a_dropped_connection_gets_every_trade_and_quote_exactly_once() -> None:
+@pytest.mark.parametrize("stream", ["stocks", "crypto"])
+async def test_a_dropped_connection_gets_every_trade_and_quote_exactly_once(stream: str) -> None:
     """BACKFILL_CHANNELS=bars,trades,quotes; the connection is down (406s) for two simulated
     minutes while the market trades, REST answers 429 to every third request. Every trade
     and quote the market produced is forwarded exactly once, live or backfilled (marked),
     the edges REST repeats are recognised by their dedup key, and seq keeps growing per
-    (channel, symbol)."""
+    (channel, symbol). Crypto: the same from `/v1beta3/crypto/{loc}/trades` and `/quotes`
+    at the configured location, over the default msgpack stream (fractional sizes)."""
     state: dict[str, Any] = {}
 
     def scenario(core: ShardCore) -> bool:
@@ -42,9 +45,10 @@ async def test_a_dropped_connection_gets_every_trade_and_quote_exactly_once() ->
             state["released"] = True
         return sim.finished and core.stats()["backfill"].get("gaps_filled", 0) >= 1
 
-    with _sim(rest_429_every=3, quote_ratio=0.5, total_events=1800) as sim:
+    channels = "alpaca_crypto_channels" if stream == "crypto" else "alpaca_channels"
+    with _sim(stream, rest_429_every=3, quote_ratio=0.5, total_events=1800) as sim:
         core, envelopes = await _run_shard(
-            sim, scenario, alpaca_channels="trades,quotes,bars,updatedBars",
+            sim, scenario, **{channels: "trades,quotes,bars,updatedBars"},
             backfill_channels="bars,trades,quotes", backfill_page_limit=50,
             backfill_requests_per_minute=600,
         )  # fmt: skip
