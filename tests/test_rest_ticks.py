@@ -367,3 +367,41 @@ async def test_a_gap_older_than_max_seconds_is_filled_from_the_limit_and_reporte
     assert calls[0][1]["start"] == "2026-01-05T14:32:00.500000000Z"
     [(reason, info)] = sink.unfilled
     assert reason == "too_old" and info["filled_from"] == "2026-01-05T14:32:00.500000000Z"
+
+
+def test_backfiller_for_builds_tick_clients_for_crypto_and_options() -> None:
+    """BACKFILL_CHANNELS=bars,trades,quotes: each shard gets a tick client per channel it
+    streams that its stream has an endpoint for (crypto at its location, options trades
+    only: no historical options quotes), sharing the shard's budget; the options shard,
+    which streams no bars, backfills its trades alone."""
+    from ray_forwarder.config import load_settings
+    from ray_forwarder.ray.driver import plan_shards
+    from ray_forwarder.runtime.backfill import BackfillSink, backfiller_for
+
+    settings = load_settings(
+        alpaca_api_key_id="k", alpaca_secret_key="s", kafka_bootstrap_servers="127.0.0.1:9",
+        alpaca_streams="stocks,crypto,options", alpaca_channels="trades,bars",
+        alpaca_crypto_symbols="BTC/USD", alpaca_crypto_channels="trades,quotes,bars",
+        alpaca_crypto_location="eu-1",
+        alpaca_options_symbols="SPY260116C00590000", alpaca_options_channels="trades,quotes",
+        backfill_channels="bars,trades,quotes",
+    )  # fmt: skip
+    built = {
+        spec.stream: backfiller_for(settings, spec, BackfillSink())
+        for spec in plan_shards(settings)
+    }
+    paths = {
+        stream: (b.fill_bars, [(c.channel, c.path) for c in b.ticks])  # type: ignore[union-attr]
+        for stream, b in built.items()
+    }
+    assert paths == {
+        "stocks": (True, [("trades", "/v2/stocks/trades")]),
+        "crypto": (True, [("trades", "/v1beta3/crypto/eu-1/trades"),
+                          ("quotes", "/v1beta3/crypto/eu-1/quotes")]),
+        "options": (False, [("trades", "/v1beta1/options/trades")]),
+    }  # fmt: skip
+    for backfiller in built.values():
+        assert backfiller is not None
+        assert all(c.budget is backfiller.client.budget for c in backfiller.ticks)
+    options = built["options"]
+    assert options is not None and options.ticks[0].max_symbols == 100
