@@ -3,8 +3,9 @@ the forwarder on a local Ray -> real Kafka, checked bar for bar.
 
 The simulator runs at time_scale 60 (a simulated minute per real second), so a connection
 held down for a few simulated minutes misses whole minutes of bars; the test waits on the
-simulator's market clock, not on wall time. The drop test runs for stocks and for crypto
-(its bars from `/v1beta3/crypto/{loc}/bars` at a location that is not the default)."""
+simulator's market clock, not on wall time. The drop test and the trades backfill test run
+for stocks and for crypto (from `/v1beta3/crypto/{loc}/...` at a location that is not the
+default)."""
 
 from __future__ import annotations
 
