@@ -48,7 +48,7 @@ FEED_PATHS: dict[str, str] = STOCK_FEED_PATHS
 
 _TOPICS = topic_defaults()
 
-#: What BACKFILL_CHANNELS may name (trades and quotes: opt-in, stocks only so far).
+#: What BACKFILL_CHANNELS may name (trades and quotes: opt-in; options have no quotes history).
 BACKFILL_CHANNELS = ("bars", "trades", "quotes")
 
 #: Kafka's own rule for topic names (kafka.common.internals.Topic).

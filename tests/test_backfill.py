@@ -3,8 +3,9 @@ the forwarder on a local Ray -> real Kafka, checked bar for bar.
 
 The simulator runs at time_scale 60 (a simulated minute per real second), so a connection
 held down for a few simulated minutes misses whole minutes of bars; the test waits on the
-simulator's market clock, not on wall time. The drop test runs for stocks and for crypto
-(its bars from `/v1beta3/crypto/{loc}/bars` at a location that is not the default)."""
+simulator's market clock, not on wall time. The drop test and the trades backfill test run
+for stocks and for crypto (from `/v1beta3/crypto/{loc}/...` at a location that is not the
+default)."""
 
 from __future__ import annotations
 
@@ -71,17 +72,19 @@ def _stream_sim(stream: str, **overrides: Any) -> SimulatorThread:
     return _sim(**overrides)
 
 
-def _stream_settings(kafka_broker: Any, kafka_topics: Any, sim: SimulatorThread) -> Settings:
+def _stream_settings(
+    kafka_broker: Any, kafka_topics: Any, sim: SimulatorThread, **overrides: Any
+) -> Settings:
     """`_settings` for the simulator's stream: crypto gets its own URL, symbols, channels,
     location and topics (unique to the test, like the stock ones)."""
     if sim.config.stream != "crypto":
-        return _settings(kafka_broker, kafka_topics, sim)
+        return _settings(kafka_broker, kafka_topics, sim, **overrides)
     topics = {c.topic.setting: kafka_topics(c.topic.setting.removeprefix("topic_"))
               for c in STREAMS["crypto"].channels}  # fmt: skip
     return _settings(
         kafka_broker, kafka_topics, sim, alpaca_streams="crypto", alpaca_crypto_stream_url=sim.url,
         alpaca_crypto_symbols=",".join(CRYPTO_SYMBOLS), alpaca_crypto_channels=CHANNELS,
-        alpaca_crypto_location=CRYPTO_LOCATION, **topics,
+        alpaca_crypto_location=CRYPTO_LOCATION, **topics, **overrides,
     )  # fmt: skip
 
 
@@ -358,14 +361,16 @@ async def test_a_forwarder_stopped_and_started_again_backfills_the_pause(
             assert _without_type(envelope["payload"]) == _without_type(expected[key]), key
 
 
+@pytest.mark.parametrize("stream", ["stocks", "crypto"])
 async def test_trades_lost_to_a_dropped_connection_are_backfilled_exactly_once(
-    kafka_broker, kafka_topics
+    kafka_broker, kafka_topics, stream
 ) -> None:
     """BACKFILL_CHANNELS=bars,trades: the connection is dropped and held down (406) for two
     simulated minutes while the market trades; REST answers 429 to every second request.
     Every trade the simulator produced during the run is in Kafka exactly once — received
     live or fetched from REST (marked with the gap) — none lost, none duplicated where the
-    REST window overlaps what the stream delivered; seq still grows per symbol."""
+    REST window overlaps what the stream delivered; seq still grows per symbol. Crypto:
+    the same from `/v1beta3/crypto/{loc}/trades` at its location."""
     state: dict[str, Any] = {}
     forwarders: list[Forwarder] = []
 
@@ -386,8 +391,8 @@ async def test_trades_lost_to_a_dropped_connection_are_backfilled_exactly_once(
         stats = _shard_stats(forwarders)
         return sim.finished and (stats.get("backfill") or {}).get("gaps_filled", 0) >= 1
 
-    with _sim(rest_429_every=2) as sim:
-        settings = _settings(
+    with _stream_sim(stream, rest_429_every=2) as sim:
+        settings = _stream_settings(
             kafka_broker, kafka_topics, sim, backfill_channels="bars,trades",
             backfill_page_limit=100,
         )  # fmt: skip
@@ -398,8 +403,8 @@ async def test_trades_lost_to_a_dropped_connection_are_backfilled_exactly_once(
         sent = sim.distinct_items()
     assert state.get("released") and result.error is None and result.drained
     emitted = sum(result.snapshot.total("emitted").values())
-    records = await read_back(kafka_broker, settings, emitted)
-    report = decode_and_check(records, topic_map(settings))
+    records = await _read_stream(kafka_broker, settings, stream, emitted)
+    report = decode_and_check(records, topic_map(settings, STREAMS[stream]))
 
     [gap] = _events(report, "gap")
     [filled] = _events(report, "gap_filled")

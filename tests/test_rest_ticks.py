@@ -18,14 +18,17 @@ from hypothesis import strategies as st
 
 from ray_forwarder.alpaca.codec import decode_frame
 from ray_forwarder.alpaca.events import DataItem
-from ray_forwarder.alpaca.rest_bars import RestBarsError
+from ray_forwarder.alpaca.rest_bars import RestBarsError, rest_url
 from ray_forwarder.alpaca.rest_ticks import (
     TICKS_ENDPOINTS,
+    TicksEndpoint,
     parse_ticks_page,
     stream_tick,
     tick_window,
+    ticks_endpoint,
     ticks_params,
 )
+from ray_forwarder.alpaca.streams import STREAMS
 from ray_forwarder.core.bars import BarFinalizer
 from ray_forwarder.core.dedup import DedupCache
 from ray_forwarder.core.gaps import Gap, Mark
@@ -40,6 +43,17 @@ REST_TRADE = {"t": T0, "x": "V", "p": 590, "s": 100, "c": ["@"], "i": 5298352502
 LIVE_QUOTE = {"T": "q", "S": "SPY", "ax": "V", "ap": 590.02, "as": 3, "bx": "Q", "bp": 590.0,
               "bs": 5, "c": ["R"], "t": T0, "z": "B"}  # fmt: skip
 REST_QUOTE = {k: v for k, v in LIVE_QUOTE.items() if k not in ("T", "S")} | {"bp": 590}
+#: Crypto (go `CryptoTrade` {t, p, s, i, tks}, `CryptoQuote` {t, bp, bs, ap, as}: fractional
+#: sizes, no exchange, conditions or tape) and options (go `OptionTrade` {t, p, s, x, c}).
+LIVE_CRYPTO_TRADE = {"T": "t", "S": "BTC/USD", "p": 97000.0, "s": 2.0, "t": T0, "i": 7,
+                     "tks": "B"}  # fmt: skip
+REST_CRYPTO_TRADE = {"t": T0, "p": 97000, "s": 2, "i": 7, "tks": "B"}
+LIVE_CRYPTO_QUOTE = {"T": "q", "S": "BTC/USD", "bp": 96999.5, "bs": 1.0, "ap": 97000.0,
+                     "as": 0.25, "t": T0}  # fmt: skip
+REST_CRYPTO_QUOTE = {"t": T0, "bp": 96999.5, "bs": 1, "ap": 97000, "as": 0.25}
+OCC = "AAPL260116C00230000"
+LIVE_OPTION_TRADE = {"T": "t", "S": OCC, "t": T0, "p": 4.0, "s": 3, "x": "C", "c": "I"}
+REST_OPTION_TRADE = {"t": T0, "p": 4, "s": 3, "x": "C", "c": "I"}
 
 
 def test_ticks_params() -> None:
@@ -50,9 +64,40 @@ def test_ticks_params() -> None:
                       "sort": "asc", "feed": "iex", "page_token": "p"}  # fmt: skip
 
 
-def _pipeline() -> EventPipeline:
+def test_crypto_and_options_tick_params_and_paths() -> None:
+    """Crypto at the stream's location (like its bars), options trades only; neither takes
+    a `feed`; options name at most 100 contracts a request; symbols travel URL-encoded."""
+    trades = ticks_endpoint("crypto", "trades", crypto_location="us-1")
+    quotes = ticks_endpoint("crypto", "quotes", crypto_location="eu-1")
+    assert trades is not None and trades.path == "/v1beta3/crypto/us-1/trades"
+    assert quotes is not None and quotes.path == "/v1beta3/crypto/eu-1/quotes"
+    assert ticks_endpoint("crypto", "trades").path == "/v1beta3/crypto/us/trades"  # type: ignore[union-attr]
+    options = ticks_endpoint("options", "trades")
+    assert options is not None and options.path == "/v1beta1/options/trades"
+    assert options.max_symbols == 100 and trades.max_symbols is None
+    assert ticks_endpoint("options", "quotes") is None  # Alpaca keeps no options quotes
+    assert ticks_endpoint("news", "trades") is None
+    assert not trades.takes_feed and not options.takes_feed
+    assert TICKS_ENDPOINTS[("stocks", "trades")].takes_feed
+    params = ticks_params(["BTC/USD", "ETH/USD"], T0, T0, feed=None, limit=5)
+    assert params == {"symbols": "BTC/USD,ETH/USD", "start": T0, "end": T0, "limit": "5",
+                      "sort": "asc"}  # fmt: skip
+    url = rest_url("http://x/", trades.path, params)
+    assert "symbols=BTC%2FUSD%2CETH%2FUSD" in url and "feed" not in url
+
+
+def test_the_tick_client_sends_the_feed_to_stocks_only() -> None:
+    cfg = BackfillConfig(base_url="http://sim", key="k", secret="s", feed="iex")
+    endpoints = [TICKS_ENDPOINTS[("stocks", "trades")], ticks_endpoint("crypto", "quotes"),
+                 ticks_endpoint("options", "trades")]  # fmt: skip
+    feeds = [TicksClient(cfg, e).params(["X"], T0, T0, None).get("feed") for e in endpoints]  # type: ignore[arg-type]
+    assert feeds == ["iex", None, None]
+
+
+def _pipeline(stream: str = "stocks", symbol: str = "SPY") -> EventPipeline:
     topics = {"trades": "alpaca.trades.v1", "quotes": "alpaca.quotes.v1"}
-    return EventPipeline(topics, DedupCache(900, 1000), BarFinalizer(2.0), allowed_symbols=["SPY"])
+    return EventPipeline(topics, DedupCache(900, 1000), BarFinalizer(2.0),
+                         allowed_symbols=[symbol], stream=STREAMS[stream])  # fmt: skip
 
 
 def _msgpack_frame(item: dict[str, Any]) -> bytes:
@@ -62,45 +107,72 @@ def _msgpack_frame(item: dict[str, Any]) -> bytes:
     return msgpack.packb([wire], datetime=False)
 
 
+#: (stream, channel, live item, REST twin, wire formats the stream offers)
+TWINS = [
+    ("stocks", "trades", LIVE_TRADE, REST_TRADE, ("msgpack", "json")),
+    ("stocks", "quotes", LIVE_QUOTE, REST_QUOTE, ("msgpack", "json")),
+    ("crypto", "trades", LIVE_CRYPTO_TRADE, REST_CRYPTO_TRADE, ("msgpack", "json")),
+    ("crypto", "quotes", LIVE_CRYPTO_QUOTE, REST_CRYPTO_QUOTE, ("msgpack", "json")),
+    ("options", "trades", LIVE_OPTION_TRADE, REST_OPTION_TRADE, ("msgpack",)),  # msgpack only
+]
+
+
 @pytest.mark.parametrize(
-    ("channel", "live", "rest"),
-    [("trades", LIVE_TRADE, REST_TRADE), ("quotes", LIVE_QUOTE, REST_QUOTE)],
+    ("stream", "channel", "live", "rest", "wire_format"),
+    [
+        pytest.param(stream, channel, live, rest, wire, id=f"{stream}-{channel}-{wire}")
+        for stream, channel, live, rest, wires in TWINS
+        for wire in wires
+    ],
 )
-@pytest.mark.parametrize("wire_format", ["msgpack", "json"])
 def test_a_tick_received_live_and_by_rest_dedups_to_one_record(
-    channel: str, live: dict[str, Any], rest: dict[str, Any], wire_format: str
+    stream: str, channel: str, live: dict[str, Any], rest: dict[str, Any], wire_format: str
 ) -> None:
     """The live item (decoded from a real frame of the wire format) and its REST twin
-    (another field order, an integral price as JSON writes it, and a field the stream does
+    (another field order, integral numbers as JSON writes them, and a field the stream does
     not have) get one dedup key: one record, and the REST copy counted `duplicate`."""
+    symbol = live["S"]
+    endpoint = ticks_endpoint(stream, channel)
+    assert endpoint is not None
+    rest_body = {**rest, "u": "canceled"}  # a field the stream's item never has
     if wire_format == "msgpack":
         frame: bytes | str = _msgpack_frame(live)
-        rest_body = {**rest, "u": "canceled"}  # a field the stream's item never has
-    else:  # JSON: both sides are Alpaca's JSON text, integral prices included
+    else:  # JSON: both sides are Alpaca's JSON text, integral numbers included
         frame = orjson.dumps([{**live, **{k: v for k, v in rest.items() if k != "t"}}]).decode()
-        rest_body = {**rest, "u": "canceled"}
-    [decoded] = decode_frame(frame)
+    [decoded] = decode_frame(frame, STREAMS[stream])
     assert isinstance(decoded, DataItem)
-    page = parse_ticks_page(channel, orjson.dumps({channel: {"SPY": [rest_body]}}))
+    page = parse_ticks_page(channel, orjson.dumps({channel: {symbol: [rest_body]}}), endpoint)
     [tick] = page.ticks
     twin = DataItem(channel, tick.symbol, tick.t, stream_tick(channel, tick, wire_format))
     assert twin.event_ts == decoded.event_ts
     assert orjson.dumps(twin.payload, option=orjson.OPT_SORT_KEYS) == orjson.dumps(
         decoded.payload, option=orjson.OPT_SORT_KEYS
     )
-    pipeline = _pipeline()
+    gap_id = f"{stream}-0:0:1"
+    pipeline = _pipeline(stream, symbol)
     [record] = pipeline.process([decoded], "2026-01-05T14:31:03.000000Z", 1.0)
-    again, outcome = pipeline.backfill_ticks([twin], "stocks-0:0:1", 2.0)
+    again, outcome = pipeline.backfill_ticks([twin], gap_id, 2.0)
     assert again == [] and outcome == {"duplicate": 1}
     # in the other order (REST first, then the stream), still one record, same key
-    other = _pipeline()
-    [backfilled], outcome = other.backfill_ticks([twin], "stocks-0:0:1", 1.0)
+    other = _pipeline(stream, symbol)
+    [backfilled], outcome = other.backfill_ticks([twin], gap_id, 1.0)
     assert outcome == {"emitted": 1} and other.process([decoded], "x", 2.0) == []
     live_env, rest_env = orjson.loads(record.value), orjson.loads(backfilled.value)
     assert live_env["key"] == rest_env["key"] and live_env["payload"] == rest_env["payload"]
-    assert rest_env["backfill"] == {"gap_id": "stocks-0:0:1", "via": "rest"}
+    assert rest_env["backfill"] == {"gap_id": gap_id, "via": "rest"}
     assert rest_env["is_final"] is True and "backfill" not in live_env
-    assert backfilled.key == b"SPY" and backfilled.topic == record.topic
+    assert backfilled.key == symbol.encode() and backfilled.topic == record.topic
+
+
+def test_a_crypto_trade_keeps_only_the_crypto_streams_fields() -> None:
+    """A crypto trade with a stock field (`x`, `z`, `c`) would digest differently from its
+    live twin: only the crypto stream's fields are kept."""
+    endpoint = ticks_endpoint("crypto", "trades")
+    body = {"trades": {"BTC/USD": [{**REST_CRYPTO_TRADE, "x": "CBSE", "z": "C", "c": ["@"]}]}}
+    [tick] = parse_ticks_page("trades", orjson.dumps(body), endpoint).ticks
+    payload = stream_tick("trades", tick, "msgpack")
+    assert payload == {**LIVE_CRYPTO_TRADE}
+    assert type(payload["s"]) is float and type(payload["p"]) is float
 
 
 def test_backfilled_ticks_continue_the_seq_and_skip_unsubscribed_symbols() -> None:
@@ -152,13 +224,14 @@ _json = st.recursive(
 _tick_like = st.fixed_dictionaries(
     {}, optional={"t": st.sampled_from([T0, "2026-01-05T14:31:02Z", "bad"]) | _json,
                   "p": _json, "s": _json, "c": _json, "i": _json, "x": _json, "z": _json,
-                  "ap": _json, "bp": _json, "extra": _json},
+                  "ap": _json, "bp": _json, "as": _json, "bs": _json, "tks": _json,
+                  "extra": _json},
 )  # fmt: skip
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
-    channel=st.sampled_from(["trades", "quotes"]),
+    endpoint=st.sampled_from(list(TICKS_ENDPOINTS.values())),
     doc=st.dictionaries(
         st.sampled_from(["trades", "quotes", "next_page_token"]),
         st.dictionaries(st.text(max_size=6), st.lists(_tick_like | _json, max_size=4), max_size=3)
@@ -168,19 +241,24 @@ _tick_like = st.fixed_dictionaries(
     wire_format=st.sampled_from(["msgpack", "json"]),
 )
 def test_any_tick_page_parses_or_raises_the_one_error(
-    channel: str, doc: dict[str, object], wire_format: str
+    endpoint: TicksEndpoint, doc: dict[str, object], wire_format: str
 ) -> None:
-    """Whatever the shape: RestBarsError for the page, or ticks whose stream payloads are
-    JSON and carry the stream's keys only; never another exception."""
+    """Whatever the shape, for every stream's endpoint: RestBarsError for the page, or
+    ticks whose stream payloads are JSON and carry that stream's keys only (msgpack: its
+    float fields floats); never another exception."""
+    channel = endpoint.channel
     try:
-        page = parse_ticks_page(channel, json.dumps(doc).encode())  # big ints included
+        page = parse_ticks_page(channel, json.dumps(doc).encode(), endpoint)  # big ints too
     except RestBarsError:
         return
     for tick in page.ticks:
         payload = stream_tick(channel, tick, wire_format)
         orjson.dumps(payload)
+        assert set(payload) <= endpoint.shape.fields | {"T", "S", "t"}
         assert "extra" not in payload and payload["S"] == tick.symbol
         assert payload["T"] == {"trades": "t", "quotes": "q"}[channel]
+        if wire_format == "msgpack":
+            assert all(type(payload[f]) is float for f in endpoint.shape.floats if f in payload)
 
 
 @settings(max_examples=200, deadline=None)
@@ -289,3 +367,41 @@ async def test_a_gap_older_than_max_seconds_is_filled_from_the_limit_and_reporte
     assert calls[0][1]["start"] == "2026-01-05T14:32:00.500000000Z"
     [(reason, info)] = sink.unfilled
     assert reason == "too_old" and info["filled_from"] == "2026-01-05T14:32:00.500000000Z"
+
+
+def test_backfiller_for_builds_tick_clients_for_crypto_and_options() -> None:
+    """BACKFILL_CHANNELS=bars,trades,quotes: each shard gets a tick client per channel it
+    streams that its stream has an endpoint for (crypto at its location, options trades
+    only: no historical options quotes), sharing the shard's budget; the options shard,
+    which streams no bars, backfills its trades alone."""
+    from ray_forwarder.config import load_settings
+    from ray_forwarder.ray.driver import plan_shards
+    from ray_forwarder.runtime.backfill import BackfillSink, backfiller_for
+
+    settings = load_settings(
+        alpaca_api_key_id="k", alpaca_secret_key="s", kafka_bootstrap_servers="127.0.0.1:9",
+        alpaca_streams="stocks,crypto,options", alpaca_channels="trades,bars",
+        alpaca_crypto_symbols="BTC/USD", alpaca_crypto_channels="trades,quotes,bars",
+        alpaca_crypto_location="eu-1",
+        alpaca_options_symbols="SPY260116C00590000", alpaca_options_channels="trades,quotes",
+        backfill_channels="bars,trades,quotes",
+    )  # fmt: skip
+    built = {
+        spec.stream: backfiller_for(settings, spec, BackfillSink())
+        for spec in plan_shards(settings)
+    }
+    paths = {
+        stream: (b.fill_bars, [(c.channel, c.path) for c in b.ticks])  # type: ignore[union-attr]
+        for stream, b in built.items()
+    }
+    assert paths == {
+        "stocks": (True, [("trades", "/v2/stocks/trades")]),
+        "crypto": (True, [("trades", "/v1beta3/crypto/eu-1/trades"),
+                          ("quotes", "/v1beta3/crypto/eu-1/quotes")]),
+        "options": (False, [("trades", "/v1beta1/options/trades")]),
+    }  # fmt: skip
+    for backfiller in built.values():
+        assert backfiller is not None
+        assert all(c.budget is backfiller.client.budget for c in backfiller.ticks)
+    options = built["options"]
+    assert options is not None and options.ticks[0].max_symbols == 100

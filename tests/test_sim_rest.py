@@ -1,6 +1,6 @@
 """The simulator's REST endpoints over real HTTP (bars for stocks, crypto at its location
-and options; stock trades and quotes): the same market it streams, paged, rate-limited on
-request, refusable."""
+and options; trades and quotes for stocks and crypto, trades for options): the same market
+it streams, paged, rate-limited on request, refusable."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from ray_forwarder.alpaca.rest_bars import bars_endpoint, stream_bar
-from ray_forwarder.alpaca.rest_ticks import TICKS_ENDPOINTS, stream_tick
+from ray_forwarder.alpaca.rest_ticks import stream_tick, ticks_endpoint
 from ray_forwarder.runtime.backfill import BackfillConfig, BackfillFailed, BarsClient, TicksClient
 from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET
@@ -145,15 +145,20 @@ async def test_crypto_rest_lives_at_the_streams_location_and_needs_no_key() -> N
 
 
 def _ticks_client(sim: SimulatorThread, channel: str, limit: int = 50) -> TicksClient:
+    """A trades or quotes client for the simulator's stream (crypto: at its location)."""
     config = BackfillConfig(base_url=sim.data_url, key=SIM_KEY, secret=SIM_SECRET,
                             page_limit=limit)  # fmt: skip
-    return TicksClient(config, TICKS_ENDPOINTS[("stocks", channel)])
+    endpoint = ticks_endpoint(sim.config.stream, channel, crypto_location=sim.config.url_feed)
+    assert endpoint is not None
+    return TicksClient(config, endpoint)
 
 
-async def _fetch_ticks(client: TicksClient, start: str, end: str) -> list[dict[str, object]]:
+async def _fetch_ticks(
+    sim: SimulatorThread, client: TicksClient, start: str, end: str
+) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
     try:
-        async for page in client.pages(SYMBOLS, start, end, time.monotonic() + 60):
+        async for page in client.pages(sim.config.symbols, start, end, time.monotonic() + 60):
             assert not page.skipped
             out.extend(stream_tick(client.channel, tick, "json") for tick in page.ticks)
     finally:
@@ -161,17 +166,28 @@ async def _fetch_ticks(client: TicksClient, start: str, end: str) -> list[dict[s
     return out
 
 
-@pytest.mark.parametrize(("channel", "kind"), [("trades", "t"), ("quotes", "q")])
+@pytest.mark.parametrize(
+    ("stream", "channel", "kind"),
+    [
+        ("stocks", "trades", "t"),
+        ("stocks", "quotes", "q"),
+        ("crypto", "trades", "t"),
+        ("crypto", "quotes", "q"),
+        ("options", "trades", "t"),
+    ],
+)
 async def test_rest_serves_the_streamed_markets_trades_and_quotes_paged(
-    channel: str, kind: str
+    stream: str, channel: str, kind: str
 ) -> None:
-    """Every trade (quote) the market handed out inside the window, as the stream has it,
-    sorted by symbol then time, over several pages; 429s and refusals as for the bars."""
-    with _sim(rest_429_every=3, quote_ratio=0.55) as sim:  # trades and quotes both
+    """Every trade (quote) the market handed out inside the window, as the stream has it
+    (crypto, options: their own items; a crypto quote the stream sent as an order book is
+    no quote), sorted by symbol then time, over several pages; 429s and refusals as for
+    the bars. Crypto at the simulator's location; options trades only."""
+    with _sim(stream, rest_429_every=3, quote_ratio=0.55) as sim:  # trades and quotes both
         await _until_minutes(sim, 6)
         start, end = "2026-01-05T14:30:20.5Z", "2026-01-05T14:34:40Z"
         client = _ticks_client(sim, channel, limit=4)
-        got = await _fetch_ticks(client, start, end)
+        got = await _fetch_ticks(sim, client, start, end)
         truth = [
             item for item in sim.ticks(kind)
             if "2026-01-05T14:30:20.500000000Z" <= item["t"] <= "2026-01-05T14:34:40.000000000Z"
@@ -179,11 +195,26 @@ async def test_rest_serves_the_streamed_markets_trades_and_quotes_paged(
         stats = sim.stats()
         sim.refuse_rest(403)
         with pytest.raises(BackfillFailed) as refused:
-            await _fetch_ticks(_ticks_client(sim, channel), start, end)
+            await _fetch_ticks(sim, _ticks_client(sim, channel), start, end)
     assert len(truth) >= 20 and client.requests > len(truth) // 4
+    assert all(item["T"] == kind for item in truth)
     assert sorted(got, key=lambda i: (i["S"], i["t"])) == got
     assert sorted(got, key=lambda i: (i["S"], i["t"])) == sorted(
         truth, key=lambda i: (i["S"], i["t"])
     )
     assert client.rate_limited == stats["rest_rate_limited"] >= 1
     assert refused.value.reason == "refused" and "403" in refused.value.detail
+
+
+async def test_the_options_simulator_serves_no_historical_quotes() -> None:
+    """Like Alpaca: `/v1beta1/options/quotes` does not exist (404)."""
+    with _sim("options") as sim:
+        url = f"{sim.data_url}/v1beta1/options/quotes"
+        query = {"symbols": STREAMS["options"][0][0], "start": "2026-01-05T14:30:00Z",
+                 "end": "2026-01-05T14:31:00Z"}  # fmt: skip
+        headers = {"APCA-API-KEY-ID": SIM_KEY, "APCA-API-SECRET-KEY": SIM_SECRET}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(url, params=query, headers=headers) as response,
+        ):
+            assert response.status == 404

@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 import orjson
+import pytest
 
 from ray_forwarder.ray.shard import ShardCore
 from ray_forwarder_dev.sim.generator import MINUTE_NS
@@ -20,12 +21,14 @@ def _canonical(item: dict[str, Any]) -> bytes:
     return orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
 
 
-async def test_a_dropped_connection_gets_every_trade_and_quote_exactly_once() -> None:
+@pytest.mark.parametrize("stream", ["stocks", "crypto"])
+async def test_a_dropped_connection_gets_every_trade_and_quote_exactly_once(stream: str) -> None:
     """BACKFILL_CHANNELS=bars,trades,quotes; the connection is down (406s) for two simulated
     minutes while the market trades, REST answers 429 to every third request. Every trade
     and quote the market produced is forwarded exactly once, live or backfilled (marked),
     the edges REST repeats are recognised by their dedup key, and seq keeps growing per
-    (channel, symbol)."""
+    (channel, symbol). Crypto: the same from `/v1beta3/crypto/{loc}/trades` and `/quotes`
+    at the configured location, over the default msgpack stream (fractional sizes)."""
     state: dict[str, Any] = {}
 
     def scenario(core: ShardCore) -> bool:
@@ -42,9 +45,10 @@ async def test_a_dropped_connection_gets_every_trade_and_quote_exactly_once() ->
             state["released"] = True
         return sim.finished and core.stats()["backfill"].get("gaps_filled", 0) >= 1
 
-    with _sim(rest_429_every=3, quote_ratio=0.5, total_events=1800) as sim:
+    channels = "alpaca_crypto_channels" if stream == "crypto" else "alpaca_channels"
+    with _sim(stream, rest_429_every=3, quote_ratio=0.5, total_events=1800) as sim:
         core, envelopes = await _run_shard(
-            sim, scenario, alpaca_channels="trades,quotes,bars,updatedBars",
+            sim, scenario, **{channels: "trades,quotes,bars,updatedBars"},
             backfill_channels="bars,trades,quotes", backfill_page_limit=50,
             backfill_requests_per_minute=600,
         )  # fmt: skip
@@ -102,3 +106,58 @@ def test_backfilled_tick_outcomes_are_exported_by_channel_and_outcome(monkeypatc
         (2, {**base, "channel": "trades", "outcome": "emitted"}),
         (1, {**base, "channel": "quotes", "outcome": "duplicate"}),
     ]
+
+
+OPTION_SYMBOLS = ["AAPL260116C00230000", "SPY260116P00590000", "QQQ260116C00520000"]
+
+
+async def test_an_options_gap_gets_every_trade_exactly_once_and_no_quotes() -> None:
+    """The options stream (msgpack only) with BACKFILL_CHANNELS=bars,trades,quotes: its
+    trades come back from `/v1beta1/options/trades` exactly once each (live or marked),
+    and its quotes are not asked for (Alpaca keeps no options quotes history): `gap_filled`
+    counts none, none is backfilled, none duplicated."""
+    from ray_forwarder_dev.sim import SimConfig, SimulatorThread
+    from tests.forwarder_harness import SIM_KEY, SIM_SECRET
+
+    state: dict[str, Any] = {}
+
+    def scenario(core: ShardCore) -> bool:
+        if "dropped_at" not in state and sim.stats()["items"] >= 400:
+            sim.refuse_connections(True)
+            sim.drop_connections()
+            state["dropped_at"] = _market_ns(sim)
+        elif (
+            "released" not in state
+            and "dropped_at" in state
+            and _market_ns(sim) - state["dropped_at"] >= 2 * MINUTE_NS
+        ):
+            sim.refuse_connections(False)
+            state["released"] = True
+        return sim.finished and core.stats()["backfill"].get("gaps_filled", 0) >= 1
+
+    config = SimConfig(
+        stream="options", feed="indicative", symbols=OPTION_SYMBOLS, rate=200, time_scale=60,
+        total_events=1800, keys={SIM_KEY: SIM_SECRET}, quote_ratio=0.5, status_ratio=0.0,
+        luld_ratio=0.0, correction_ratio=0.0, cancel_error_ratio=0.0, seed=21,
+        rest_429_every=3,
+    )  # fmt: skip
+    with SimulatorThread(config) as sim:
+        _core, envelopes = await _run_shard(
+            sim, scenario, alpaca_streams="options", alpaca_options_stream_url=sim.url,
+            alpaca_options_feed="indicative", alpaca_options_symbols=",".join(OPTION_SYMBOLS),
+            alpaca_options_channels="trades,quotes", backfill_channels="bars,trades,quotes",
+            backfill_page_limit=50, backfill_requests_per_minute=600,
+        )  # fmt: skip
+        trades = sim.ticks("t")
+    [gap] = _status(envelopes, "gap")
+    [filled] = _status(envelopes, "gap_filled")
+    assert filled["gap_id"] == gap["gap_id"] and filled["trades"] > 0 and "quotes" not in filled
+    assert not _status(envelopes, "gap_unfilled")
+    records = [e for e in envelopes if e["channel"] == "trades"]
+    got = Counter(_canonical(e["payload"]) for e in records)
+    assert all(n == 1 for n in got.values()), "a trade arrived twice"
+    assert set(got) == {_canonical(item) for item in trades}
+    assert any("backfill" in e for e in records)
+    quotes = [e for e in envelopes if e["channel"] == "quotes"]
+    assert quotes and not any("backfill" in e for e in quotes)
+    assert len({_canonical(e["payload"]) for e in quotes}) == len(quotes)

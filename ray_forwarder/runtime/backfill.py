@@ -44,11 +44,11 @@ from ray_forwarder.alpaca.rest_bars import (
     rfc3339,
 )
 from ray_forwarder.alpaca.rest_ticks import (
-    TICKS_ENDPOINTS,
     TicksEndpoint,
     parse_ticks_page,
     stream_tick,
     tick_window,
+    ticks_endpoint,
     ticks_params,
 )
 from ray_forwarder.core.gaps import Gap
@@ -160,6 +160,7 @@ class BarsClient:
         #: what is asked and how a page is read (TicksClient asks another endpoint)
         self.path = config.endpoint.path
         self.parse: Callable[[bytes], Any] = parse_bars_page
+        self.max_symbols = config.endpoint.max_symbols
         self._get = get
         self._session: Any = None
         self._clock = clock
@@ -180,8 +181,8 @@ class BarsClient:
         `next_page_token`; raises BackfillFailed when the gap cannot be filled."""
         cfg = self.config
         per_request = cfg.symbols_per_request
-        if cfg.endpoint.max_symbols is not None:  # options: 100 contracts at most
-            per_request = min(per_request, cfg.endpoint.max_symbols)
+        if self.max_symbols is not None:  # options: 100 contracts at most
+            per_request = min(per_request, self.max_symbols)
         for offset in range(0, len(symbols), per_request):
             chunk = symbols[offset : offset + per_request]
             token: str | None = None
@@ -271,17 +272,18 @@ class TicksClient(BarsClient):
         self, config: BackfillConfig, endpoint: TicksEndpoint, get: Get | None = None, **kw: Any
     ) -> None:
         super().__init__(config, get, **kw)
+        self.endpoint = endpoint
         self.channel = endpoint.channel
         self.path = endpoint.path
-        self.parse = partial(parse_ticks_page, endpoint.channel)
+        self.parse = partial(parse_ticks_page, endpoint.channel, endpoint=endpoint)
+        self.max_symbols = endpoint.max_symbols
 
     def params(
         self, symbols: Sequence[str], start: str, end: str, token: str | None
     ) -> dict[str, str]:
         cfg = self.config
-        return ticks_params(
-            symbols, start, end, feed=cfg.feed, limit=cfg.page_limit, page_token=token
-        )
+        feed = cfg.feed if self.endpoint.takes_feed else None
+        return ticks_params(symbols, start, end, feed=feed, limit=cfg.page_limit, page_token=token)
 
 
 @dataclass
@@ -528,15 +530,18 @@ def backfiller_for(settings: Any, spec: Any, sink: BackfillSink) -> Backfiller |
     """The shard's backfiller, or None when neither BACKFILL_CHANNELS' bars nor its trades
     or quotes are among the shard's channels with a REST endpoint. Stocks and crypto have
     bars endpoints; the options stream streams no bars (trades and quotes only), news and
-    trade_updates none; trades and quotes backfill is stocks only (`TICKS_ENDPOINTS`).
+    trade_updates none. Trades: stocks, crypto and options; quotes: stocks and crypto
+    (Alpaca keeps no historical options quotes; `rest_ticks.TICKS_ENDPOINTS`).
     No market-hours rule: REST answers for whatever minutes had data, so a crypto gap is
     filled at any hour and a stock gap over a closed market simply finds none."""
-    endpoint = bars_endpoint(spec.stream, crypto_location=settings.alpaca_crypto_location)
+    location = settings.alpaca_crypto_location
+    endpoint = bars_endpoint(spec.stream, crypto_location=location)
     bars = "bars" in settings.backfill_channels and "bars" in spec.channels
     tick_endpoints = [
-        TICKS_ENDPOINTS[(spec.stream, channel)]
+        tick_endpoint
         for channel in settings.backfill_channels
-        if channel in spec.channels and (spec.stream, channel) in TICKS_ENDPOINTS
+        if channel in spec.channels
+        and (tick_endpoint := ticks_endpoint(spec.stream, channel, crypto_location=location))
     ]
     if endpoint is None or not (bars or tick_endpoints):
         return None

@@ -366,6 +366,7 @@ class Simulator(SimEndpoints):
         self.rest_log: list[tuple[float, int]] = []  # (time.monotonic(), status) per request
         rest_path = self.stream.rest_bars_path
         self._rest_bars_path = rest_path(self.config.url_feed) if rest_path else None
+        self._rest_tick_paths = self.stream.rest_tick_paths(self.config.url_feed)
         self._junk_cursor = 0
         self._server: Server | None = None
         self._pump_task: asyncio.Task[None] | None = None
@@ -606,8 +607,9 @@ class Simulator(SimEndpoints):
             return self._trading_api(connection, request, path, query)
         if path == self._rest_bars_path:
             return self._rest_bars(connection, request, query)
-        if path in REST_TICK_PATHS and self.stream.name == "stocks":
-            page = functools.partial(rest_ticks_page, channel=REST_TICK_PATHS[path])
+        if path in self._rest_tick_paths:
+            channel, transform = self._rest_tick_paths[path], self.stream.transform
+            page = functools.partial(rest_ticks_page, channel=channel, transform=transform)
             return self._rest_bars(connection, request, query, page)
         if not self.stream.path.match(path):
             where = self.stream.url_path("{feed}")
@@ -1130,15 +1132,21 @@ def rest_bars_page(market: Market, params: dict[str, list[str]]) -> dict[str, An
     return {"bars": out, "next_page_token": token}
 
 
-#: Historical trades and quotes (`GET /v2/stocks/trades`, `/v2/stocks/quotes`) -> channel.
-REST_TICK_PATHS = {"/v2/stocks/trades": "trades", "/v2/stocks/quotes": "quotes"}
 _TICK_KIND = {"trades": "t", "quotes": "q"}
 
 
-def rest_ticks_page(market: Market, params: dict[str, list[str]], channel: str) -> dict[str, Any]:
-    """One page of `GET /v2/stocks/trades` or `/quotes` over `market`: the items the stream
-    sends (or sent, or would have sent to a dropped connection) without `T` and `S`, `t`
-    as the stream writes it, sorted by symbol then time, paged like the bars."""
+def rest_ticks_page(
+    market: Market,
+    params: dict[str, list[str]],
+    channel: str,
+    transform: Callable[[Item], Item | None] = lambda item: item,
+) -> dict[str, Any]:
+    """One page of a stream's historical trades or quotes (`/v2/stocks/trades`,
+    `/v1beta3/crypto/{loc}/quotes`, `/v1beta1/options/trades`, ...) over `market`: the
+    items the stream sends (or sent, or would have sent to a dropped connection), made the
+    stream's items by its `transform` (a crypto quote the stream sends as an order book is
+    no quote here), without `T` and `S`, `t` as the stream writes it, sorted by symbol then
+    time, paged like the bars."""
 
     def one(name: str, default: str | None = None) -> str:
         values = params.get(name)
@@ -1148,6 +1156,7 @@ def rest_ticks_page(market: Market, params: dict[str, list[str]], channel: str) 
             return default
         return values[0]
 
+    kind = _TICK_KIND[channel]
     symbols = sorted({s for s in one("symbols").split(",") if s})
     try:
         start, end = timestamps.canonical(one("start")), timestamps.canonical(one("end"))
@@ -1162,7 +1171,7 @@ def rest_ticks_page(market: Market, params: dict[str, list[str]], channel: str) 
     entries = [
         (symbol, item)
         for symbol in symbols
-        for item in ticks_between(market, _TICK_KIND[channel], symbol, start, end)
+        for item in stream_ticks(ticks_between(market, kind, symbol, start, end), kind, transform)
         if after is None or (symbol, item["t"]) >= after
     ]
     page, rest = entries[:limit], entries[limit:]
@@ -1174,6 +1183,19 @@ def rest_ticks_page(market: Market, params: dict[str, list[str]], channel: str) 
         symbol, item = rest[0]
         token = base64.urlsafe_b64encode(f"{symbol}|{item['t']}".encode()).decode()
     return {channel: out, "next_page_token": token}
+
+
+def stream_ticks(
+    items: Iterable[Item], kind: str, transform: Callable[[Item], Item | None]
+) -> list[Item]:
+    """The market's trades or quotes (`kind`) as the stream sends them: transformed, and
+    only those that stay a `kind`."""
+    out = []
+    for item in items:
+        sent = transform(item)
+        if sent is not None and sent["T"] == kind:
+            out.append(sent)
+    return out
 
 
 def _page_position(token: str) -> tuple[str, str] | None:

@@ -36,6 +36,9 @@ class SimStream:
     rest_bars_path: Callable[[str], str] | None = None
     #: The historical API answers without credentials (crypto); wrong ones still get 401.
     rest_open: bool = False
+    #: Feed (or location) -> {historical trades/quotes path: channel} served from the same
+    #: market. Mirrors `ray_forwarder.alpaca.rest_ticks.TICKS_ENDPOINTS`.
+    rest_tick_paths: Callable[[str], dict[str, str]] = lambda _feed: {}
 
     @property
     def definition(self) -> StreamDefinition:
@@ -125,6 +128,10 @@ SIM_STREAMS: dict[str, SimStream] = {
             _stocks,
             companions=True,
             rest_bars_path=lambda _feed: "/v2/stocks/bars",
+            rest_tick_paths=lambda _feed: {
+                "/v2/stocks/trades": "trades",
+                "/v2/stocks/quotes": "quotes",
+            },
         ),
         SimStream(
             "crypto",
@@ -133,6 +140,10 @@ SIM_STREAMS: dict[str, SimStream] = {
             _crypto,
             rest_bars_path=lambda loc: f"/v1beta3/crypto/{loc}/bars",
             rest_open=True,
+            rest_tick_paths=lambda loc: {
+                f"/v1beta3/crypto/{loc}/trades": "trades",
+                f"/v1beta3/crypto/{loc}/quotes": "quotes",
+            },
         ),
         SimStream(
             "options",
@@ -141,6 +152,8 @@ SIM_STREAMS: dict[str, SimStream] = {
             _options,
             msgpack_only=True,
             rest_bars_path=lambda _feed: "/v1beta1/options/bars",
+            # trades only: Alpaca has no historical options quotes
+            rest_tick_paths=lambda _feed: {"/v1beta1/options/trades": "trades"},
         ),
         SimStream("news", re.compile(r"^/v1beta1/news/?$"), lambda _: "/v1beta1/news", _news),
     )

@@ -10,7 +10,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ray_forwarder_dev.sim.generator import Item
-from ray_forwarder_dev.sim.server import SentRecord, SimConfig, SimEndpoints, Simulator
+from ray_forwarder_dev.sim.server import (
+    SentRecord,
+    SimConfig,
+    SimEndpoints,
+    Simulator,
+    stream_ticks,
+)
 
 T = TypeVar("T")
 
@@ -150,9 +156,14 @@ class SimulatorThread(SimEndpoints):
 
     def ticks(self, kind: str) -> list[Item]:
         """Every trade (`kind` "t") or quote ("q") the market handed out so far (kept: the
-        last `tick_history`), whether or not a connection received it."""
-        market = self.simulator.market
-        return self.call(lambda: [i for i in market.ticks[kind] if i["t"] <= market.now])
+        last `tick_history`), whether or not a connection received it, as the simulator's
+        stream sends it (crypto, options: their items' shape)."""
+        market, transform = self.simulator.market, self.simulator.stream.transform
+        return self.call(
+            lambda: stream_ticks(
+                (i for i in market.ticks[kind] if i["t"] <= market.now), kind, transform
+            )
+        )
 
     def rest_log(self) -> list[tuple[float, int]]:
         return self.call(lambda: list(self.simulator.rest_log))
