@@ -316,6 +316,71 @@ async def test_a_killed_shard_actor_is_backfilled_across_the_restart(
     print(f"restart: gap {orjson.dumps(gap).decode()}")
 
 
+async def test_a_backfill_under_way_when_the_shard_actor_dies_is_handed_over(
+    kafka_broker, kafka_topics
+) -> None:
+    """A gap closes while REST answers only 429: its backfill waits. SIGKILL the shard
+    actor once the driver has seen that gap in its stats' hand-over mark, then let REST
+    answer: the restarted incarnation fills the gap under its original id (and its own
+    `restart` gap), and every (symbol, minute) has a final equal to the simulator's."""
+    state: dict[str, Any] = {}
+    forwarders: list[Forwarder] = []
+
+    def drop_then_kill(_elapsed: float) -> None:
+        if "dropped" not in state and sim.stats()["items"] >= 400:
+            state["dropped"] = sim.drop_connections()
+        mark = _shard_stats(forwarders).get("gap_mark") or {}
+        if "pid" not in state and mark.get("backlog"):
+            state["backlog"] = mark["backlog"]
+            shard = forwarders[0].actors()["stocks-0"]
+            state["pid"] = ray.get(shard.pid.remote(), timeout=10)
+            os.kill(state["pid"], signal.SIGKILL)
+            sim.refuse_rest(None)
+
+    def done() -> bool:
+        stats = _shard_stats(forwarders)
+        return (
+            "pid" in state
+            and sim.finished
+            and stats.get("epoch") == 1
+            and (stats.get("backfill") or {}).get("gaps_filled", 0) >= 2
+        )
+
+    with _sim() as sim:
+        sim.refuse_rest(429)
+        settings = _settings(kafka_broker, kafka_topics, sim)
+        result = await run_until(
+            settings, done, during=drop_then_kill, on_forwarder=forwarders.append, timeout=150
+        )
+        by_conn = sim.sent_by_connection()
+        sim_bars = sim.minute_bars()
+    assert "pid" in state and result.error is None and result.drained
+    [shard] = result.snapshot.shards
+    assert shard["restarts"] == 1 and shard["gaps"] == {"restart": 1}
+    emitted = sum(result.snapshot.total("emitted").values())
+    records = await read_back(kafka_broker, settings, emitted)
+    report = decode_and_check(records, topic_map(settings), allow_resends=True)
+    [dropped, restart] = _events(report, "gap")
+    assert dropped["cause"] == "disconnect" and restart["cause"] == "restart"
+    assert [g["gap_id"] for g in state["backlog"]] == [dropped["gap_id"]]
+    filled = {e["gap_id"]: e for e in _events(report, "gap_filled")}
+    assert set(filled) == {dropped["gap_id"], restart["gap_id"]}
+    assert filled[dropped["gap_id"]]["bars"] > 0
+
+    last_sent = max(_ns(r.item["t"]) for rs in by_conn.values() for r in rs)
+    expected = _settled_minutes(sim_bars, last_sent)
+    by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for envelope in report.finals + report.backfilled:
+        by_key.setdefault((envelope["symbol"], envelope["payload"]["t"]), []).append(envelope)
+    missing = set(expected) - set(by_key)
+    assert not missing, f"no final for {sorted(missing)[:5]}"
+    for key, envelopes in by_key.items():
+        assert len({e["key"] for e in envelopes}) == 1, key
+        if key in expected:
+            for envelope in envelopes:
+                assert _without_type(envelope["payload"]) == _without_type(expected[key]), key
+
+
 async def test_a_forwarder_stopped_and_started_again_backfills_the_pause(
     kafka_broker, kafka_topics
 ) -> None:

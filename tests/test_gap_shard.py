@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
+from ray_forwarder.alpaca import timestamps
 from ray_forwarder.config import load_settings
 from ray_forwarder.ray.driver import plan_shards
 from ray_forwarder.ray.shard import ShardCore
@@ -221,7 +222,7 @@ async def _run_until(core: ShardCore, done: Callable[[], bool], timeout: float =
         await asyncio.wait_for(runner, 20)
 
 
-def _core(sim: SimulatorThread, out: list[dict[str, Any]]) -> ShardCore:
+def _core(sim: SimulatorThread, out: list[dict[str, Any]], **overrides: Any) -> ShardCore:
     async def send(records: list[tuple[str, bytes, bytes]], _ticket: Any) -> tuple[int, str]:
         out.extend(orjson.loads(value) for _topic, _key, value in records)
         return len(records), "receiver"
@@ -229,7 +230,7 @@ def _core(sim: SimulatorThread, out: list[dict[str, Any]]) -> ShardCore:
     settings = load_settings(
         alpaca_api_key_id=SIM_KEY, alpaca_secret_key=SIM_SECRET, **_stream_settings(sim),
         kafka_bootstrap_servers="127.0.0.1:9", bar_final_delay_seconds=2.0,
-        reconnect_initial=0.1, reconnect_max=0.5, connection_limit_backoff=1.0,
+        reconnect_initial=0.1, reconnect_max=0.5, connection_limit_backoff=1.0, **overrides,
     )  # fmt: skip
     [spec] = plan_shards(settings)
     return ShardCore(settings, spec, [send])
@@ -339,3 +340,76 @@ async def test_a_restarted_incarnation_backfills_what_died_with_its_predecessor(
             keys.setdefault((e["symbol"], e["payload"]["t"]), set()).add(e["key"])
         assert all(len(v) == 1 for v in keys.values())
         assert max(counts.values()) <= 2
+
+
+async def test_a_successor_takes_over_the_backfill_its_predecessor_left_unfinished() -> None:
+    """A gap closes while REST answers nothing but 429: its backfill (bars and trades) is
+    still waiting when the predecessor "dies" (its records after the driver's last look
+    at its stats are taken as lost). The successor, given that look's `gap_mark` (with
+    its `backlog`), submits the gap again under its own id once REST answers: `gap_filled`
+    names it, every trade the dropped connection missed is forwarded exactly once, and
+    every (symbol, minute) from the gap on has exactly one final bar, the simulator's.
+    Before the hand-over, the gap's trades were lost and its id never reported again."""
+    first: list[dict[str, Any]] = []
+    second: list[dict[str, Any]] = []
+    channels = dict(backfill_channels="bars,trades")
+    with _sim(total_events=3000) as sim:
+        sim.refuse_rest(429)
+        predecessor = _core(sim, first, **channels)
+        looked: dict[str, Any] = {}
+
+        def held_backfill() -> bool:
+            if "dropped" not in looked and sim.stats()["items"] >= 400:
+                looked["dropped"] = sim.drop_connections()
+            mark = predecessor.stats()["gap_mark"]
+            held = sim.stats()["rest_rate_limited"] >= 1  # its backfill asked and waits
+            if "dropped" in looked and mark and mark.get("backlog") and held:
+                looked["mark"], looked["kept"] = mark, len(first)
+            return "mark" in looked
+
+        await _run_until(predecessor, held_backfill)
+        survived = first[: looked["kept"]]  # the rest "died with the process"
+        [gap] = _status(survived, "gap")
+        [handed] = looked["mark"]["backlog"]
+        assert handed == {k: v for k, v in gap.items() if k not in ("event", "shard")}
+        assert not _status(survived, "gap_filled") and not _status(survived, "gap_unfilled")
+        # the graceful stop that followed hands it over too, and says so
+        [stopped] = _status(first, "stopped")
+        assert [g["gap_id"] for g in stopped["last"]["backlog"]] == [gap["gap_id"]]
+        [given_up] = _status(first, "gap_unfilled")
+        assert given_up["reason"] == "stopped" and given_up["handed_over"] is True
+
+        sim.refuse_rest(None)
+        core = _core(sim, second, **channels)
+        runner = asyncio.create_task(core.run(1, looked["mark"]))
+        deadline = time.monotonic() + 120
+        try:
+            while not (sim.finished and core.stats()["backfill"].get("gaps_filled", 0) >= 2):
+                assert time.monotonic() < deadline and not runner.done()
+                await asyncio.sleep(0.05)
+        finally:
+            assert await core.stop(20)
+            await asyncio.wait_for(runner, 20)
+        trades = sim.ticks("t")
+        finals = _finals(survived) + _finals(second)
+        counts = _check_finals(finals, sim, exactly_once=False)
+
+    filled = {f["gap_id"]: f for f in _status(second, "gap_filled")}
+    [restart] = _status(second, "gap")
+    assert restart["cause"] == "restart" and set(filled) == {gap["gap_id"], restart["gap_id"]}
+    assert filled[gap["gap_id"]]["bars"] > 0 and filled[gap["gap_id"]]["trades"] > 0
+    assert not _status(second, "gap_unfilled")
+    assert all(e["backfill"]["gap_id"] in filled for e in second if "backfill" in e)
+
+    start, end = gap["from"]["event_ts"], gap["to"]["event_ts"]
+    missed = [t for t in trades if start < timestamps.canonical(t["t"]) < end]
+    forwarded = Counter(
+        orjson.dumps(e["payload"], option=orjson.OPT_SORT_KEYS)
+        for e in survived + second
+        if e["channel"] == "trades" and start < e["event_ts"] < end
+    )
+    assert missed and all(n == 1 for n in forwarded.values()), "a trade was forwarded twice"
+    assert set(forwarded) == {orjson.dumps(t, option=orjson.OPT_SORT_KEYS) for t in missed}
+
+    from_minute = _ns(start) - _ns(start) % MINUTE_NS
+    assert all(n == 1 for (_s, t), n in counts.items() if _ns(t) >= from_minute)

@@ -6,11 +6,13 @@ from collections import Counter
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ray_forwarder.alpaca.events import DataItem
 from ray_forwarder.core.bars import BarFinalizer
 from ray_forwarder.core.dedup import DedupCache
-from ray_forwarder.core.gaps import SYMBOLS_IN_EVENT, GapLedger, Mark, cause_of
+from ray_forwarder.core.gaps import SYMBOLS_IN_EVENT, Gap, GapLedger, Mark, cause_of
 from ray_forwarder.core.pipeline import EventPipeline
 
 T0 = "2026-01-05T14:30:"
@@ -129,6 +131,43 @@ def test_many_symbols_are_referred_to_by_shard() -> None:
     event = gap.event()
     assert event["symbols"] is None
     assert event["symbols_ref"] == {"shard": "stocks-3", "count": SYMBOLS_IN_EVENT + 1}
+
+
+def _closed_gap(symbols: list[str]) -> Gap:
+    ledger = GapLedger("stocks", "stocks-3", ["trades", "bars"], symbols)
+    ledger.start_epoch(1)
+    ledger.resume_from(Mark(_ingest(1), f"{T0}01.000000000Z", f"{T0[:-3]}29:00Z"), "restart")
+    gap = ledger.note([_trade(9)], _ingest(9))
+    assert gap is not None
+    return gap
+
+
+@pytest.mark.parametrize("count", [2, SYMBOLS_IN_EVENT + 1])
+def test_a_handed_over_gap_is_the_same_gap_again(count: int) -> None:
+    """A successor rebuilds a predecessor's unfinished gap from its event body (what travels
+    in the hand-over mark's `backlog`), through JSON; a symbol reference is the shard's set."""
+    symbols = [f"S{i}" for i in range(count)]
+    gap = _closed_gap(symbols)
+    body = orjson.loads(orjson.dumps(gap.event()))
+    assert Gap.from_event(body, "stocks-3", symbols) == gap
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+        max_leaves=12,
+    ),
+    st.sampled_from(["gap_id", "stream", "cause", "channels", "symbols", "from", "to"]),
+)
+def test_a_malformed_handed_over_gap_is_refused_never_raised(junk: object, field: str) -> None:
+    """The backlog comes back from the status topic: anything that is not a gap's event
+    body (a field replaced by junk) is None, never an exception."""
+    body = orjson.loads(orjson.dumps(_closed_gap(["SPY"]).event()))
+    assert Gap.from_event(junk, "stocks-3", ["SPY"]) is None
+    body[field] = junk
+    gap = Gap.from_event(body, "stocks-3", ["SPY"])
+    assert gap is None or gap.event()[field] == junk or field == "from"
 
 
 # --- backfilled bars through the pipeline ---------------------------------------------------

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 from ray_forwarder.alpaca import timestamps
 from ray_forwarder.alpaca.events import DataItem
@@ -125,6 +125,34 @@ class Gap:
             "to": self.end.as_dict(),
             "seconds": round(self.seconds, 3),
         }
+
+    @classmethod
+    def from_event(cls, body: object, shard: str, shard_symbols: Sequence[str]) -> Gap | None:
+        """A gap back from its `event()` body (a predecessor's unfinished backfill, handed
+        over), or None if `body` is not one: a `symbols_ref` means the shard's own set."""
+        if not isinstance(body, Mapping):
+            return None
+        gap_id, stream, cause = body.get("gap_id"), body.get("stream"), body.get("cause")
+        channels, symbols = body.get("channels"), body.get("symbols")
+        if symbols is None and isinstance(body.get("symbols_ref"), Mapping):
+            symbols = list(shard_symbols)
+        end = Mark.from_dict(body.get("to"))
+        start = Mark.from_dict(body.get("from"))
+        if (
+            not isinstance(gap_id, str)
+            or not isinstance(stream, str)
+            or cause not in GAP_CAUSES
+            or not _strings(channels)
+            or not _strings(symbols)
+            or end is None
+            or (body.get("from") is not None and start is None)
+        ):
+            return None
+        return cls(gap_id, stream, shard, tuple(channels), tuple(symbols), cause, start, end)
+
+
+def _strings(value: object) -> TypeGuard[list[str]]:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def symbols_field(symbols: Sequence[str], shard: str) -> dict[str, Any]:

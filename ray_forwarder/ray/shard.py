@@ -96,6 +96,9 @@ _EVENTS_NOT_STATES = frozenset(
 _DEAD_LETTER_EPISODE_S = 60.0
 #: On a graceful stop, backfill still running gets this long to finish before the drain.
 _BACKFILL_DRAIN_S = 10.0
+#: Gaps a shard holds for backfill (queued or in progress) at most: they travel in its stats
+#: and `stopped` record to a successor, so they are bounded; a gap beyond is `gap_unfilled`.
+BACKFILL_BACKLOG_MAX = 32
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,10 @@ class ShardCore:
         self._last_dead_letter: float | None = None  # open episode: latest diversion
         self._backfill_outcome: Counter[str] = Counter()  # backfilled bars: final, merged, ...
         self._backfill_ticks: Counter[str] = Counter()  # trades_emitted, quotes_duplicate, ...
+        #: gaps submitted to the backfiller and not yet reported filled or unfilled (what a
+        #: successor re-submits, by gap id, in submission order)
+        self._backlog: dict[str, Gap] = {}
+        self._handed_over: frozenset[str] = frozenset()  # on stop: in the `stopped` record
 
     # --- SessionHandler -----------------------------------------------------------------
 
@@ -222,8 +229,40 @@ class ShardCore:
         info = gap.event()
         log.warning("shard %s gap %s", self.spec.shard_id, _safe(info))
         self._put_status("gap", info)
-        if self.backfill is not None:
-            self.backfill.submit(gap)
+        self._submit(gap)
+
+    def _submit(self, gap: Gap) -> None:
+        """To the backfiller (and the backlog a successor takes over), within the bound."""
+        if self.backfill is None:
+            return
+        if len(self._backlog) >= BACKFILL_BACKLOG_MAX:
+            unfilled = self.backfill.counts.gaps_unfilled
+            unfilled["backlog"] = unfilled.get("backlog", 0) + 1
+            detail = f"{BACKFILL_BACKLOG_MAX} gaps were already waiting for backfill"
+            self.on_gap_unfilled(gap, "backlog", {"detail": detail})
+            return
+        self._backlog[gap.gap_id] = gap
+        self.backfill.submit(gap)
+
+    def _take_over(self, bodies: object) -> None:
+        """A predecessor's unfinished backfill (`backlog` of its hand-over mark): each gap is
+        submitted again under its own id, so its `gap_filled`/`gap_unfilled` names it."""
+        if not isinstance(bodies, list):
+            return
+        for body in bodies[:BACKFILL_BACKLOG_MAX]:
+            gap = Gap.from_event(body, self.spec.shard_id, self.spec.symbols)
+            if gap is None:
+                log.warning("shard %s: a handed-over gap is malformed, skipped: %.200s",
+                            self.spec.shard_id, body)  # fmt: skip
+                continue
+            if gap.gap_id in self._backlog:
+                continue
+            if self.backfill is None:  # the settings changed: nothing can fill it now
+                self.on_gap_unfilled(gap, "disabled", {"detail": "no backfill for this shard"})
+                continue
+            log.info("shard %s takes over the backfill of gap %s", self.spec.shard_id,
+                     gap.gap_id)  # fmt: skip
+            self._submit(gap)
 
     def _holding_finals(self) -> bool:
         """No bar is finalised while a gap is open or being backfilled: the REST bar (late
@@ -251,29 +290,40 @@ class ShardCore:
             self.outbox.put(records, time.monotonic())
 
     def on_gap_filled(self, gap: Gap, info: dict[str, Any]) -> None:
+        self._backlog.pop(gap.gap_id, None)
         body = {"gap_id": gap.gap_id, "stream": gap.stream, **info}
         log.info("shard %s gap_filled %s", self.spec.shard_id, _safe(body))
         self._put_status("gap_filled", body)
 
     def on_gap_unfilled(self, gap: Gap, reason: str, info: dict[str, Any]) -> None:
+        self._backlog.pop(gap.gap_id, None)
         body = {**gap.event(), "reason": reason, **info}
+        if reason == "stopped" and gap.gap_id in self._handed_over:
+            body["handed_over"] = True  # the `stopped` record carries it to the next run
         log.warning("shard %s gap_unfilled %s", self.spec.shard_id, _safe(body))
         self._put_status("gap_unfilled", body)
 
-    def _put_stopped(self) -> None:
+    def _put_stopped(self, backlog: list[Gap]) -> None:
         """Where this incarnation stopped, for whoever takes over (the driver passes it to
         the next `run()`; a new forwarder run reads it back from the status topic)."""
         body: dict[str, Any] = {
             "stream": self.spec.stream,
             "channels": list(self.spec.channels),
-            "last": self._handover(),
+            "last": self._handover(backlog),
         }
         self._put_status("stopped", body)
 
-    def _handover(self) -> dict[str, str] | None:
-        """Where a successor resumes (the driver's `resume_from` for the next `run()`)."""
+    def _handover(self, backlog: list[Gap] | None = None) -> dict[str, Any] | None:
+        """Where a successor resumes (the driver's `resume_from` for the next `run()`), and
+        the gaps whose backfill it takes over (`backlog`: `gap` event bodies)."""
         mark = self.gaps.handover(self.pipeline.bars_resume_from())
-        return None if mark is None else mark.as_dict()
+        if mark is None:
+            return None
+        out: dict[str, Any] = mark.as_dict()
+        gaps = list(self._backlog.values()) if backlog is None else backlog
+        if gaps:
+            out["backlog"] = [gap.event() for gap in gaps]
+        return out
 
     # --- status events ------------------------------------------------------------------
 
@@ -382,6 +432,7 @@ class ShardCore:
                 Mark.from_dict(resume_from),
                 "restart" if (epoch > 0 if restarted is None else restarted) else "stop_start",
             )
+            self._take_over(resume_from.get("backlog"))
         sender = asyncio.create_task(self.outbox.run(), name="outbox")
         finalizer = asyncio.create_task(self._finalize_loop(), name="bar-finalizer")
         clock = asyncio.create_task(self.market_clock.run(), name="market-clock")
@@ -405,11 +456,13 @@ class ShardCore:
                 await finalizer
             if self.backfill is not None and self.state.fatal is None:
                 await self.backfill.wait_idle(_BACKFILL_DRAIN_S)
+            backlog = list(self._backlog.values())  # unfinished: the next run takes over
+            self._handed_over = frozenset(self._backlog)
             backfill.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await backfill
             self._emit(self.pipeline.finalize_all())
-            self._put_stopped()
+            self._put_stopped(backlog)
             self._check_overflow()
             self._flush_status(force=True)
             self.outbox.close()

@@ -5,7 +5,8 @@ last data item (`last`: a `core.gaps.Mark`). The next run's driver reads the tai
 status topic once, before it creates the shards, and hands each shard the `last` of its
 predecessor, so the shard opens a `stop_start` gap and backfills it. The status topic is
 the one place that survives a deploy, a driver restart or a node loss, and it is already
-keyed and ordered per shard.
+keyed and ordered per shard. `last` also carries the gaps whose backfill the stop left
+unfinished (`backlog`), which the next run submits again under their ids.
 
 When a shard's latest status record is not a `stopped` one, the previous run ended without
 a graceful stop (killed, crashed): where its data stopped is unknown, so the gap is opened
