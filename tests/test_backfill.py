@@ -26,6 +26,7 @@ from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from ray_forwarder_dev.sim.generator import MINUTE_NS, parse_base_time
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET, forwarder_settings, read_back, run_until
 from tests.kafka_fixture import ConsumedRecord, consume_all
+from tests.outage import MarketOutage, market_ns
 from tests.stream_checks import (
     StreamReport,
     assert_exactly_once,
@@ -97,10 +98,6 @@ async def _read_stream(
     )
 
 
-def _market_ns(sim: SimulatorThread) -> int:
-    return sim.call(lambda: sim.simulator.market.now_ns)
-
-
 def _shard_stats(forwarders: list[Forwarder]) -> dict[str, Any]:
     shards = forwarders[0].snapshot.shards if forwarders else []
     return shards[0] if shards else {}
@@ -141,21 +138,11 @@ async def test_a_connection_dropped_for_minutes_is_backfilled_bar_for_bar(
     event names the window between the last item before and the first after, bars received
     live are not duplicated, and backfill stayed within its request budget. Crypto: the
     same, its bars from its location's endpoint (the simulator serves no other)."""
-    state: dict[str, Any] = {}
+    outage = MarketOutage(after_items=600, minutes=3)
     forwarders: list[Forwarder] = []
 
     def drop_and_hold(_elapsed: float) -> None:
-        if "dropped_at" not in state and sim.stats()["items"] >= 600:
-            sim.refuse_connections(True)
-            sim.drop_connections()
-            state["dropped_at"] = _market_ns(sim)
-        elif (
-            "released" not in state
-            and "dropped_at" in state
-            and _market_ns(sim) - state["dropped_at"] >= 3 * MINUTE_NS
-        ):
-            sim.refuse_connections(False)
-            state["released"] = True
+        outage.step(sim)
 
     def done() -> bool:
         stats = _shard_stats(forwarders)
@@ -171,7 +158,7 @@ async def test_a_connection_dropped_for_minutes_is_backfilled_bar_for_bar(
         sim_bars = sim.minute_bars()
         sim_stats = sim.stats()
         rest_log = sim.rest_log()
-    assert state.get("released") and result.error is None and result.drained
+    assert outage.released and result.error is None and result.drained
     emitted = sum(result.snapshot.total("emitted").values())
     records = await _read_stream(kafka_broker, settings, stream, emitted)
     report = decode_and_check(records, topic_map(settings, STREAMS[stream]))
@@ -396,7 +383,7 @@ async def test_a_forwarder_stopped_and_started_again_backfills_the_pause(
     with _sim(total_events=4000) as sim:
         settings = _settings(kafka_broker, kafka_topics, sim)
         first = await run_until(settings, lambda: sim.stats()["items"] >= 600, settle=0.5)
-        stopped_at = _market_ns(sim)
+        stopped_at = market_ns(sim)
         second = await run_until(settings, done_second, on_forwarder=forwarders.append, timeout=150)
         by_conn = sim.sent_by_connection()
         sim_bars = sim.minute_bars()
@@ -436,21 +423,11 @@ async def test_trades_lost_to_a_dropped_connection_are_backfilled_exactly_once(
     live or fetched from REST (marked with the gap) — none lost, none duplicated where the
     REST window overlaps what the stream delivered; seq still grows per symbol. Crypto:
     the same from `/v1beta3/crypto/{loc}/trades` at its location."""
-    state: dict[str, Any] = {}
+    outage = MarketOutage(after_items=600, minutes=2)
     forwarders: list[Forwarder] = []
 
     def drop_and_hold(_elapsed: float) -> None:
-        if "dropped_at" not in state and sim.stats()["items"] >= 600:
-            sim.refuse_connections(True)
-            sim.drop_connections()
-            state["dropped_at"] = _market_ns(sim)
-        elif (
-            "released" not in state
-            and "dropped_at" in state
-            and _market_ns(sim) - state["dropped_at"] >= 2 * MINUTE_NS
-        ):
-            sim.refuse_connections(False)
-            state["released"] = True
+        outage.step(sim)
 
     def done() -> bool:
         stats = _shard_stats(forwarders)
@@ -466,7 +443,7 @@ async def test_trades_lost_to_a_dropped_connection_are_backfilled_exactly_once(
         )
         produced = sim.ticks("t")
         sent = sim.distinct_items()
-    assert state.get("released") and result.error is None and result.drained
+    assert outage.released and result.error is None and result.drained
     emitted = sum(result.snapshot.total("emitted").values())
     records = await _read_stream(kafka_broker, settings, stream, emitted)
     report = decode_and_check(records, topic_map(settings, STREAMS[stream]))

@@ -24,6 +24,7 @@ from ray_forwarder.ray.shard import ShardCore
 from ray_forwarder_dev.sim import SimConfig, SimulatorThread
 from ray_forwarder_dev.sim.generator import MINUTE_NS, parse_base_time
 from tests.forwarder_harness import SIM_KEY, SIM_SECRET
+from tests.outage import MarketOutage, market_ns
 
 SYMBOLS = ["SPY", "QQQ", "AAPL"]
 CRYPTO_SYMBOLS = ["BTC/USD", "ETH/USD", "SOL/USD"]
@@ -100,10 +101,6 @@ def _sim(stream: str = "stocks", **overrides: Any) -> SimulatorThread:
     return SimulatorThread(SimConfig(**values))
 
 
-def _market_ns(sim: SimulatorThread) -> int:
-    return sim.call(lambda: sim.simulator.market.now_ns)
-
-
 def _status(envelopes: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
     return [
         e["payload"]
@@ -119,20 +116,10 @@ async def test_a_dropped_connection_gets_one_final_bar_per_minute_from_rest(stre
     bar equal to the simulator's, the gap names the last item before and the first after,
     nothing streamed is repeated, and REST stayed within the budget. Crypto: the same, from
     `/v1beta3/crypto/{loc}/bars` at the configured location."""
-    state: dict[str, Any] = {}
+    outage = MarketOutage(after_items=600, minutes=3)
 
     def scenario(core: ShardCore) -> bool:
-        if "dropped_at" not in state and sim.stats()["items"] >= 600:
-            sim.refuse_connections(True)
-            sim.drop_connections()
-            state["dropped_at"] = _market_ns(sim)
-        elif (
-            "released" not in state
-            and "dropped_at" in state
-            and _market_ns(sim) - state["dropped_at"] >= 3 * MINUTE_NS
-        ):
-            sim.refuse_connections(False)
-            state["released"] = True
+        outage.step(sim)
         return sim.finished and core.stats()["backfill"].get("gaps_filled", 0) >= 1
 
     with _sim(stream, rest_429_every=2) as sim:
@@ -277,8 +264,8 @@ async def test_a_successor_resumes_where_a_stopped_shard_left_off() -> None:
     with _sim(total_events=3000) as sim:
         await _run_until(_core(sim, first), lambda: sim.stats()["items"] >= 500)
         [stopped] = _status(first, "stopped")
-        paused_at = _market_ns(sim)
-        while _market_ns(sim) - paused_at < 2 * MINUTE_NS:  # the market trades on
+        paused_at = market_ns(sim)
+        while market_ns(sim) - paused_at < 2 * MINUTE_NS:  # the market trades on
             await asyncio.sleep(0.05)
         core = _core(sim, second)
         runner = asyncio.create_task(core.run(0, stopped["last"]))

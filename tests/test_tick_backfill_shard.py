@@ -13,8 +13,8 @@ import orjson
 import pytest
 
 from ray_forwarder.ray.shard import ShardCore
-from ray_forwarder_dev.sim.generator import MINUTE_NS
-from tests.test_gap_shard import _market_ns, _run_shard, _sim, _status
+from tests.outage import MarketOutage
+from tests.test_gap_shard import _run_shard, _sim, _status
 
 
 def _canonical(item: dict[str, Any]) -> bytes:
@@ -29,20 +29,10 @@ async def test_a_dropped_connection_gets_every_trade_and_quote_exactly_once(stre
     the edges REST repeats are recognised by their dedup key, and seq keeps growing per
     (channel, symbol). Crypto: the same from `/v1beta3/crypto/{loc}/trades` and `/quotes`
     at the configured location, over the default msgpack stream (fractional sizes)."""
-    state: dict[str, Any] = {}
+    outage = MarketOutage(after_items=400, minutes=2)
 
     def scenario(core: ShardCore) -> bool:
-        if "dropped_at" not in state and sim.stats()["items"] >= 400:
-            sim.refuse_connections(True)
-            sim.drop_connections()
-            state["dropped_at"] = _market_ns(sim)
-        elif (
-            "released" not in state
-            and "dropped_at" in state
-            and _market_ns(sim) - state["dropped_at"] >= 2 * MINUTE_NS
-        ):
-            sim.refuse_connections(False)
-            state["released"] = True
+        outage.step(sim)
         return sim.finished and core.stats()["backfill"].get("gaps_filled", 0) >= 1
 
     channels = "alpaca_crypto_channels" if stream == "crypto" else "alpaca_channels"
@@ -119,20 +109,10 @@ async def test_an_options_gap_gets_every_trade_exactly_once_and_no_quotes() -> N
     from ray_forwarder_dev.sim import SimConfig, SimulatorThread
     from tests.forwarder_harness import SIM_KEY, SIM_SECRET
 
-    state: dict[str, Any] = {}
+    outage = MarketOutage(after_items=400, minutes=2)
 
     def scenario(core: ShardCore) -> bool:
-        if "dropped_at" not in state and sim.stats()["items"] >= 400:
-            sim.refuse_connections(True)
-            sim.drop_connections()
-            state["dropped_at"] = _market_ns(sim)
-        elif (
-            "released" not in state
-            and "dropped_at" in state
-            and _market_ns(sim) - state["dropped_at"] >= 2 * MINUTE_NS
-        ):
-            sim.refuse_connections(False)
-            state["released"] = True
+        outage.step(sim)
         return sim.finished and core.stats()["backfill"].get("gaps_filled", 0) >= 1
 
     config = SimConfig(

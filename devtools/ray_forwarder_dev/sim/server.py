@@ -1093,16 +1093,20 @@ def _parse_client_message(message: str | bytes) -> Any:
 _REST_MAX_LIMIT = 10_000
 
 
+def _query_value(params: dict[str, list[str]], name: str, default: str | None = None) -> str:
+    """A REST query parameter's first value, or `default`; missing without one: a 400."""
+    values = params.get(name)
+    if not values:
+        if default is None:
+            raise ValueError(f"missing {name}")
+        return default
+    return values[0]
+
+
 def rest_bars_page(market: Market, params: dict[str, list[str]]) -> dict[str, Any]:
     """One page of historical bars over `market` (see Simulator._rest_bars)."""
 
-    def one(name: str, default: str | None = None) -> str:
-        values = params.get(name)
-        if not values:
-            if default is None:
-                raise ValueError(f"missing {name}")
-            return default
-        return values[0]
+    one = functools.partial(_query_value, params)
 
     if one("timeframe") not in ("1Min", "1T"):
         raise ValueError("the simulator serves 1Min bars only")
@@ -1148,13 +1152,7 @@ def rest_ticks_page(
     no quote here), without `T` and `S`, `t` as the stream writes it, sorted by symbol then
     time, paged like the bars."""
 
-    def one(name: str, default: str | None = None) -> str:
-        values = params.get(name)
-        if not values:
-            if default is None:
-                raise ValueError(f"missing {name}")
-            return default
-        return values[0]
+    one = functools.partial(_query_value, params)
 
     kind = _TICK_KIND[channel]
     symbols = sorted({s for s in one("symbols").split(",") if s})
