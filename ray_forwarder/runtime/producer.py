@@ -29,6 +29,7 @@ from pydantic import SecretStr
 
 from ray_forwarder.config import Settings
 from ray_forwarder.core.deadletter import refusal_reason
+from ray_forwarder.runtime.kafka_lz4 import use_fast_lz4
 from ray_forwarder.runtime.kafka_tls import (
     KafkaTlsError,
     client_certificate_hint,
@@ -81,6 +82,8 @@ class ProducerOptions:
     sasl_password: SecretStr | None = field(default=None, repr=False)
 
     def create_producer(self) -> AIOKafkaProducer:
+        if self.kwargs.get("compression_type") == "lz4":
+            use_fast_lz4()  # Kafka's own default, not aiokafka's LZ4 HC (kafka_lz4.py)
         return AIOKafkaProducer(**self.kwargs, **self._secret())
 
     def create_admin(self) -> AIOKafkaAdminClient:
