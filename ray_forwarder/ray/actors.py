@@ -1,4 +1,4 @@
-"""Ray actors: thin shells that host a `ShardCore` or a `KafkaSink` in their own process.
+"""Ray actors: thin shells that host a `ShardCore` or a `ProducerHost` in their own process.
 
 Both are async actors, so a long-running `run()` and the driver's `stats()` polls share
 one event loop. They ask for a fraction of a CPU: they wait on sockets, not compute.
@@ -7,136 +7,52 @@ one event loop. They ask for a fraction of a CPU: they wait on sockets, not comp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import time
-import uuid
 from typing import Any
 
 import ray
 
 from ray_forwarder.config import Settings
-from ray_forwarder.core.deadletter import refusal_reason
 from ray_forwarder.ops import logs
-from ray_forwarder.ops.metrics import LatencyRecorder, ProducerMetrics, ShardMetrics, StatsExporter
+from ray_forwarder.ops.metrics import LatencyRecorder, ShardMetrics, StatsExporter
 from ray_forwarder.ray.gc_tuning import tune_for_hot_path
+from ray_forwarder.ray.producer_host import ProducerHost
 from ray_forwarder.ray.shard import ShardCore, ShardSpec
-from ray_forwarder.runtime.outbox import (
-    RecordsRefused,
-    SendBatch,
-    StaleProducerError,
-    Ticket,
-)
-from ray_forwarder.runtime.producer import KafkaSink
+from ray_forwarder.runtime.outbox import SendBatch, Ticket
 from ray_forwarder.runtime.wire import PackedBatch
 
 log = logging.getLogger(__name__)
 
 IO_ACTOR_CPUS = 0.25
-#: An idle producer asks Kafka for metadata this often, so `ready` notices a dead broker.
-KAFKA_PROBE_INTERVAL_S = 2.0
-KAFKA_PROBE_TIMEOUT_S = 5.0
 
 
 @ray.remote(num_cpus=IO_ACTOR_CPUS, max_restarts=-1, max_task_retries=0)
 class ProducerActor:
-    """Owns one idempotent aiokafka producer; takes whole batches from shards."""
+    """Hosts one Kafka producer (`ProducerHost`) that takes whole batches from shards."""
 
     def __init__(self, settings: Settings, name: str) -> None:
         logs.configure(settings.log_level, actor="producer", producer=name)
-        self._name = name
-        self._instance = uuid.uuid4().hex
-        self._sink = KafkaSink(settings, name=self._instance)
-        self._kafka_ok = True  # the latest probe's verdict; a failed send also clears it
-        self._last_ok = time.monotonic()
-        self._probe_failures = 0
-        self._probe_error: str | None = None
-        self._probe: asyncio.Task[None] | None = None
-        self._metrics = StatsExporter(self.stats, ProducerMetrics(name).update)
+        self._host = ProducerHost(settings, name)
         tune_for_hot_path()  # it allocates per record too, building Kafka batches
-
-    def _ensure_background(self) -> None:
-        """Start the metrics exporter and the Kafka probe in the actor's event loop."""
-        self._metrics.start()
-        if self._probe is None:
-            self._probe = asyncio.get_running_loop().create_task(self._probe_loop())
-
-    async def _probe_loop(self) -> None:
-        """Ask Kafka for metadata when nothing was acknowledged lately. Only the sink's
-        `probe()` (a metadata request): it never touches the send path or its ordering."""
-        while True:
-            await asyncio.sleep(KAFKA_PROBE_INTERVAL_S)
-            if not self._sink.started or time.monotonic() - self._last_ok < KAFKA_PROBE_INTERVAL_S:
-                continue  # not started, or a batch was acknowledged just now
-            try:
-                await self._sink.probe(KAFKA_PROBE_TIMEOUT_S)
-            except Exception as exc:
-                self._probe_failures += 1
-                self._probe_error = f"metadata probe failed: {type(exc).__name__}: {exc}"[:300]
-                if self._kafka_ok:  # one line per state change, not per probe
-                    log.warning(
-                        "producer %s: Kafka not answering: %s", self._name, self._probe_error
-                    )
-                self._kafka_ok = False
-            else:
-                if not self._kafka_ok:
-                    log.info("producer %s: Kafka answering again", self._name)
-                self._kafka_ok = True
-                self._probe_error = None
-                self._last_ok = time.monotonic()
 
     async def start(self) -> bool:
         """Connect to Kafka (idempotent); raises KafkaStartError with a clear message."""
-        self._ensure_background()
-        await self._sink.start()
-        return True
+        return await self._host.start()
 
     async def send_batch(self, records: PackedBatch, ticket: Ticket) -> tuple[int, str]:
-        """Send and await acks; returns (count, the producer's token).
+        """Send and await acks; returns (count, the producer's token) (`ProducerHost`).
 
         `records` is one buffer plus offsets (`PackedBatch`): Ray pickles it as a handful
-        of objects whatever the batch holds (up to `BATCH_MAX_BYTES`).
-
-        The token names this actor incarnation and its current Kafka producer. A batch
-        addressed to an earlier one (the actor restarted, or its producer was discarded
-        after a failed delivery) is refused unsent, so the shard re-sends everything that
-        one had not acknowledged, in order, before anything newer gets through.
-        """
-        try:
-            count, token = await self._sink.send_batch(records, ticket)
-        except (StaleProducerError, RecordsRefused):
-            raise
-        except Exception as exc:
-            if refusal_reason(exc) is None:  # not another batch's refused record: Kafka
-                self._kafka_ok = False
-            raise
-        self._kafka_ok, self._probe_error, self._last_ok = True, None, time.monotonic()
-        return count, token
+        of objects whatever the batch holds (up to `BATCH_MAX_BYTES`)."""
+        return await self._host.send_batch(records, ticket)
 
     async def stats(self) -> dict[str, Any]:
-        self._ensure_background()
-        s = self._sink.stats
-        return {
-            "name": self._name,
-            # Ready = connected and Kafka answered lately (the last send or idle probe).
-            "ready": s.ready and self._kafka_ok,
-            "batches": s.batches,
-            "records": s.records,
-            "errors": s.errors,
-            "refused": s.refused,
-            "probe_failures": self._probe_failures,
-            "last_ok_age_s": round(time.monotonic() - self._last_ok, 3),
-            "last_error": self._probe_error or s.last_error,
-        }
+        self._host.ensure_background()
+        return self._host.stats()
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
-        await self._metrics.stop()
-        await self._sink.stop()
+        await self._host.close()
 
 
 def _sender(producer: Any) -> SendBatch:
