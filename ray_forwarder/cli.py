@@ -166,10 +166,12 @@ def _plan() -> int:
     settings = load_settings()
     shards = plan(settings)
     check_spool_dir(settings)
-    print(
-        f"{len(shards)} shard(s), {settings.producers} producer(s): "
-        f"{', '.join(producer_names(settings))}"
+    producers = (
+        f"{settings.producers} producer(s): {', '.join(producer_names(settings))}"
+        if settings.producers
+        else "no producer actors (PRODUCERS=0: each shard writes to Kafka itself)"
     )
+    print(f"{len(shards)} shard(s), {producers}")
     for planned in shards:
         print("  " + planned.describe())
     return EXIT_OK

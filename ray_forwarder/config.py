@@ -117,7 +117,8 @@ class Settings(BaseSettings):
     alpaca_connections_per_key: int = Field(default=1, gt=0, le=MAX_CONNECTIONS_PER_KEY)
     # 0 = one per connection slot (at most one per symbol)
     shards: int = Field(default=0, ge=0, le=MAX_SHARDS)
-    producers: int = Field(default=1, gt=0, le=MAX_PRODUCERS)
+    #: producer actors; 0 = every shard actor writes to Kafka itself (no Ray call between)
+    producers: int = Field(default=1, ge=0, le=MAX_PRODUCERS)
 
     # Kafka
     kafka_bootstrap_servers: str = "kafka-kafka-bootstrap.kafka:9092"

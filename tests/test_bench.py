@@ -277,6 +277,7 @@ def test_report_says_whether_the_generator_outran_the_systems(ceiling, verdict) 
     ("text", "expected"),
     [("baseline", SystemSpec("baseline")), ("ray:2:3", SystemSpec("ray", 2, 3)),
      ("ray", SystemSpec("ray", 1, 1)), ("ray:4", SystemSpec("ray", 4, 1)),
+     ("ray:1:0", SystemSpec("ray", 1, 0)), ("cluster:2:2:0", SystemSpec("cluster", 2, 0, 2)),
      ("cluster:3:3:1", SystemSpec("cluster", 3, 1, 3)),
      ("cluster", SystemSpec("cluster", 2, 1, 2))],
 )  # fmt: skip
@@ -285,7 +286,18 @@ def test_system_names(text: str, expected: SystemSpec) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["rayy", "ray:0", "ray:1:2:3", "ray:x", "base", "cluster:2:2:1:1", "cluster:0"]
+    "text",
+    [
+        "rayy",
+        "ray:0",
+        "ray:0:1",
+        "ray:1:2:3",
+        "ray:x",
+        "base",
+        "cluster:2:2:1:1",
+        "cluster:0",
+        "cluster:2:0:1",
+    ],
 )
 def test_bad_system_names_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="not a system"):

@@ -2,6 +2,7 @@
 
 Both are async actors, so a long-running `run()` and the driver's `stats()` polls share
 one event loop. They ask for a fraction of a CPU: they wait on sockets, not compute.
+With `PRODUCERS=0` there are no producer actors: each shard actor hosts its own producer.
 """
 
 from __future__ import annotations
@@ -70,14 +71,23 @@ class ShardActor:
     arguments, on any node with room; the driver notices the failed `run()` call and calls
     `run()` again with the next seq epoch. `max_task_retries=0`: a `run()` is never
     replayed by Ray itself, only by the driver, which owns the epoch count.
+
+    Without `producer_names` (`PRODUCERS=0`) it hosts its own Kafka producer: its lane
+    calls it in this event loop, and its stats carry the producer's (`producer`).
     """
 
     def __init__(self, settings: Settings, spec: ShardSpec, producer_names: list[str]) -> None:
         logs.configure(
             settings.log_level, actor="shard", shard=spec.shard_id, symbols=len(spec.symbols)
         )
-        producers = [ray.get_actor(name) for name in producer_names]
-        self._core = ShardCore(settings, spec, [_sender(p) for p in producers])
+        self._producer: ProducerHost | None = None
+        if producer_names:
+            producers = [ray.get_actor(name) for name in producer_names]
+            senders = [_sender(p) for p in producers]
+        else:
+            self._producer = ProducerHost(settings, spec.shard_id)
+            senders = [self._producer.send_batch]
+        self._core = ShardCore(settings, spec, senders)
         self._latency = LatencyRecorder()  # fed by the outbox's ack hook, in this event loop
         self._core.outbox.observe_acks(self._latency.on_ack)
         self._metrics = StatsExporter(
@@ -108,9 +118,16 @@ class ShardActor:
     ) -> dict[str, Any]:
         self._metrics.start()
         try:
+            if self._producer is not None:
+                if restarted:  # Kafka was reachable at start: connect when first needed
+                    self._producer.ensure_background()
+                else:  # a first run fails with a clear error, as producer actors do
+                    await self._producer.start()
             await self._core.run(epoch, resume_from, restarted)
         finally:
             await self._metrics.stop()  # export the final counts
+            if self._producer is not None:
+                await self._producer.close()  # after the core drained its lanes into it
         return self._core.stats()
 
     async def pid(self) -> int:
@@ -122,4 +139,7 @@ class ShardActor:
         return await self._core.stop(timeout)
 
     async def stats(self) -> dict[str, Any]:
-        return {**self._core.stats(), "latency": self._latency.snapshot()}
+        stats = {**self._core.stats(), "latency": self._latency.snapshot()}
+        if self._producer is not None:
+            stats["producer"] = self._producer.stats()
+        return stats

@@ -358,6 +358,9 @@ class Forwarder:
                 self._failures[shard_id] = 0
                 if stats.get("gap_mark") is not None:
                     self._resume_marks[shard_id] = stats["gap_mark"]
+                hosted = stats.pop("producer", None)  # PRODUCERS=0: the shard's own
+                if hosted is not None:
+                    snap.producers.append(hosted)
                 snap.shards.append({**stats, "restarts": self._restarts[shard_id]})
         for name, actor in self._producers.items():
             try:

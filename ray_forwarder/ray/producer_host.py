@@ -1,7 +1,9 @@
 """One Kafka producer as a process hosts it: a `KafkaSink`, the idle probe that keeps its
 `ready` honest, its stats and its metrics.
 
-A `ProducerActor` is a thin shell around one, shared by the shards.
+A `ProducerActor` is a thin shell around one (`PRODUCERS` >= 1, shared by the shards). With
+`PRODUCERS=0` each shard actor hosts its own, in its own event loop: its lanes call
+`send_batch` directly, with no Ray call between the shard and Kafka.
 """
 
 from __future__ import annotations

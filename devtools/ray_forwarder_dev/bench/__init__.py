@@ -13,7 +13,8 @@ memory with psutil, and reads Kafka afterwards. Systems:
   settings (acks=all, idempotent, linger, compression) as the product.
 * `ray:S:P`: `ray-forwarder run` with S shards and P producers, on a fresh local Ray
   started by its own driver process (with the dashboard, as the product runs), torn down by
-  that driver; every process of it is accounted for.
+  that driver; every process of it is accounted for. `ray:S:0` (`PRODUCERS=0`): no
+  producer actors, each shard actor writes to Kafka itself.
 * `cluster:N:S:P`: the same on a `ray.cluster_utils.Cluster` of N nodes on this machine
   (N raylets, one CPU each; shards placed with SPREAD): shows every shard's records
   arriving, its rate per connection, and which node each actor ran on.

@@ -74,8 +74,9 @@ class SystemSpec:
 
     @classmethod
     def parse(cls, text: str) -> SystemSpec:
-        """`baseline`, `ray:S:P` (S shards, P producers on a local Ray) or `cluster:N:S:P`
-        (the same on a `ray.cluster_utils.Cluster` of N nodes on this machine)."""
+        """`baseline`, `ray:S:P` (S shards, P producers on a local Ray; P=0: each shard
+        writes to Kafka itself) or `cluster:N:S:P` (the same on a
+        `ray.cluster_utils.Cluster` of N nodes on this machine)."""
         if text == "baseline":
             return cls("baseline")
         kind, _, rest = text.partition(":")
@@ -84,7 +85,9 @@ class SystemSpec:
         if (
             kind not in ("ray", "cluster")
             or len(parts) > counts
-            or not all(p.isdigit() and int(p) > 0 for p in parts)
+            or not all(p.isdigit() for p in parts)
+            # at least one node and one shard; PRODUCERS=0 (shards write to Kafka) is valid
+            or any(int(p) == 0 for p in parts[: counts - 1])
         ):
             raise ValueError(
                 f"not a system: {text!r} (use baseline, ray:SHARDS:PRODUCERS or "
