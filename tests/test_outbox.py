@@ -135,3 +135,24 @@ async def test_a_symbol_always_goes_to_the_same_producer() -> None:
 
 def test_stable_slot_does_not_depend_on_the_process() -> None:
     assert stable_slot(b"SPY", 4) == stable_slot(b"SPY", 4) == 3
+
+
+async def test_backlogged_past_two_full_batches_in_memory_or_once_anything_spools(
+    tmp_path,
+) -> None:
+    """What the session's read loop paces itself by (`AlpacaSession`, `backlogged`)."""
+    outbox = Outbox([Receiver().send], _limits(batch_max_events=10))
+    outbox.put(_records(20), 0.0)
+    assert not outbox.backlogged()  # two full batches: the sender keeps up
+    outbox.put(_records(1, start=20), 0.0)
+    assert outbox.backlogged()
+    await _drain(outbox)
+    assert not outbox.backlogged()
+
+    spooling = Outbox(
+        [Receiver().send],
+        _limits(max_events=5, spool_dir=tmp_path, spool_max_bytes=1 << 20),
+    )
+    spooling.put(_records(6), 0.0)  # one beyond memory: spooled
+    assert spooling.snapshot().spooled == 1 and spooling.backlogged()
+    await _drain(spooling)

@@ -168,6 +168,7 @@ class ShardCore:
             ),
             self,
             market_open=self.market_clock.is_open,
+            backlogged=self.outbox.backlogged,
         )
         self.state = ShardState()
         self.epoch = 0

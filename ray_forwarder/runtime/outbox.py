@@ -331,6 +331,10 @@ class Lane:
         spool = self._spool
         return spool is not None and spool.bytes < self._limits.spool_max_bytes * 0.99
 
+    def backlogged(self) -> bool:
+        """More than two full batches waiting in memory, or anything spooled."""
+        return bool(self._spool) or len(self._buffer) > 2 * self._limits.batch_max_events
+
     def _memory_has_room(self) -> bool:
         return (
             len(self._buffer) < self._limits.max_events
@@ -624,6 +628,11 @@ class Outbox:
     def has_room(self) -> bool:
         """Whether every lane would keep a record put now (in memory or its spool)."""
         return all(lane.has_room() for lane in self._lanes)
+
+    def backlogged(self) -> bool:
+        """Whether a lane holds more than two full batches in memory, or spools: records
+        arrive faster than its sends take them."""
+        return any(lane.backlogged() for lane in self._lanes)
 
     def put(self, records: list[OutRecord], received: float) -> None:
         """Buffer records (never blocks); beyond a lane's bound they are dropped and counted."""

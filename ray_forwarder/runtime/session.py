@@ -118,11 +118,13 @@ class AlpacaSession:
         handler: SessionHandler,
         backoff: Backoff | None = None,
         market_open: Callable[[], bool] | None = None,
+        backlogged: Callable[[], bool] | None = None,
     ) -> None:
         self._config = config
         self._handler = handler
         self._backoff = backoff or Backoff(config.reconnect_initial, config.reconnect_max)
         self._market_open = market_open or (lambda: True)
+        self._backlogged = backlogged or (lambda: False)
         self._stopping = asyncio.Event()
         self._ws: ClientConnection | None = None
         self.connection: StreamConnection = config.connection()
@@ -216,8 +218,14 @@ class AlpacaSession:
             timer = asyncio.create_task(self._timers(ws), name="session-timers")
             try:
                 await self._flush(ws)
+                backlogged = self._backlogged
                 async for frame in ws:
                     await self._act(ws, conn.receive_frame(frame, time.monotonic()))
+                    if backlogged():
+                        # websockets hands over queued frames without suspending: while
+                        # the owner's sends lag, let them run between frames, or a burst
+                        # would be read to its end (into memory) before any batch leaves.
+                        await asyncio.sleep(0)
             except websockets.exceptions.ConnectionClosed:
                 if self._ended is None:
                     raise
